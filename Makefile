@@ -1,0 +1,106 @@
+# Competition pipeline for 4x super-resolution. `make help` lists every target.
+# Stages read and write artifacts on disk; make reruns only what is stale.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+EXP ?= demo
+FOLD ?= 0
+SEED ?= 0
+SEEDS ?= 0
+NPROC ?= 1
+PYTHON ?= python3
+
+VENV := .venv
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+# ../shared beside the checkout holds the real pretrained weights when present
+export SR_WEIGHTS_DIR ?= $(abspath ../shared/weights)
+
+PIPE := $(PY) -m pipeline
+MANIFEST := data/interim/manifest.csv
+FOLDS_CSV := data/folds.csv
+CONFIG := pipeline/configs/$(EXP).yaml
+PRED_DIR := data/predictions/$(EXP)
+CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
+# folds of the experiment, read from its config (lazily: needs the venv)
+FOLD_LIST = $(shell $(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
+
+.PHONY: help setup demo demo-data unzip folds train train-all oof ensemble submission all \
+        predict score test test-all bench weights benchmark-aerial clean
+
+help: ## list every target with one line each
+	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: EXP=$(EXP) FOLD=$(FOLD) SEED=$(SEED) SEEDS='$(SEEDS)' NPROC=$(NPROC)"
+
+setup: $(SETUP) ## create .venv from the pinned requirements.txt (reused while up to date)
+
+$(SETUP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+demo: $(SETUP) ## build the demo competition and run every stage on it, ending with a scored zip
+	$(MAKE) demo-data
+	$(MAKE) all EXP=demo
+	$(PIPE) score --submission $$(ls -t submissions/demo-*.zip | head -1) --answers data/demo/answers
+
+demo-data: $(SETUP) ## build data/raw/{train,evaluation}.zip + data/demo/answers from sample images
+	$(PIPE) demo-data
+
+unzip: $(MANIFEST) ## stage 00: validate and extract the zips into data/interim/
+
+$(MANIFEST): data/raw/train.zip data/raw/evaluation.zip | $(SETUP)
+	$(PIPE) unzip --exp $(EXP)
+
+folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds
+
+$(FOLDS_CSV): $(MANIFEST) | $(SETUP)
+	$(PIPE) folds --exp $(EXP)
+
+train: $(FOLDS_CSV) ## stage 02: train one fold (FOLD=0 SEED=0 EXP=demo NPROC=1)
+ifeq ($(NPROC),1)
+	$(PIPE) train --exp $(EXP) --fold $(FOLD) --seed $(SEED)
+else
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline train --exp $(EXP) --fold $(FOLD) --seed $(SEED)
+endif
+
+train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j2 train-all` runs two at once)
+	$(MAKE) $(foreach s,$(SEEDS),$(foreach f,$(FOLD_LIST),train.$(s).$(f)))
+
+train.%: $(FOLDS_CSV)
+	$(MAKE) train SEED=$(word 1,$(subst ., ,$*)) FOLD=$(word 2,$(subst ., ,$*))
+
+oof: $(FOLDS_CSV) ## stage 03: out-of-fold SSIM -> models/EXP/oof/{oof.csv,summary.json,oof.png}
+	$(PIPE) oof --exp $(EXP) --seeds $(SEEDS)
+
+ensemble: $(PRED_DIR)/ensemble.json ## stage 04: fold x seed ensemble + 8-way TTA on the test set
+
+$(PRED_DIR)/ensemble.json: $(CKPTS) $(MANIFEST) $(CONFIG) | $(SETUP)
+	$(PIPE) ensemble --exp $(EXP) --seeds $(SEEDS)
+
+submission: $(PRED_DIR)/ensemble.json ## stage 05: check and zip the predictions -> submissions/
+	$(PIPE) submission --exp $(EXP)
+
+all: ## stages 00-05 for EXP
+	$(MAKE) unzip EXP=$(EXP)
+	$(MAKE) folds EXP=$(EXP)
+	$(MAKE) train-all EXP=$(EXP)
+	$(MAKE) oof EXP=$(EXP)
+	$(MAKE) ensemble EXP=$(EXP)
+	$(MAKE) submission EXP=$(EXP)
+
+weights: $(SETUP) ## find (SR_WEIGHTS_DIR, models/pretrained) or download and verify pretrained weights
+	$(PIPE) weights
+
+test: $(SETUP) ## run the test suite (slow end-to-end runs excluded)
+	$(PY) -m pytest -q
+
+test-all: $(SETUP) ## run every test, slow end-to-end runs included
+	$(PY) -m pytest -q -m ""
+
+bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (see BENCHMARKS.md)
+	$(PIPE) bench
+
+clean: ## remove generated artifacts (keeps .venv, data/raw and models/pretrained)
+	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip bench
+	find models -mindepth 1 -maxdepth 1 -type d ! -name pretrained -exec rm -rf {} +

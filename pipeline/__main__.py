@@ -1,0 +1,61 @@
+"""`python -m pipeline <command>`: one entry point for every stage and tool.
+
+Each command lives in its own module, which defines `add_arguments(parser)` and
+`main(args)`. Modules are imported only when their command runs, so `--help` is fast.
+A PipelineError (bad input) prints one line and exits 1; Ctrl-C exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "demo-data": ("pipeline.demo_data", "build a demo competition (train.zip, evaluation.zip, answers)"),
+    "unzip": ("pipeline.stages.s00_unzip", "stage 00: validate and extract the competition zips"),
+    "folds": ("pipeline.stages.s01_folds", "stage 01: split training scenes into K balanced folds"),
+    "train": ("pipeline.stages.s02_train", "stage 02: train one fold of one seed"),
+    "oof": ("pipeline.stages.s03_oof", "stage 03: out-of-fold competition SSIM"),
+    "ensemble": ("pipeline.stages.s04_ensemble", "stage 04: fold x seed ensemble with TTA on the test set"),
+    "submission": ("pipeline.stages.s05_submission", "stage 05: check and zip the predictions"),
+    "predict": ("pipeline.predict", "super-resolve images with a net, weights or checkpoints"),
+    "score": ("pipeline.score", "competition SSIM of a submission against answers"),
+    "benchmark-sr": ("pipeline.benchmark_sr", "Y-PSNR / Y-SSIM on standard SR test sets (paper protocol)"),
+    "weights": ("pipeline.weights", "find, download and verify pretrained weights"),
+    "bench": ("pipeline.bench", "speed and memory benchmarks"),
+}
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import PipelineError
+
+    warnings.formatwarning = _format_warning
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_main=module.main)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left; rerun to pick up", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Architectures, picked by name: `build_net("rlfn", **kwargs)`.
+
+Each net is a plain nn.Module in its own file, registered with `@register("name")`.
+Contract: every net takes and returns float images in [0, 1], NCHW, and has an integer
+attribute `scale`; nets trained on 0..255 are wrapped so callers never see it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import PipelineError
+
+NETS: dict[str, Callable[..., nn.Module]] = {}
+
+# modules whose import registers nets; imported lazily on first use
+_NET_MODULES = ["bicubic", "espcn", "srcnn", "rlfn", "swinir", "rfdn", "safmn"]
+
+
+def register(name: str):
+    def deco(builder):
+        NETS[name] = builder
+        return builder
+    return deco
+
+
+def _load_all() -> None:
+    for mod in _NET_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{mod}":
+                raise
+
+
+def available_nets() -> list[str]:
+    _load_all()
+    return sorted(NETS)
+
+
+def build_net(name: str, **kwargs) -> nn.Module:
+    """Build a registered net; kwargs are its constructor arguments."""
+    _load_all()
+    if name not in NETS:
+        raise PipelineError(f"unknown net '{name}' (known: {', '.join(sorted(NETS))})")
+    return NETS[name](**kwargs)

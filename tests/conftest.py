@@ -1,0 +1,44 @@
+"""Shared test fixtures: a temporary work folder per test and access to ../shared."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pipeline import paths
+
+_ORIGINAL_WORKDIR = paths.WORKDIR
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Point every artifact path (data/, models/, submissions/) at a fresh temp folder."""
+    monkeypatch.setenv("SR_WORKDIR", str(tmp_path))
+    paths.set_workdir(tmp_path)
+    yield tmp_path
+    paths.set_workdir(_ORIGINAL_WORKDIR)
+
+
+@pytest.fixture
+def shared():
+    """The ../shared folder; the test is skipped when it is absent."""
+    if not paths.SHARED.is_dir():
+        pytest.skip(f"{paths.SHARED} absent (weights, fixtures and real data live there)")
+    return paths.SHARED
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ...` as a user would; returns the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=paths.ROOT,
+                          env=full_env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {args}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli
