@@ -1,0 +1,286 @@
+"""Pretrained weights: find, download, verify and load them.
+
+`resolve_weights(name_or_path)` finds a file: an existing path as given; otherwise a
+known name (`rlfn_x4`) or file name (`rlfn_x4.pth`) is looked up in every folder of
+`SR_WEIGHTS_DIR` (':'-separated), then `models/pretrained/`, then downloaded from the
+authors' published address into `models/pretrained/`. A file carrying a known name is
+checked against its known sha256 (or its size where no sha256 is published) and refused
+when it differs, so a truncated or different file never loads silently under that name.
+
+`load_weights(net, path_or_name)` reads the official layouts (`{'params': ...}`,
+`{'params_ema': ...}`, a bare state_dict, a `module.` prefix) and the pipeline's own
+checkpoints, and loads them strictly. `python -m pipeline weights` lists the known files
+and where they were found; `--fetch NAME` downloads one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import paths
+from .checkpoints import is_pipeline_checkpoint
+from .errors import PipelineError
+from .io import atomic_path
+
+
+@dataclass(frozen=True)
+class KnownWeights:
+    """A published weight file: what it is, which net loads it, where it comes from."""
+    name: str                    # short name used in configs: `pretrained: rlfn_x4`
+    file: str                    # the authors' file name
+    net: str                     # registry name for build_net
+    url: str                     # the authors' published download address
+    sha256: str | None           # None: not published; the size is checked instead
+    size: int | None = None
+    net_args: dict = field(default_factory=dict)
+    note: str = ""
+
+
+_RLFN_URL = "https://github.com/bytedance/RLFN/raw/main/model_zoo/"
+_SWINIR_URL = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
+
+KNOWN_WEIGHTS: dict[str, KnownWeights] = {w.name: w for w in [
+    KnownWeights("rlfn_x4", "rlfn_x4.pth", "rlfn", _RLFN_URL + "rlfn_x4.pth",
+                 "8c7edb57dfc89048bafba29d591d4c27d4099964b4a9e22df23d6dc257a637c0",
+                 note="RLFN x4, Apache-2.0; Set5 32.24 dB"),
+    KnownWeights("rlfn_s_x4", "rlfn_s_x4.pth", "rlfn_s", _RLFN_URL + "rlfn_s_x4.pth",
+                 "f769c5a88433786b2db0c2b24da6ca6c92a24c62344b9354a390f8a74388e89d",
+                 note="RLFN-S x4, Apache-2.0; Set5 32.23 dB"),
+    KnownWeights("swinir_s_x4", "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth", "swinir_s",
+                 _SWINIR_URL + "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth",
+                 None, size=17_225_941,
+                 note="SwinIR-S x4 (lightweight), Apache-2.0; no published sha256, size checked"),
+]}
+
+
+def known_weights(name: str) -> KnownWeights | None:
+    """The registry entry for a short name, a file name or a file stem; None if unknown."""
+    base = Path(str(name)).name
+    for w in KNOWN_WEIGHTS.values():
+        if base in (w.name, w.file, Path(w.file).stem):
+            return w
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path, known: KnownWeights) -> None:
+    """Refuse a file whose content is not the known file it is named after."""
+    if known.sha256 is not None:
+        actual = sha256_of(path)
+        if actual != known.sha256:
+            raise PipelineError(
+                f"{path}: sha256 {actual[:16]}... is not that of the published {known.file} "
+                f"({known.sha256[:16]}...); refused: remove it or give it another name")
+    elif known.size is not None and path.stat().st_size != known.size:
+        raise PipelineError(
+            f"{path}: {path.stat().st_size} bytes, the published {known.file} has {known.size} "
+            "(no sha256 is published for it); refused: remove it or give it another name")
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """Download `url` to `dest` (any urllib scheme, file:// included), with a progress bar."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False) as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def download(known: KnownWeights) -> Path:
+    """Download a known file into models/pretrained/, verified before it takes its name."""
+    dest = paths.PRETRAINED / known.file
+    with atomic_path(dest) as tmp:
+        try:
+            _fetch(known.url, tmp)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise PipelineError(
+                f"{known.file}: not found in {_where_searched()} and the download from "
+                f"{known.url} failed ({reason}); download it by hand and put it in "
+                f"{paths.PRETRAINED} or a folder on SR_WEIGHTS_DIR") from None
+        try:
+            verify(tmp, known)
+        except PipelineError as exc:
+            raise PipelineError(f"{known.url}: downloaded file refused: {exc}") from None
+    return dest
+
+
+def _where_searched() -> str:
+    return ", ".join(str(d) for d in paths.weights_search_dirs())
+
+
+def find_local(name_or_file: str) -> Path | None:
+    """The first folder on the search path holding this file (by file name), or None."""
+    known = known_weights(name_or_file)
+    file = known.file if known else Path(name_or_file).name
+    for folder in paths.weights_search_dirs():
+        if (folder / file).is_file():
+            return folder / file
+    return None
+
+
+def resolve_weights(name_or_path: str | Path, download_missing: bool = True) -> Path:
+    """A path to a verified weight file (see the module docstring for the search order)."""
+    text = str(name_or_path)
+    given = Path(text).expanduser()
+    if given.is_file():
+        found = given
+    elif given.name != text:  # a path with folders that does not exist: nothing to search
+        raise PipelineError(f"{text}: weight file not found")
+    else:
+        found = find_local(text)
+        if found is None:
+            known = known_weights(text)
+            if known is None:
+                raise PipelineError(f"{text}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)}) "
+                                    f"and no such file in {_where_searched()}")
+            if not download_missing:
+                raise PipelineError(f"{known.file}: not found in {_where_searched()}; download it "
+                                    f"from {known.url} into {paths.PRETRAINED} or a folder on SR_WEIGHTS_DIR")
+            return download(known)
+    known = known_weights(found.name)
+    if known is not None:
+        verify(found, known)
+    return found
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # the pipeline's own last.pt may hold non-tensor training state
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise PipelineError(f"{path}: not a readable weight file ({type(exc).__name__})") from None
+
+
+def extract_state_dict(obj: Any, source: str = "weights", param_key: str | None = None) -> dict:
+    """The state_dict inside any supported layout, with `module.` / `_orig_mod.` removed."""
+    if is_pipeline_checkpoint(obj):
+        state = obj["state_dict"]
+    elif isinstance(obj, Mapping) and param_key is not None:
+        if param_key not in obj:
+            raise PipelineError(f"{source}: no '{param_key}' entry (has: {', '.join(map(str, obj))})")
+        state = obj[param_key]
+    elif isinstance(obj, Mapping) and "params_ema" in obj:   # BasicSR/KAIR: EMA weights first
+        state = obj["params_ema"]
+    elif isinstance(obj, Mapping) and "params" in obj:
+        state = obj["params"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        state = obj["state_dict"]
+    else:
+        state = obj
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise PipelineError(f"{source}: no state_dict of tensors found")
+    state = dict(state)
+    for prefix in ("module.", "_orig_mod."):  # DataParallel/DDP, torch.compile
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _short(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_weights(net: nn.Module, path_or_name: str | Path | Mapping, strict: bool = True,
+                 param_key: str | None = None) -> nn.Module:
+    """Load weights into `net` in place (strictly by default) and return it.
+
+    `path_or_name`: a file path, a known name (resolved as `resolve_weights` does) or an
+    already loaded checkpoint dict. Any mismatch raises PipelineError naming the source
+    and the keys concerned.
+    """
+    if isinstance(path_or_name, Mapping):
+        source, obj = "weights", path_or_name
+    else:
+        path = resolve_weights(path_or_name)
+        source, obj = str(path), _torch_load(path)
+    state = extract_state_dict(obj, source, param_key)
+    own = net.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong_shape:
+        k = wrong_shape[0]
+        raise PipelineError(f"{source}: {len(wrong_shape)} tensors do not fit {type(net).__name__}, "
+                            f"e.g. {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}")
+    try:
+        # strict is checked below, to name the keys in one line (torch loads the rest either way)
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # e.g. a net's own check of derived buffers (swinir)
+        raise PipelineError(f"{source}: does not fit {type(net).__name__}: "
+                            f"{' '.join(str(exc).split())[:400]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        message = (f"{source}: does not fit {type(net).__name__}: missing {_short(result.missing_keys) or '-'}; "
+                   f"unexpected {_short(result.unexpected_keys) or '-'}")
+        if strict:
+            raise PipelineError(message)
+        warnings.warn(message + " (loaded non-strictly)", stacklevel=2)
+    return net
+
+
+def build_pretrained(name: str, **overrides) -> nn.Module:
+    """Build the net a known weight file belongs to and load it (eval mode)."""
+    from .nets import build_net
+
+    known = known_weights(name)
+    if known is None:
+        raise PipelineError(f"{name}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")
+    net = build_net(known.net, **{**known.net_args, **overrides})
+    return load_weights(net, known.name).eval()
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fetch", nargs="+", metavar="NAME",
+                        help="download these known files (or 'all' missing ones) into models/pretrained/")
+
+
+def _status(known: KnownWeights) -> tuple[str, str]:
+    found = find_local(known.name)
+    if found is None:
+        return "missing", known.url
+    try:
+        verify(found, known)
+    except PipelineError:
+        return "REFUSED (checksum)", str(found)
+    return "ok", str(found)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.fetch:
+        names = list(KNOWN_WEIGHTS) if args.fetch == ["all"] else args.fetch
+        for name in names:
+            known = known_weights(name)
+            if known is None:
+                raise PipelineError(f"{name}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")
+            path = resolve_weights(known.name)
+            print(f"{known.name}: {path}")
+    rows = [(w, *_status(w)) for w in KNOWN_WEIGHTS.values()]
+    print(f"{'name':<12} {'net':<9} {'status':<18} where (or the address to download it from)")
+    for w, status, where in rows:
+        print(f"{w.name:<12} {w.net:<9} {status:<18} {where}")
+    n_ok = sum(status == "ok" for _, status, _ in rows)
+    print(f"{n_ok} of {len(rows)} known weight files found and verified "
+          f"(searched {_where_searched()}); `python -m pipeline weights --fetch NAME` downloads one")
+    return 0
