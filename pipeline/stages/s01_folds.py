@@ -1,0 +1,100 @@
+"""Stage 01: split the training scenes into K folds that are comparable.
+
+    data/interim/manifest.csv -> data/folds.csv (id, scene, fold, edge_density)
+
+Scenes differ most in how much fine structure they hold (dense city blocks vs fields or
+water), which is also what drives their SSIM; folds are balanced on that. The statistic is
+the edge density of the low-res input: the mean Sobel gradient magnitude of its
+luminance (in [0, 1]). Scenes are sorted by it and cut into consecutive groups of K; each
+group deals one scene to each of K folds in a seeded random order (the n mod K scenes left
+over, taken from the middle of the ranking, go to a random subset of folds). Every fold thus gets the same spread of easy and hard scenes
+and fold sizes differ by at most one.
+
+K is `data.n_folds` (`--n-folds` overrides), the seed `data.fold_seed`. The same manifest,
+K and seed give the same folds; an unchanged `folds.csv` is not rewritten (its date stays,
+so `make` does not redo later stages).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+from skimage.color import rgb2gray
+from skimage.filters import sobel
+
+from .. import io, paths
+from ..config import load_config
+from ..errors import PipelineError
+from .s00_unzip import load_manifest
+
+STATISTIC = "edge_density"
+
+
+def edge_density(image: np.ndarray) -> float:
+    """Mean Sobel gradient magnitude of the luminance of a uint8 RGB image, in [0, 1]."""
+    return float(sobel(rgb2gray(image)).mean())
+
+
+def assign_folds(statistic: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold of each scene: sorted by `statistic`, each group of K consecutive scenes
+    goes one to each fold in a random order; sizes differ by at most one."""
+    n = len(statistic)
+    if n_folds < 2:
+        raise PipelineError(f"n_folds {n_folds}: at least 2 folds are needed")
+    if n_folds > n:
+        raise PipelineError(f"{paths.MANIFEST}: {n_folds} folds requested but only {n} training scene(s); "
+                            f"use --n-folds {n} or fewer")
+    rng = np.random.default_rng(seed)
+    order = np.argsort(statistic, kind="stable")
+    # the partial group (n mod K scenes) is taken from the middle of the ranking, so the
+    # folds that get one scene more get a typical one, not the extreme
+    extra = n % n_folds
+    cut = (n // n_folds // 2) * n_folds
+    groups = [order[s:s + n_folds] for s in range(0, cut, n_folds)]
+    groups += [order[cut:cut + extra]] if extra else []
+    groups += [order[s:s + n_folds] for s in range(cut + extra, n, n_folds)]
+    folds = np.empty(n, dtype=int)
+    for group in groups:
+        folds[group] = rng.permutation(n_folds)[:len(group)]
+    return folds
+
+
+def make_folds(n_folds: int, seed: int) -> pd.DataFrame:
+    train = load_manifest("train")
+    if train.empty:
+        raise PipelineError(f"{paths.MANIFEST}: no training scenes")
+    stats = np.array([edge_density(io.read_image(p)) for p in train["low_path"]])
+    return pd.DataFrame({"id": train["id"], "scene": train["scene"],
+                         "fold": assign_folds(stats, n_folds, seed), STATISTIC: stats.round(6)})
+
+
+def load_folds() -> pd.DataFrame:
+    """data/folds.csv as a DataFrame (id, scene, fold, edge_density)."""
+    if not paths.FOLDS.exists():
+        raise PipelineError(f"{paths.FOLDS}: missing; run `make folds` (stage 01) first")
+    return pd.read_csv(paths.FOLDS)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--exp", default="demo", help="experiment name or YAML path (data: n_folds, fold_seed)")
+    parser.add_argument("--n-folds", type=int, default=None, help="number of folds K (default: data.n_folds)")
+    parser.add_argument("--seed", type=int, default=None, help="fold seed (default: data.fold_seed)")
+
+
+def main(args) -> int:
+    start = time.time()
+    data_cfg = load_config(args.exp)["data"]
+    n_folds = int(args.n_folds if args.n_folds is not None else data_cfg["n_folds"])
+    seed = int(args.seed if args.seed is not None else data_cfg["fold_seed"])
+    folds = make_folds(n_folds, seed)
+    text = folds.to_csv(index=False)
+    changed = not paths.FOLDS.exists() or paths.FOLDS.read_text() != text
+    if changed:
+        with io.atomic_path(paths.FOLDS) as tmp:
+            tmp.write_text(text)
+    per_fold = folds.groupby("fold")[STATISTIC].agg(["size", "mean"])
+    spread = ", ".join(f"{f}: {int(r['size'])} scenes / {r['mean']:.4f}" for f, r in per_fold.iterrows())
+    print(f"folds: {len(folds)} scenes in {n_folds} folds (seed {seed}; fold: size / mean {STATISTIC}: "
+          f"{spread}) -> {paths.FOLDS} ({'written' if changed else 'unchanged'}, {time.time() - start:.1f} s)")
+    return 0
