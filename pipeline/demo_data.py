@@ -36,7 +36,8 @@ from .errors import PipelineError
 MAX_HIGH_SIZE = (1200, 1500)
 # scikit-image's bundled RGB photographs (greyscale, synthetic and mostly-black ones left out).
 BUILTIN_SAMPLES = ("astronaut", "chelsea", "coffee", "immunohistochemistry", "rocket", "motorcycle")
-BUILTIN_TILE = 192        # small scenes: the whole demo pipeline, training included, runs on a CPU
+BUILTIN_TILE = 192        # small scenes (rounded down to a multiple of the scale): the whole demo
+                          # pipeline, training included, runs in minutes on a CPU
 BUILTIN_COUNTS = (16, 6)  # train, test scenes from the built-in photographs
 MIN_LOW_SIDE = 8          # smaller scenes are useless for SSIM (7x7 window) and are skipped
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: same input, same bytes
@@ -212,7 +213,7 @@ def build_demo(source: Path | None = None, exp: str = "demo", scale: int | None 
     rng = np.random.default_rng(seed)
     if source is None:
         sources = builtin_sources()
-        tile = BUILTIN_TILE if tile is None else tile
+        tile = BUILTIN_TILE // scale * scale if tile is None else tile
         if n_train is None and n_test is None:
             n_train, n_test = BUILTIN_COUNTS
     else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io as bytes_io
 import json
+import logging
 import re
 import time
 import warnings
@@ -126,6 +127,17 @@ def index_members(zip_path: Path, zf: zipfile.ZipFile, roles: dict[str, str]) ->
     return scenes
 
 
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs while decoding one member."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def read_member(zip_path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
     """Decode one TIFF member as uint8 RGB (CRC checked by zipfile while reading)."""
     where = f"{zip_path}:{member}"
@@ -133,10 +145,20 @@ def read_member(zip_path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
         data = zf.read(member)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise PipelineError(f"{where}: corrupt member, CRC check failed ({exc})") from None
+    logged = _TiffLog()
+    tiff_logger = logging.getLogger("tifffile")
+    tiff_logger.addHandler(logged)
+    tiff_logger.propagate = False  # its complaints become part of our one-line message
     try:
-        image = tifffile.imread(bytes_io.BytesIO(data))
+        with tifffile.TiffFile(bytes_io.BytesIO(data)) as tif:
+            if not tif.pages:  # a broken header decodes to an empty float array, not an error
+                raise ValueError("; ".join(logged.messages) or "no image in it")
+            image = tif.asarray()
     except Exception as exc:  # any decoder failure is the file's problem
         raise PipelineError(f"{where}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    finally:
+        tiff_logger.removeHandler(logged)
+        tiff_logger.propagate = True
     return io.to_rgb_uint8(image, where)
 
 

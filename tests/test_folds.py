@@ -1,0 +1,100 @@
+"""Stage 01 (folds): every scene in exactly one fold, seeded, balanced on edge density."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from pipeline import demo_data, paths
+from pipeline.errors import PipelineError
+from pipeline.stages import s01_folds
+
+
+def write_config(folder: Path, name: str = "comp", **data) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text("data:\n" + "".join(f"  {k}: {v!r}\n" for k, v in data.items()) if data else "{}\n")
+    return path
+
+
+def tiny_competition(n_train: int, seed: int = 0) -> list[float]:
+    """Zips of n_train scenes whose low-res images range from smooth to busy; returns
+    the blur applied to each (more blur, fewer edges)."""
+    rng = np.random.default_rng(seed)
+    blurs = rng.uniform(0, 3, n_train)
+    train = {}
+    for i, blur in enumerate(blurs):
+        noise = rng.uniform(0, 255, (8, 10, 3))
+        low = np.clip(gaussian_filter(noise, (blur, blur, 0)), 0, 255).astype(np.uint8)
+        train[f"train_{i}_low.tif"] = demo_data.tif_bytes(low)
+        train[f"train_{i}_high.tif"] = demo_data.tif_bytes(np.repeat(np.repeat(low, 4, 0), 4, 1))
+    paths.RAW.mkdir(parents=True, exist_ok=True)
+    paths.TRAIN_ZIP.write_bytes(demo_data.zip_bytes(list(train.items())))
+    paths.EVAL_ZIP.write_bytes(demo_data.zip_bytes([("test_0_low.tif", train["train_0_low.tif"])]))
+    return blurs.tolist()
+
+
+def test_edge_density():
+    flat = np.full((16, 16, 3), 120, np.uint8)
+    stripes = np.zeros((16, 16, 3), np.uint8)
+    stripes[:, (np.arange(16) // 2) % 2 == 1] = 255  # 2-pixel stripes (1-pixel ones alias to no gradient)
+    ramp = np.repeat(np.linspace(0, 255, 16).astype(np.uint8)[None, :, None], 16, 0).repeat(3, 2)
+    assert s01_folds.edge_density(flat) == pytest.approx(0.0, abs=1e-9)
+    assert 0 < s01_folds.edge_density(ramp) < 0.1 < 0.5 < s01_folds.edge_density(stripes) <= 1.0
+
+
+def test_assign_folds_covers_balances_and_is_seeded():
+    stat = np.random.default_rng(0).permutation(103).astype(float)  # values 0..102, shuffled
+    folds = s01_folds.assign_folds(stat, 5, seed=0)
+    assert set(folds) == {0, 1, 2, 3, 4} and len(folds) == 103
+    sizes = np.bincount(folds)
+    assert sizes.max() - sizes.min() == 1 and sizes.sum() == 103
+    # stratified: every fold's mean rank is within 2.5 of the overall 51; a random split
+    # of this size typically misses by ~6
+    means = [stat[folds == f].mean() for f in range(5)]
+    assert max(abs(m - 51) for m in means) < 2.5, means
+    np.testing.assert_array_equal(folds, s01_folds.assign_folds(stat, 5, seed=0))
+    assert (folds != s01_folds.assign_folds(stat, 5, seed=1)).sum() > 50
+
+
+def test_assign_folds_refuses_more_folds_than_scenes(workdir):
+    with pytest.raises(PipelineError, match="6 folds requested but only 5 training scene"):
+        s01_folds.assign_folds(np.arange(5.0), 6, seed=0)
+    with pytest.raises(PipelineError, match="at least 2 folds"):
+        s01_folds.assign_folds(np.arange(5.0), 1, seed=0)
+    assert sorted(s01_folds.assign_folds(np.arange(5.0), 5, seed=0)) == [0, 1, 2, 3, 4]
+
+
+def test_folds_stage_end_to_end(workdir, cli):
+    config = write_config(workdir, n_folds=3, fold_seed=7)
+    blurs = tiny_competition(13)
+    proc = cli("folds", "--exp", config)
+    assert proc.returncode == 1 and proc.stderr.strip() == \
+        f"error: {paths.MANIFEST}: missing; run `make unzip` (stage 00) first"
+
+    cli("unzip", "--exp", config, check=True)
+    out = cli("folds", "--exp", config, check=True).stdout
+    assert "13 scenes in 3 folds (seed 7" in out and "(written" in out
+    folds = pd.read_csv(paths.FOLDS)
+    assert list(folds.columns) == ["id", "scene", "fold", "edge_density"]
+    assert sorted(folds["id"]) == list(range(13))
+    assert sorted(np.bincount(folds["fold"])) == [4, 4, 5]
+    # the statistic follows the scene content: blurrier scenes have fewer edges
+    order = folds.sort_values("id")
+    corr = np.corrcoef(order["edge_density"], blurs)[0, 1]
+    assert corr < -0.8, corr
+
+    mtime = paths.FOLDS.stat().st_mtime_ns
+    assert "(unchanged" in cli("folds", "--exp", config, check=True).stdout
+    assert paths.FOLDS.stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(s01_folds.load_folds(), folds)
+
+    cli("folds", "--exp", config, "--n-folds", 5, check=True)
+    assert sorted(pd.read_csv(paths.FOLDS)["fold"].unique()) == [0, 1, 2, 3, 4]
+    proc = cli("folds", "--exp", config, "--n-folds", 14)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"error: {paths.MANIFEST}: 14 folds requested but only 13 training "
+                                   "scene(s); use --n-folds 13 or fewer")
