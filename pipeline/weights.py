@@ -164,7 +164,8 @@ def resolve_weights(name_or_path: str | Path, download_missing: bool = True) -> 
     return found
 
 
-def _torch_load(path: Path) -> Any:
+def read_weight_file(path: Path) -> Any:
+    """torch.load on CPU, tensors-only unpickling first."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -215,7 +216,7 @@ def load_weights(net: nn.Module, path_or_name: str | Path | Mapping, strict: boo
         source, obj = "weights", path_or_name
     else:
         path = resolve_weights(path_or_name)
-        source, obj = str(path), _torch_load(path)
+        source, obj = str(path), read_weight_file(path)
     state = extract_state_dict(obj, source, param_key)
     own = net.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
