@@ -45,16 +45,21 @@ demo: $(SETUP) ## build the demo competition and run every stage on it, ending w
 	$(PIPE) score --submission $$(ls -t submissions/demo-*.zip | head -1) --answers data/demo/answers
 
 demo-data: $(SETUP) ## build data/raw/{train,evaluation}.zip + data/demo/answers from sample images
-	$(PIPE) demo-data
+	$(PIPE) demo-data --exp $(EXP)
 
 unzip: $(MANIFEST) ## stage 00: validate and extract the zips into data/interim/
 
-$(MANIFEST): data/raw/train.zip data/raw/evaluation.zip | $(SETUP)
+# The zips are inputs, never built: the empty recipe stops make from trying any rule on
+# them (`train.%` would match train.zip), and a missing one reaches the pipeline, which
+# says where to put it. A missing config likewise (wildcard).
+$(MANIFEST): data/raw/train.zip data/raw/evaluation.zip $(wildcard $(CONFIG)) | $(SETUP)
 	$(PIPE) unzip --exp $(EXP)
+
+data/raw/train.zip data/raw/evaluation.zip: ;
 
 folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds
 
-$(FOLDS_CSV): $(MANIFEST) | $(SETUP)
+$(FOLDS_CSV): $(MANIFEST) $(wildcard $(CONFIG)) | $(SETUP)
 	$(PIPE) folds --exp $(EXP)
 
 train: $(FOLDS_CSV) ## stage 02: train one fold (FOLD=0 SEED=0 EXP=demo NPROC=1)

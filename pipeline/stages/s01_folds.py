@@ -11,11 +11,12 @@ over, taken from the middle of the ranking, go to a random subset of folds). Eve
 and fold sizes differ by at most one.
 
 K is `data.n_folds` (`--n-folds` overrides), the seed `data.fold_seed`. The same manifest,
-K and seed give the same folds; an unchanged `folds.csv` is not rewritten (its date stays,
-so `make` does not redo later stages).
+K and seed give the same folds; an unchanged `folds.csv` is not rewritten, only its date
+refreshed (training and out-of-fold targets run on demand anyway, not on its date).
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -93,6 +94,8 @@ def main(args) -> int:
     if changed:
         with io.atomic_path(paths.FOLDS) as tmp:
             tmp.write_text(text)
+    else:
+        os.utime(paths.FOLDS)  # newer than the config that made make call us; no stage redoes on it
     per_fold = folds.groupby("fold")[STATISTIC].agg(["size", "mean"])
     spread = ", ".join(f"{f}: {int(r['size'])} scenes / {r['mean']:.4f}" for f, r in per_fold.iterrows())
     print(f"folds: {len(folds)} scenes in {n_folds} folds (seed {seed}; fold: size / mean {STATISTIC}: "
