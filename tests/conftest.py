@@ -42,3 +42,17 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subproc
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    """Write an experiment YAML in the temp folder and return its path (for `--exp PATH`):
+    config_file("x5", data={"scale": 5}); no sections = all defaults."""
+    import yaml
+
+    def write(name: str = "comp", **sections) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(sections) if sections else "{}\n")
+        return path
+
+    return write

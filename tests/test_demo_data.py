@@ -14,12 +14,6 @@ from pipeline import demo_data, paths
 from pipeline.errors import PipelineError
 
 
-def write_config(folder: Path, name: str = "comp", **data) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text("data:\n" + "".join(f"  {k}: {v!r}\n" for k, v in data.items()) if data else "{}\n")
-    return path
-
-
 def zip_images(path: Path) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(path) as zf:
         assert zf.testzip() is None
@@ -31,8 +25,8 @@ def pil_bicubic(high: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(Image.fromarray(high).resize((w // scale, h // scale), Image.Resampling.BICUBIC))
 
 
-def test_builtin_demo_is_in_the_exact_competition_format(workdir):
-    summary = demo_data.build_demo(exp=write_config(workdir))
+def test_builtin_demo_is_in_the_exact_competition_format(workdir, config_file):
+    summary = demo_data.build_demo(exp=config_file())
     assert (summary["n_train"], summary["n_test"], summary["tile"]) == (16, 6, 192)
     # six different photographs feed the 22 scenes (round-robin over the sources)
     assert len({name.split("#")[0] for name in summary["train_sources"] + summary["test_sources"]}) == 6
@@ -59,8 +53,8 @@ def test_builtin_demo_is_in_the_exact_competition_format(workdir):
     assert not any(np.array_equal(tifffile.imread(paths.DEMO_ANSWERS / a), h) for a in answers for h in train_highs)
 
 
-def test_same_seed_same_bytes_and_unchanged_zips_are_not_rewritten(workdir):
-    config = write_config(workdir)
+def test_same_seed_same_bytes_and_unchanged_zips_are_not_rewritten(workdir, config_file):
+    config = config_file()
     demo_data.build_demo(exp=config, n_train=4, n_test=2, seed=3)
     first = paths.TRAIN_ZIP.read_bytes(), paths.EVAL_ZIP.read_bytes()
     mtime = paths.TRAIN_ZIP.stat().st_mtime_ns
@@ -72,7 +66,7 @@ def test_same_seed_same_bytes_and_unchanged_zips_are_not_rewritten(workdir):
     assert summary["written"] == [True, True] and paths.TRAIN_ZIP.read_bytes() != first[0]
 
 
-def test_source_folder_recursive_cropped_to_scale_and_competition_size(workdir):
+def test_source_folder_recursive_cropped_to_scale_and_competition_size(workdir, config_file):
     rng = np.random.default_rng(0)
     src = workdir / "photos"
     (src / "a" / "b").mkdir(parents=True)
@@ -86,7 +80,7 @@ def test_source_folder_recursive_cropped_to_scale_and_competition_size(workdir):
     Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(src / "grey.png")
     (src / "notes.txt").write_text("not an image")
 
-    config = write_config(workdir, "x5", scale=5)
+    config = config_file("x5", data=dict(scale=5))
     with pytest.warns(UserWarning, match=r"skipped 1 source image\(s\) that are not 8-bit RGB: .*grey.png"):
         summary = demo_data.build_demo(source=src, exp=config, test_fraction=0.5)
     assert (summary["n_train"], summary["n_test"], summary["scale"]) == (2, 2, 5)
@@ -127,9 +121,9 @@ def test_split_counts():
         demo_data.split_counts(22, None, None, 1.0)
 
 
-def test_cli_workdir_x5_then_unzip_accepts_it(workdir, cli, tmp_path_factory):
+def test_cli_workdir_x5_then_unzip_accepts_it(workdir, config_file, cli, tmp_path_factory):
     other = tmp_path_factory.mktemp("bench")
-    config = write_config(workdir, "x5", scale=5)
+    config = config_file("x5", data=dict(scale=5))
     proc = cli("demo-data", "--exp", config, "--workdir", other, "--n-train", 3, "--n-test", 2,
                "--kernel", "pil-lanczos", check=True)
     assert re.search(r"3 train \+ 2 test scenes from 6 source image\(s\), x5 pil-lanczos, tile 190", proc.stdout)

@@ -1,8 +1,6 @@
 """Stage 01 (folds): every scene in exactly one fold, seeded, balanced on edge density."""
 from __future__ import annotations
 
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,12 +10,6 @@ from scipy.ndimage import gaussian_filter
 from pipeline import demo_data, paths
 from pipeline.errors import PipelineError
 from pipeline.stages import s01_folds
-
-
-def write_config(folder: Path, name: str = "comp", **data) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text("data:\n" + "".join(f"  {k}: {v!r}\n" for k, v in data.items()) if data else "{}\n")
-    return path
 
 
 def tiny_competition(n_train: int, seed: int = 0) -> list[float]:
@@ -68,8 +60,8 @@ def test_assign_folds_refuses_more_folds_than_scenes(workdir):
     assert sorted(s01_folds.assign_folds(np.arange(5.0), 5, seed=0)) == [0, 1, 2, 3, 4]
 
 
-def test_folds_stage_end_to_end(workdir, cli):
-    config = write_config(workdir, n_folds=3, fold_seed=7)
+def test_folds_stage_end_to_end(workdir, config_file, cli):
+    config = config_file(data=dict(n_folds=3, fold_seed=7))
     blurs = tiny_competition(13)
     proc = cli("folds", "--exp", config)
     assert proc.returncode == 1 and proc.stderr.strip() == \

@@ -20,12 +20,6 @@ SCALE = 4
 LOW_HW = (4, 5)
 
 
-def write_config(folder: Path, name: str = "comp", **data) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text("data:\n" + "".join(f"  {k}: {v!r}\n" for k, v in data.items()) if data else "{}\n")
-    return path
-
-
 def tif(image: np.ndarray, **kwargs) -> bytes:
     buf = bytes_io.BytesIO()
     tifffile.imwrite(buf, image, **kwargs)
@@ -231,8 +225,8 @@ def test_no_scene_at_all(workdir):
         assert "no member matches test_{i}_low.tif" in refused("no member matches")
 
 
-def test_cli_prints_one_line_and_exits_1(workdir, cli):
-    config = write_config(workdir)
+def test_cli_prints_one_line_and_exits_1(workdir, config_file, cli):
+    config = config_file()
     proc = cli("unzip", "--exp", config)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {paths.TRAIN_ZIP}: zip not found "
@@ -295,8 +289,8 @@ def test_failure_keeps_the_previous_extraction(workdir):
 
 # ---------------------------------------------------------------- reruns and config
 
-def test_rerun_does_nothing_and_changed_zip_is_reextracted(workdir, cli):
-    config = write_config(workdir)
+def test_rerun_does_nothing_and_changed_zip_is_reextracted(workdir, config_file, cli):
+    config = config_file()
     build()
     assert "2 test scenes" in cli("unzip", "--exp", config, check=True).stdout
     manifest_mtime = paths.MANIFEST.stat().st_mtime_ns
@@ -317,17 +311,17 @@ def test_rerun_does_nothing_and_changed_zip_is_reextracted(workdir, cli):
     assert len(s00_unzip.load_manifest("test")) == 3
 
 
-def test_force_extracts_again(workdir, cli):
-    config = write_config(workdir)
+def test_force_extracts_again(workdir, config_file, cli):
+    config = config_file()
     build()
     cli("unzip", "--exp", config, check=True)
     assert "3 train pairs" in cli("unzip", "--exp", config, "--force", check=True).stdout
 
 
-def test_x5_and_other_patterns_are_a_config_change(workdir, cli):
+def test_x5_and_other_patterns_are_a_config_change(workdir, config_file, cli):
     """The 2023 contest used x5: scale and file names come from the experiment config."""
-    x5 = write_config(workdir, "x5", scale=5, train_low="{i}_lr.tif", train_high="{i}_hr.tif",
-                      test_low="eval_{i}.tif")
+    x5 = config_file("x5", data=dict(scale=5, train_low="{i}_lr.tif", train_high="{i}_hr.tif",
+                                     test_low="eval_{i}.tif"))
     train, evaluation, _ = good_members(scale=5)
     build(train={k.replace("train_", "").replace("_low", "_lr").replace("_high", "_hr"): v
                  for k, v in train.items()},
@@ -339,7 +333,7 @@ def test_x5_and_other_patterns_are_a_config_change(workdir, cli):
     assert manifest["high_path"].iloc[0].name == "0_hr.tif"
 
     # the same zips under the default x4 config: the config changed, so it checks again, and refuses
-    x4 = write_config(workdir, "x4", train_low="{i}_lr.tif", train_high="{i}_hr.tif", test_low="eval_{i}.tif")
+    x4 = config_file("x4", data=dict(train_low="{i}_lr.tif", train_high="{i}_hr.tif", test_low="eval_{i}.tif"))
     proc = cli("unzip", "--exp", x4)
     assert proc.returncode == 1 and "high 20x25 is not exactly 4 x low 4x5" in proc.stderr
 

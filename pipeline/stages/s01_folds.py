@@ -7,8 +7,8 @@ water), which is also what drives their SSIM; folds are balanced on that. The st
 the edge density of the low-res input: the mean Sobel gradient magnitude of its
 luminance (in [0, 1]). Scenes are sorted by it and cut into consecutive groups of K; each
 group deals one scene to each of K folds in a seeded random order (the n mod K scenes left
-over, taken from the middle of the ranking, go to a random subset of folds). Every fold thus gets the same spread of easy and hard scenes
-and fold sizes differ by at most one.
+over, taken from the middle of the ranking, go to a random subset of folds). Every fold
+thus gets the same spread of easy and hard scenes and fold sizes differ by at most one.
 
 K is `data.n_folds` (`--n-folds` overrides), the seed `data.fold_seed`. The same manifest,
 K and seed give the same folds; an unchanged `folds.csv` is not rewritten, only its date
