@@ -1,7 +1,6 @@
 """Stage 01 (folds): every scene in exactly one fold, seeded, balanced on edge density."""
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
