@@ -50,7 +50,7 @@ demo-data: $(SETUP) ## build data/raw/{train,evaluation}.zip + data/demo/answers
 unzip: $(MANIFEST) ## stage 00: validate and extract the zips into data/interim/
 
 # The zips are inputs, never built: the empty recipe stops make from trying any rule on
-# them (`train.%` would match train.zip), and a missing one reaches the pipeline, which
+# them (a pattern rule could match them), and a missing one reaches the pipeline, which
 # says where to put it. A missing config likewise (wildcard).
 $(MANIFEST): data/raw/train.zip data/raw/evaluation.zip $(wildcard $(CONFIG)) | $(SETUP)
 	$(PIPE) unzip --exp $(EXP)
@@ -70,9 +70,9 @@ else
 endif
 
 train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j2 train-all` runs two at once)
-	$(MAKE) $(foreach s,$(SEEDS),$(foreach f,$(FOLD_LIST),train.$(s).$(f)))
+	$(MAKE) $(foreach s,$(SEEDS),$(foreach f,$(FOLD_LIST),train-job.$(s).$(f)))
 
-train.%: $(FOLDS_CSV)
+train-job.%: $(FOLDS_CSV)
 	$(MAKE) train SEED=$(word 1,$(subst ., ,$*)) FOLD=$(word 2,$(subst ., ,$*))
 
 oof: $(FOLDS_CSV) ## stage 03: out-of-fold SSIM -> models/EXP/oof/{oof.csv,summary.json,oof.png}

@@ -38,13 +38,17 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
 def _decode(path: Path) -> np.ndarray:
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            return tifffile.imread(path)
-        with Image.open(path) as im:
-            return np.asarray(im)
+            arr = tifffile.imread(path)
+        else:
+            with Image.open(path) as im:
+                arr = np.asarray(im)
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except Exception as exc:  # any decoder failure is the file's problem, not ours
         raise PipelineError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    if arr.size == 0:  # tifffile returns an empty array for some broken headers instead of raising
+        raise PipelineError(f"{path}: cannot decode image (no pixel data)")
+    return arr
 
 
 def to_rgb_uint8(arr: np.ndarray, name: str | Path) -> np.ndarray:
@@ -70,6 +74,12 @@ def read_image(path: str | Path) -> np.ndarray:
     return to_rgb_uint8(_decode(path), path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only on success.
@@ -82,6 +92,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp makes it owner-only; artifacts get normal modes
     try:
         yield tmp
         os.replace(tmp, path)
@@ -96,6 +107,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
