@@ -165,12 +165,13 @@ def resolve_weights(name_or_path: str | Path, download_missing: bool = True) -> 
 
 
 def read_weight_file(path: Path) -> Any:
-    """torch.load on CPU, tensors-only unpickling first."""
+    """torch.load on CPU: tensors-only unpickling, or full unpickling for a file that
+    holds other Python objects (the pipeline's own last.pt keeps training state)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # the pipeline's own last.pt may hold non-tensor training state
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise PipelineError(f"{path}: not a readable weight file ({type(exc).__name__})") from None
 
