@@ -21,6 +21,8 @@ MANIFEST := data/interim/manifest.csv
 FOLDS_CSV := data/folds.csv
 CONFIG := pipeline/configs/$(EXP).yaml
 PRED_DIR := data/predictions/$(EXP)
+OOF_SUMMARY := models/$(EXP)/oof/summary.json
+SUBMISSION_LATEST := submissions/$(EXP)-latest.txt
 CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
 # folds of the experiment, read from its config (lazily: needs the venv)
 FOLD_LIST = $(shell $(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
@@ -42,7 +44,8 @@ $(SETUP): requirements.txt
 demo: $(SETUP) ## build the demo competition and run every stage on it, ending with a scored zip
 	$(MAKE) demo-data
 	$(MAKE) all EXP=demo
-	$(PIPE) score --submission $$(ls -t submissions/demo-*.zip | head -1) --answers data/demo/answers
+	@zip=submissions/$$(cat submissions/demo-latest.txt); echo "demo submission: $$zip"; \
+	  $(PIPE) score --submission $$zip --answers data/demo/answers
 
 demo-data: $(SETUP) ## build data/raw/{train,evaluation}.zip + data/demo/answers from sample images
 	$(PIPE) demo-data --exp $(EXP)
@@ -75,15 +78,21 @@ train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j2 train-a
 train-job.%: $(FOLDS_CSV)
 	$(MAKE) train SEED=$(word 1,$(subst ., ,$*)) FOLD=$(word 2,$(subst ., ,$*))
 
-oof: $(FOLDS_CSV) ## stage 03: out-of-fold SSIM -> models/EXP/oof/{oof.csv,summary.json,oof.png}
+# Stages 03-05 are file targets: each reruns only when a checkpoint (or its other
+# inputs) is newer; submissions/EXP-latest.txt names the newest zip of EXP.
+oof: $(OOF_SUMMARY) ## stage 03: out-of-fold SSIM -> models/EXP/oof/{oof.csv,summary.json,oof.png}
+
+$(OOF_SUMMARY): $(CKPTS) $(FOLDS_CSV) $(wildcard $(CONFIG)) | $(SETUP)
 	$(PIPE) oof --exp $(EXP) --seeds $(SEEDS)
 
 ensemble: $(PRED_DIR)/ensemble.json ## stage 04: fold x seed ensemble + 8-way TTA on the test set
 
-$(PRED_DIR)/ensemble.json: $(CKPTS) $(MANIFEST) $(CONFIG) | $(SETUP)
+$(PRED_DIR)/ensemble.json: $(CKPTS) $(MANIFEST) $(wildcard $(CONFIG)) | $(SETUP)
 	$(PIPE) ensemble --exp $(EXP) --seeds $(SEEDS)
 
-submission: $(PRED_DIR)/ensemble.json ## stage 05: check and zip the predictions -> submissions/
+submission: $(SUBMISSION_LATEST) ## stage 05: check and zip the predictions -> submissions/EXP-<time>.zip
+
+$(SUBMISSION_LATEST): $(PRED_DIR)/ensemble.json | $(SETUP)
 	$(PIPE) submission --exp $(EXP)
 
 all: ## stages 00-05 for EXP
@@ -107,5 +116,5 @@ bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (see BENCHMA
 	$(PIPE) bench
 
 clean: ## remove generated artifacts (keeps .venv, data/raw and models/pretrained)
-	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip bench
+	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip submissions/*-latest.txt bench
 	find models -mindepth 1 -maxdepth 1 -type d ! -name pretrained -exec rm -rf {} +
