@@ -87,8 +87,12 @@ def config_path(exp: str) -> Path:
     return paths.CONFIGS / f"{exp}.yaml"
 
 
-def load_config(exp_or_path: str | Path) -> dict[str, Any]:
-    """Load an experiment by name (`pipeline/configs/<name>.yaml`) or by file path."""
+def load_config(exp_or_path: str | Path, _bases: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load an experiment by name (`pipeline/configs/<name>.yaml`) or by file path.
+
+    `base: <experiment>` (a file in the same folder) starts from that experiment instead
+    of DEFAULTS, so a variant (an ablation) states only what it changes.
+    """
     path = Path(exp_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = config_path(str(exp_or_path))
@@ -102,7 +106,15 @@ def load_config(exp_or_path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: top level must be a mapping")
     raw.pop("exp", None)  # a resolved config.yaml written by a run names its experiment
-    cfg = _merge(DEFAULTS, raw, "", path)
+    start = DEFAULTS
+    base = raw.pop("base", None)
+    if base is not None:
+        if path.resolve() in _bases:
+            raise PipelineError(f"{path}: 'base' chain loops back to this file")
+        base = str(base) if str(base).endswith((".yaml", ".yml")) else f"{base}.yaml"
+        start = load_config(path.parent / base, _bases + (path.resolve(),))  # a sibling file
+        start.pop("exp")
+    cfg = _merge(start, raw, "", path)
     cfg["exp"] = path.stem
     return cfg
 
