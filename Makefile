@@ -104,7 +104,7 @@ all: ## stages 00-05 for EXP
 	$(MAKE) submission EXP=$(EXP)
 
 weights: $(SETUP) ## find (SR_WEIGHTS_DIR, models/pretrained) or download and verify pretrained weights
-	$(PIPE) weights
+	$(PIPE) weights --fetch all
 
 test: $(SETUP) ## run the test suite (slow end-to-end runs excluded)
 	$(PY) -m pytest -q

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import os
 import pickle
+import sys
 import urllib.error
 import urllib.request
 import warnings
@@ -264,7 +265,7 @@ def build_pretrained(name: str, **overrides) -> nn.Module:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fetch", nargs="+", metavar="NAME",
-                        help="download these known files (or 'all' missing ones) into models/pretrained/")
+                        help="download these known files (or 'all') into models/pretrained/ unless found")
 
 
 def _status(known: KnownWeights) -> tuple[str, str]:
@@ -279,19 +280,23 @@ def _status(known: KnownWeights) -> tuple[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    failed = 0
     if args.fetch:
         names = list(KNOWN_WEIGHTS) if args.fetch == ["all"] else args.fetch
+        unknown = [n for n in names if known_weights(n) is None]
+        if unknown:
+            raise PipelineError(f"{unknown[0]}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")
         for name in names:
-            known = known_weights(name)
-            if known is None:
-                raise PipelineError(f"{name}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")
-            path = resolve_weights(known.name)
-            print(f"{known.name}: {path}")
+            try:
+                resolve_weights(known_weights(name).name)
+            except PipelineError as exc:  # report each file, try the others
+                print(f"error: {exc}", file=sys.stderr)
+                failed += 1
     rows = [(w, *_status(w)) for w in KNOWN_WEIGHTS.values()]
     print(f"{'name':<12} {'net':<9} {'status':<18} where (or the address to download it from)")
     for w, status, where in rows:
         print(f"{w.name:<12} {w.net:<9} {status:<18} {where}")
     n_ok = sum(status == "ok" for _, status, _ in rows)
     print(f"{n_ok} of {len(rows)} known weight files found and verified "
-          f"(searched {_where_searched()}); `python -m pipeline weights --fetch NAME` downloads one")
-    return 0
+          f"(searched {_where_searched()}); `python -m pipeline weights --fetch NAME|all` downloads")
+    return 1 if failed else 0

@@ -195,3 +195,16 @@ def test_weights_command_lists_status(shared, cli, workdir):
     assert "missing" in lines["swinir_s_x4"].split() and "releases/download" in lines["swinir_s_x4"]
     bad = cli("weights", "--fetch", "nope", env={"SR_WORKDIR": str(workdir)})
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: nope: unknown weights")
+
+
+def test_fetch_all_reports_every_failure_and_fails(search_dirs, monkeypatch, capsys):
+    import argparse
+
+    def offline(url, dest):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(weights, "_fetch", offline)
+    assert weights.main(argparse.Namespace(fetch=["all"])) == 1
+    out, err = capsys.readouterr()
+    errors = err.strip().splitlines()
+    assert len(errors) == len(weights.KNOWN_WEIGHTS) and all(e.startswith("error: ") for e in errors)
+    assert out.count(" missing ") == len(weights.KNOWN_WEIGHTS)
