@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import paths
-from .checkpoints import is_pipeline_checkpoint, net_from_checkpoint
+from .checkpoints import is_pipeline_checkpoint
 from .errors import PipelineError
 from .io import atomic_path, to_rgb_uint8
 from .metrics import y_psnr, y_ssim
@@ -101,9 +101,11 @@ def build_benchmark_net(model: str | None, weights: str | None, scale: int) -> t
             raise PipelineError(f"benchmark-sr: net '{model}' has parameters; give its --weights")
         return net.eval(), model, "-"
     path = resolve_weights(weights)
-    if is_pipeline_checkpoint(read_weight_file(path)):
-        net = net_from_checkpoint(path)
-        return net, read_checkpoint_net_name(path), str(path)
+    checkpoint = read_weight_file(path)
+    if is_pipeline_checkpoint(checkpoint):  # the net it was trained as
+        name = checkpoint["net"]["name"]
+        net = build_net(name, **checkpoint["net"]["args"])
+        return load_weights(net, checkpoint).eval(), name, str(path)
     known = known_weights(path.name)
     name = model or (known.net if known else None)
     if name is None:
@@ -111,11 +113,6 @@ def build_benchmark_net(model: str | None, weights: str | None, scale: int) -> t
     net_args = dict(known.net_args) if known and known.net == name else {}
     net = build_net(name, **{**net_args, "scale": scale})
     return load_weights(net, path).eval(), name, path.name
-
-
-def read_checkpoint_net_name(path: Path) -> str:
-    from .checkpoints import read_checkpoint
-    return read_checkpoint(path)["net"]["name"]
 
 
 def to_markdown(summary: pd.DataFrame) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import paths
@@ -67,6 +68,20 @@ def test_cli_writes_table_and_csvs(tiny_root, cli, workdir):
     per_image = pd.read_csv(out.with_name("tiny_images.csv"))
     assert list(summary.columns) == ["model", "weights", "scale", "set", "images", "y_psnr", "y_ssim"]
     assert summary.loc[0, "y_psnr"] == pytest.approx(per_image["y_psnr"].mean(), abs=1e-5)
+
+
+def test_a_pipeline_checkpoint_rebuilds_its_own_net(tiny_root, workdir):
+    from pipeline.checkpoints import save_checkpoint
+
+    trained = build_net("espcn", scale=4, activation="relu")
+    path = workdir / "models" / "x" / "best.pt"
+    save_checkpoint(path, net_name="espcn", net_args={"scale": 4, "activation": "relu"},
+                    state_dict=trained.state_dict(), exp="x", seed=0, fold=0, step=1, val_ssim=None)
+    net, name, label = build_benchmark_net(None, str(path), 4)
+    assert name == "espcn" and label == str(path) and not net.training
+    assert isinstance(net.features[1], torch.nn.ReLU)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
+    assert len(evaluate_set(net, tiny_root, "Tiny", 4)) == 2
 
 
 def _rlfn_on(set_name: str) -> pd.DataFrame:
