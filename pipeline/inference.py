@@ -1,0 +1,111 @@
+"""The one inference function every caller uses: predict, stage 03 (OOF) and stage 04 (ensemble).
+
+`predict_scene(nets, lr, tta=8, tile=...)` averages every net x TTA view in float32 and
+rounds once at the end, so an ensemble is never the mean of already-rounded images:
+    for each net: tiled_forward(tile, overlap) of tta_forward(views) of net
+    mean over nets -> clip to [0, 1] -> * 255 -> round half to even -> uint8
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import PipelineError
+from .tiling import tiled_forward
+from .tta import tta_forward, tta_views
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else "cuda" when available, else "cpu"."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
+    """bf16 autocast on CPU or GPU for "bf16"; plain float32 for "fp32"."""
+    if precision not in PRECISIONS:
+        raise PipelineError(f"precision '{precision}' unknown (choose {' or '.join(PRECISIONS)})")
+    device_type = torch.device(device).type
+    if precision == "bf16":
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def image_to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float32 1x3xHxW in [0, 1]."""
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        raise PipelineError(f"inference: uint8 HxWx3 image expected, got {img.dtype} {img.shape}")
+    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+def tensor_to_image(t: torch.Tensor) -> np.ndarray:
+    """float 1x3xHxW (or 3xHxW) -> uint8 HxWx3: clip to [0, 1], * 255, round half to even.
+
+    The single rounding step of the pipeline (torch.round rounds halves to even, as
+    numpy does); predictions are only rounded here.
+    """
+    if t.ndim == 4:
+        if t.shape[0] != 1:
+            raise PipelineError(f"inference: one image expected, got a batch of {t.shape[0]}")
+        t = t[0]
+    t = t.detach().float().cpu().clamp(0.0, 1.0).mul(255.0).round()
+    return t.permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+def net_scale(nets: Sequence[nn.Module]) -> int:
+    """The common `scale` of the nets; mixing scales is refused."""
+    if not nets:
+        raise PipelineError("inference: no net given")
+    scales = {int(getattr(net, "scale", 0)) for net in nets}
+    if len(scales) != 1 or 0 in scales:
+        raise PipelineError(f"inference: nets must share one integer `scale` attribute, got {sorted(scales)}")
+    return scales.pop()
+
+
+def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, tile: int = 0,
+                  overlap: int = 16, batch: int = 8, device: str | torch.device | None = None,
+                  precision: str = "fp32") -> torch.Tensor:
+    """Mean over nets x TTA views of the SR of float NCHW `x`, float32 on the CPU, not rounded.
+
+    The nets are moved to `device` and put in eval mode.
+    """
+    scale = net_scale(nets)
+    views = tta_views(tta)
+    device = pick_device(device)
+    x = x.to(device)
+    total = None
+    with torch.inference_mode(), autocast(precision, device):
+        for net in nets:
+            net.to(device).eval()
+
+            def views_of_net(t: torch.Tensor, net: nn.Module = net) -> torch.Tensor:
+                return tta_forward(net, t, views, batch)
+
+            out = tiled_forward(views_of_net, x, scale, tile, overlap, batch).float()
+            total = out if total is None else total + out
+    return (total / len(nets)).cpu()
+
+
+def predict_scene(nets: Sequence[nn.Module], lr: np.ndarray, *, tta: int = 1, tile: int = 0,
+                  overlap: int = 16, batch: int = 8, device: str | torch.device | None = None,
+                  precision: str = "fp32") -> np.ndarray:
+    """Super-resolve one uint8 HxWx3 scene with an ensemble of nets: uint8 (H*s)x(W*s)x3.
+
+    Every net x TTA view is averaged in float32 before the one rounding (see
+    tensor_to_image). `tta`: 1, 2, 4 or 8 dihedral views; `tile` > 0: LR tiles of that
+    side with `overlap` (feathered blend); `batch`: views/tiles per forward pass;
+    `precision`: "fp32" or "bf16" (autocast, also on CPU).
+    """
+    sr = predict_float(nets, image_to_tensor(lr), tta=tta, tile=tile, overlap=overlap, batch=batch,
+                       device=device, precision=precision)
+    return tensor_to_image(sr)
