@@ -1,0 +1,162 @@
+"""Stage 04: predict the test scenes with every fold x seed checkpoint and 8-way TTA.
+
+    models/<exp>/seed<s>/fold<f>/best.pt + data/interim (test split)
+      -> data/predictions/<exp>/test_{i}_answer.tif, data/predictions/<exp>/ensemble.json
+
+Every selected checkpoint sees every dihedral view of each scene (`infer.tta`, 8 by
+default); all net x view outputs are averaged in float and rounded to uint8 once, by
+`inference.predict_scene` (the same function `predict --checkpoint models/<exp>` uses).
+Large scenes are tiled (`infer.tile`, overlap `infer.tile_overlap`, feathered blend);
+tiles and views go through the nets `infer.batch` at a time.
+
+The prediction folder is built in a temporary folder renamed into place at the end, so it
+always holds one complete, consistent set: answers plus `ensemble.json`, which records
+the checkpoints (path, seed, fold, step, validation SSIM, mtime, sha256), TTA, tiling,
+precision, device and time. Stage 05 uses it to refuse predictions older than their
+checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import io, paths
+from ..checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
+from ..config import load_config
+from ..errors import PipelineError
+from ..inference import pick_device, predict_scene
+from .s00_unzip import load_manifest
+
+ENSEMBLE_JSON = "ensemble.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def relative_to_workdir(path: Path) -> str:
+    """Paths in the JSON records are relative to the work folder, so it can move."""
+    try:
+        return str(Path(path).resolve().relative_to(paths.WORKDIR))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def checkpoint_record(path: Path) -> dict:
+    """What identifies one checkpoint for later staleness checks."""
+    ckpt = read_checkpoint(path)
+    return {"path": relative_to_workdir(path), "seed": ckpt.get("seed"), "fold": ckpt.get("fold"),
+            "step": ckpt.get("step"), "val_ssim": ckpt.get("val_ssim"),
+            "net": ckpt["net"]["name"], "mtime": path.stat().st_mtime, "sha256": sha256_file(path)}
+
+
+def select_checkpoints(exp: str, seeds: list[int] | None) -> list[Path]:
+    """best.pt of every fold x seed of `exp` (only `seeds` when given); an error when none."""
+    found = find_checkpoints(paths.experiment_dir(exp), seeds=seeds)
+    if not found:
+        which = f" for seed(s) {' '.join(map(str, seeds))}" if seeds else ""
+        raise PipelineError(f"{paths.experiment_dir(exp)}: no checkpoint seed*/fold*/best.pt{which}; "
+                            f"run `make train-all EXP={exp}` first")
+    return found
+
+
+def load_nets(ckpt_paths: list[Path], scale: int, device: torch.device) -> list[torch.nn.Module]:
+    nets = []
+    for path in ckpt_paths:
+        net = net_from_checkpoint(path)
+        if getattr(net, "scale", None) != scale:
+            raise PipelineError(f"{path}: net scale {getattr(net, 'scale', None)} but data.scale is {scale}")
+        nets.append(net.to(device))
+    return nets
+
+
+def infer_settings(cfg: dict, tta: int | None = None, tile: int | None = None) -> dict:
+    """The inference keyword arguments of predict_scene from the config (`tta`/`tile` override)."""
+    infer = cfg["infer"]
+    return {"tta": int(infer["tta"] if tta is None else tta),
+            "tile": int(infer["tile"] if tile is None else tile),
+            "overlap": int(infer["tile_overlap"]), "batch": int(infer["batch"]),
+            "precision": str(infer["precision"])}
+
+
+def answer_name(cfg: dict, scene_id: int) -> str:
+    return cfg["data"]["answer"].format(i=int(scene_id))
+
+
+def test_scenes(cfg: dict) -> list[dict]:
+    """The test split of the manifest: id, low path, expected answer name and shape."""
+    scale = int(cfg["data"]["scale"])
+    test = load_manifest("test")
+    if test.empty:
+        raise PipelineError(f"{paths.MANIFEST}: no test scenes")
+    return [{"id": int(row.id), "low_path": row.low_path, "answer": answer_name(cfg, row.id),
+             "shape": (int(row.low_height) * scale, int(row.low_width) * scale, 3)}
+            for row in test.itertuples()]
+
+
+def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = None,
+                 tile: int | None = None) -> dict:
+    """Write the test predictions and ensemble.json of `cfg`'s experiment; returns the record."""
+    start = time.time()
+    exp = cfg["exp"]
+    scale = int(cfg["data"]["scale"])
+    settings = infer_settings(cfg, tta, tile)
+    device = pick_device()
+    scenes = test_scenes(cfg)
+    ckpt_paths = select_checkpoints(exp, seeds)
+    records = [checkpoint_record(p) for p in ckpt_paths]
+    nets = load_nets(ckpt_paths, scale, device)
+    out_dir = paths.predictions_dir(exp)
+    with io.atomic_dir(out_dir) as tmp:
+        bar = tqdm(scenes, desc=f"ensemble {exp} ({len(nets)} nets x {settings['tta']} views)",
+                   unit="scene", disable=None)
+        for scene in bar:
+            lr = io.read_image(scene["low_path"])
+            sr = predict_scene(nets, lr, device=device, **settings)
+            io.write_tif(tmp / scene["answer"], sr)
+        record = {
+            "exp": exp,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seeds": sorted({r["seed"] for r in records}),
+            "checkpoints": records,
+            **settings,
+            "device": str(device),
+            "scale": scale,
+            "answers": [s["answer"] for s in scenes],
+            "seconds": round(time.time() - start, 2),
+        }
+        (tmp / ENSEMBLE_JSON).write_text(json.dumps(record, indent=2))
+        if (out_dir / ".gitkeep").exists():
+            (tmp / ".gitkeep").touch()
+    return record
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--exp", default="demo", help="experiment name or YAML path")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None,
+                        help="seeds to ensemble (default: every seed with checkpoints)")
+    parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=None,
+                        help="dihedral views per net (default: infer.tta)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile side in LR pixels, 0 = whole scene (default: infer.tile)")
+
+
+def main(args) -> int:
+    cfg = load_config(args.exp)
+    record = run_ensemble(cfg, seeds=args.seeds or None, tta=args.tta, tile=args.tile)
+    n = len(record["checkpoints"])
+    print(f"ensemble {cfg['exp']}: {len(record['answers'])} test scenes x {n} checkpoint(s) "
+          f"(seeds {' '.join(map(str, record['seeds']))}) x {record['tta']} TTA views, "
+          f"{record['precision']} on {record['device']}, {record['seconds']:.1f} s "
+          f"-> {paths.predictions_dir(cfg['exp'])}")
+    return 0
