@@ -1,0 +1,255 @@
+"""Stage 03: out-of-fold competition SSIM of an experiment, against bicubic.
+
+    models/<exp>/seed<s>/fold<f>/best.pt + data/folds.csv + data/interim (train split)
+      -> models/<exp>/oof/{oof.csv, summary.json, oof.png, pred_seed<s>/, pred_seeds/}
+
+Each fold's best checkpoint predicts the scenes it never trained on (its held-out fold)
+with the inference settings of the test set (`infer.tta`, `infer.tile`: the same
+`inference.predict_scene`), and each prediction is scored with `competition_ssim`
+against its high-res truth. Bicubic (the registry's `bicubic` net) is scored on the same
+scenes. With several seeds, each fold's checkpoints of all seeds are also ensembled
+(averaged in float before one rounding, as stage 04 does) and scored: the CV of what
+stage 04 submits.
+
+- `oof.csv`: id, fold, seed, ssim, bicubic_ssim (one row per scene and seed);
+  `oof_seeds.csv` the same for the seed ensemble (seed = -1) when there are several seeds;
+- `summary.json`: CV mean and std (over scenes) overall, per fold and per seed, bicubic's,
+  the gain over bicubic, and the seed-ensemble CV;
+- `oof.png`: per-scene SSIM of the model against bicubic, and crops (LR, bicubic,
+  prediction, truth) of the best and the worst scene;
+- `pred_seed<s>/<scene>.tif` (and `pred_seeds/` for the seed ensemble): the predictions
+  that were scored, so every score can be recomputed from files.
+The folder is written in a temporary folder renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .. import io, paths
+from ..checkpoints import find_checkpoints
+from ..config import load_config
+from ..data import fold_ids, load_scenes
+from ..errors import PipelineError
+from ..inference import pick_device, predict_scene
+from ..metrics import competition_ssim
+from ..nets import build_net
+from .s01_folds import load_folds
+from .s04_ensemble import checkpoint_record, infer_settings, load_nets
+
+SEED_ENSEMBLE = -1           # the `seed` of seed-ensemble rows in oof_seeds.csv
+GALLERY_CROP = 96            # HR side of the gallery crops
+
+
+def pred_folder(seed: int) -> str:
+    return "pred_seeds" if seed == SEED_ENSEMBLE else f"pred_seed{seed}"
+
+
+def checkpoints_by_fold(exp: str, seeds: list[int] | None, folds: list[int]) -> dict[int, dict[int, Path]]:
+    """fold -> seed -> best.pt; warns about folds with no checkpoint, errors when none at all."""
+    found: dict[int, dict[int, Path]] = defaultdict(dict)
+    for path in find_checkpoints(paths.experiment_dir(exp), seeds=seeds):
+        seed, fold = int(path.parent.parent.name[4:]), int(path.parent.name[4:])
+        found[fold][seed] = path
+    if not found:
+        which = f" for seed(s) {' '.join(map(str, seeds))}" if seeds else ""
+        raise PipelineError(f"{paths.experiment_dir(exp)}: no checkpoint seed*/fold*/best.pt{which}; "
+                            f"run `make train-all EXP={exp}` first")
+    unknown = sorted(set(found) - set(folds))
+    if unknown:
+        raise PipelineError(f"{paths.experiment_dir(exp)}: checkpoints for fold(s) {unknown} that "
+                            f"{paths.FOLDS} does not have (folds changed? retrain with `make train-all`)")
+    seeds_seen = sorted({s for by_seed in found.values() for s in by_seed})
+    gaps = [f"seed{s}/fold{f}" for f in folds for s in seeds_seen if s not in found.get(f, {})]
+    if gaps:
+        warnings.warn(f"{paths.experiment_dir(exp)}: no best.pt for {', '.join(gaps)}; "
+                      "the CV covers only the folds that have one")
+    return dict(found)
+
+
+def _stats(values) -> dict:
+    values = np.asarray(values, dtype=float)
+    return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
+
+
+def summarize(table: pd.DataFrame) -> dict:
+    """CV figures of one table with columns id, fold, seed, ssim, bicubic_ssim."""
+    scenes = table.groupby("id")[["ssim", "bicubic_ssim"]].mean()  # one value per scene
+    out = {"cv": _stats(table["ssim"]), "bicubic": _stats(scenes["bicubic_ssim"]),
+           "gain_over_bicubic": float(table["ssim"].mean() - scenes["bicubic_ssim"].mean()),
+           "per_fold": {}}
+    for fold, rows in table.groupby("fold"):
+        out["per_fold"][str(fold)] = {**_stats(rows["ssim"]),
+                                      "bicubic_mean": float(rows["bicubic_ssim"].mean()),
+                                      "gain_over_bicubic": float((rows["ssim"] - rows["bicubic_ssim"]).mean())}
+    fold_means = [v["mean"] for v in out["per_fold"].values()]
+    out["fold_std"] = float(np.std(fold_means))  # spread between folds, not scenes
+    return out
+
+
+def _gallery_crop(truth: np.ndarray, side: int) -> tuple[slice, slice]:
+    """HR window of `side` with the most detail (gradient energy) of the truth: where SR matters."""
+    h, w = truth.shape[:2]
+    side = min(side, h, w)
+    grey = truth.astype(np.float32).mean(axis=2)
+    energy = np.abs(np.diff(grey, axis=0))[:, :-1] + np.abs(np.diff(grey, axis=1))[:-1, :]
+    best, where = -1.0, (0, 0)
+    step = max(side // 2, 1)
+    for y in list(range(0, h - side, step)) + [h - side]:
+        for x in list(range(0, w - side, step)) + [w - side]:
+            e = float(energy[y:y + side - 1, x:x + side - 1].sum())
+            if e > best:
+                best, where = e, (y, x)
+    y, x = where
+    return slice(y, y + side), slice(x, x + side)
+
+
+def plot_oof(table: pd.DataFrame, gallery: list[dict], out_path: Path, title: str) -> None:
+    """Per-scene model vs bicubic SSIM, the per-scene gain, and the crop gallery."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_scene = table.groupby(["id", "fold"], as_index=False)[["ssim", "bicubic_ssim"]].mean()
+    per_scene["gain"] = per_scene["ssim"] - per_scene["bicubic_ssim"]
+    fig = plt.figure(figsize=(13, 4.2 + 3.3 * len(gallery)), constrained_layout=True)
+    grid = fig.add_gridspec(1 + len(gallery), 4, height_ratios=[1.3] + [1] * len(gallery))
+    ax = fig.add_subplot(grid[0, :2])
+    for fold, rows in per_scene.groupby("fold"):
+        ax.scatter(rows["bicubic_ssim"], rows["ssim"], s=22, label=f"fold {fold}")
+    lo = float(min(per_scene["bicubic_ssim"].min(), per_scene["ssim"].min()))
+    hi = float(max(per_scene["bicubic_ssim"].max(), per_scene["ssim"].max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="model = bicubic")
+    ax.set_xlabel("bicubic SSIM")
+    ax.set_ylabel("model SSIM (out of fold)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("per scene, mean over seeds", fontsize=9)
+    ax = fig.add_subplot(grid[0, 2:])
+    ordered = per_scene.sort_values("gain")
+    colors = ["tab:red" if g < 0 else "tab:green" for g in ordered["gain"]]
+    ax.bar(range(len(ordered)), ordered["gain"], color=colors)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(ordered)), [str(i) for i in ordered["id"]], fontsize=6, rotation=90)
+    ax.set_xlabel("scene id (sorted by gain)")
+    ax.set_ylabel("SSIM gain over bicubic")
+    for row, item in enumerate(gallery, start=1):
+        for col, (name, image) in enumerate(item["images"].items()):
+            ax = fig.add_subplot(grid[row, col])
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{item['label']} {name}" + (f" {item['scores'][name]:.4f}" if name in item["scores"] else ""),
+                         fontsize=9)
+    fig.suptitle(title)
+    with io.atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def _gallery_item(label: str, scene, prediction: np.ndarray, bicubic: np.ndarray, scale: int,
+                  scores: dict) -> dict:
+    rows, cols = _gallery_crop(scene.hr, GALLERY_CROP)
+    lr_rows = slice(rows.start // scale, rows.stop // scale)
+    lr_cols = slice(cols.start // scale, cols.stop // scale)
+    return {"label": f"{label} (scene {scene.id})", "scores": scores, "images": {
+        "LR": scene.lr[lr_rows, lr_cols], "bicubic": bicubic[rows, cols],
+        "prediction": prediction[rows, cols], "truth": scene.hr[rows, cols]}}
+
+
+def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -> dict:
+    """Score every fold's checkpoints on their held-out scenes; writes models/<exp>/oof/."""
+    start = time.time()
+    exp = cfg["exp"]
+    scale = int(cfg["data"]["scale"])
+    settings = infer_settings(cfg, tta)
+    device = pick_device()
+    folds = sorted(int(f) for f in load_folds()["fold"].unique())
+    ckpts = checkpoints_by_fold(exp, seeds, folds)
+    seeds_used = sorted({s for by_seed in ckpts.values() for s in by_seed})
+    multi = len(seeds_used) > 1
+    bicubic = build_net("bicubic", scale=scale).to(device)
+    held_out = {f: fold_ids(f)[1] for f in ckpts}
+    total = sum(len(ids) * (len(ckpts[f]) + (len(ckpts[f]) > 1)) for f, ids in held_out.items())
+
+    rows, seed_rows, records = [], [], []
+    out_dir = paths.oof_dir(exp)
+    with io.atomic_dir(out_dir) as tmp:
+        bar = tqdm(total=total, desc=f"oof {exp} (tta {settings['tta']})", unit="pred", disable=None)
+        for fold in sorted(ckpts):
+            scenes = load_scenes(held_out[fold], scale)
+            bicubic_ssim = {}
+            for scene in scenes:
+                # bicubic needs no TTA: its views agree up to float rounding
+                up = predict_scene([bicubic], scene.lr, **{**settings, "tta": 1}, device=device)
+                bicubic_ssim[scene.id] = competition_ssim(up, scene.hr)
+            jobs = [(s, [p]) for s, p in sorted(ckpts[fold].items())]
+            if len(ckpts[fold]) > 1:
+                jobs.append((SEED_ENSEMBLE, [p for _, p in sorted(ckpts[fold].items())]))
+            for seed, ckpt_paths in jobs:
+                if seed != SEED_ENSEMBLE:
+                    records.append(checkpoint_record(ckpt_paths[0]))
+                nets = load_nets(ckpt_paths, scale, device)
+                for scene in scenes:
+                    pred = predict_scene(nets, scene.lr, **settings, device=device)
+                    io.write_tif(tmp / pred_folder(seed) / f"{scene.id}.tif", pred)
+                    row = {"id": scene.id, "fold": fold, "seed": seed,
+                           "ssim": competition_ssim(pred, scene.hr), "bicubic_ssim": bicubic_ssim[scene.id]}
+                    (seed_rows if seed == SEED_ENSEMBLE else rows).append(row)
+                    bar.update()
+        bar.close()
+
+        table = pd.DataFrame(rows, columns=["id", "fold", "seed", "ssim", "bicubic_ssim"])
+        table.to_csv(tmp / "oof.csv", index=False, float_format="%.6f")
+        summary = {"exp": exp, "seeds": seeds_used, "folds": sorted(ckpts), "n_scenes": int(table["id"].nunique()),
+                   **summarize(table),
+                   "per_seed": {str(s): _stats(r["ssim"]) for s, r in table.groupby("seed")},
+                   "seed_ensemble": None}
+        if multi:
+            seed_table = pd.DataFrame(seed_rows, columns=table.columns)
+            seed_table.to_csv(tmp / "oof_seeds.csv", index=False, float_format="%.6f")
+            if not seed_table.empty:
+                summary["seed_ensemble"] = {"seeds": seeds_used, **summarize(seed_table)}
+        summary.update({"inference": {**settings, "device": str(device)}, "checkpoints": records,
+                        "seconds": round(time.time() - start, 2)})
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+
+        # gallery: the best and the worst scene by out-of-fold SSIM (first seed's prediction)
+        first = table[table["seed"] == seeds_used[0]].sort_values("ssim")
+        gallery = []
+        for label, index in (("best", first.index[-1]), ("worst", first.index[0])):
+            scene = load_scenes([table.at[index, "id"]], scale)[0]
+            pred = io.read_image(tmp / pred_folder(seeds_used[0]) / f"{scene.id}.tif")
+            up = predict_scene([bicubic], scene.lr, **{**settings, "tta": 1}, device=device)
+            gallery.append(_gallery_item(label, scene, pred, up, scale, {
+                "prediction": float(table.at[index, "ssim"]), "bicubic": float(table.at[index, "bicubic_ssim"])}))
+        plot_oof(table, gallery, tmp / "oof.png",
+                 f"{exp}: out-of-fold SSIM {summary['cv']['mean']:.4f} vs bicubic "
+                 f"{summary['bicubic']['mean']:.4f} ({len(seeds_used)} seed(s), TTA {settings['tta']})")
+    return summary
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--exp", default="demo", help="experiment name or YAML path")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None,
+                        help="seeds to score (default: every seed with checkpoints)")
+    parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=None,
+                        help="dihedral views per net (default: infer.tta)")
+
+
+def main(args) -> int:
+    cfg = load_config(args.exp)
+    s = run_oof(cfg, seeds=args.seeds or None, tta=args.tta)
+    line = (f"oof {cfg['exp']}: CV {s['cv']['mean']:.4f} ± {s['cv']['std']:.4f} over {s['n_scenes']} scenes "
+            f"x {len(s['seeds'])} seed(s), bicubic {s['bicubic']['mean']:.4f} "
+            f"(gain {s['gain_over_bicubic']:+.4f})")
+    if s["seed_ensemble"]:
+        line += f", seed ensemble {s['seed_ensemble']['cv']['mean']:.4f}"
+    print(f"{line}, {s['seconds']:.1f} s -> {paths.oof_dir(cfg['exp'])}")
+    return 0
