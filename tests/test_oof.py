@@ -1,0 +1,137 @@
+"""Stage 03 (out-of-fold SSIM) on a tiny experiment: scores, files, summary, seed ensemble."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import io, paths
+from pipeline.errors import PipelineError
+from pipeline.metrics import competition_ssim
+from pipeline.stages import s03_oof
+from pipeline.stages.s00_unzip import load_manifest
+from tiny_experiment import (assert_rounds_to, build_competition, expected_float, save_tiny_checkpoint,
+                             to_tensor, to_uint8, write_config)
+
+
+@pytest.fixture(scope="module")
+def oof_folder(tmp_path_factory):
+    """6 training scenes in 2 folds, a checkpoint per fold for seeds 0 and 1, and one OOF
+    run, shared by the tests that only read its output."""
+    folder = tmp_path_factory.mktemp("oof")
+    previous = paths.WORKDIR
+    paths.set_workdir(folder)
+    try:
+        cfg = build_competition(write_config(folder))
+        ckpts = {(s, f): save_tiny_checkpoint(cfg["exp"], s, f) for s in (0, 1) for f in (0, 1)}
+        summary = s03_oof.run_oof(cfg)
+    finally:
+        paths.set_workdir(previous)
+    return folder, cfg, ckpts, summary
+
+
+@pytest.fixture
+def two_seeds(oof_folder):
+    """The shared OOF run, with the artifact paths pointing at its folder for one test."""
+    folder, cfg, ckpts, summary = oof_folder
+    previous = paths.WORKDIR
+    paths.set_workdir(folder)
+    yield cfg, ckpts, summary
+    paths.set_workdir(previous)
+
+
+def truth_of(scene_id) -> np.ndarray:
+    train = load_manifest("train").set_index("id")
+    return io.read_image(train.loc[int(scene_id), "high_path"])
+
+
+def test_oof_scores_equal_competition_ssim_of_the_written_files(two_seeds):
+    cfg, ckpts, _ = two_seeds
+    out = paths.oof_dir("tiny")
+    table = pd.read_csv(out / "oof.csv")
+    folds = pd.read_csv(paths.FOLDS).set_index("id")["fold"]
+    assert list(table.columns) == ["id", "fold", "seed", "ssim", "bicubic_ssim"]
+    assert len(table) == 12 and sorted(table["seed"].unique()) == [0, 1]
+    assert sorted(table["id"].unique()) == sorted(folds.index)
+    for row in table.itertuples():
+        assert row.fold == folds[row.id]  # scored by the checkpoint of the scene's own fold
+        truth = truth_of(row.id)
+        pred = io.read_image(out / f"pred_seed{row.seed}" / f"{row.id}.tif")
+        assert row.ssim == pytest.approx(competition_ssim(pred, truth), abs=1e-6)
+        # bicubic recomputed by hand: torch bicubic, clamped, rounded
+        low = load_manifest("train").set_index("id").loc[row.id, "low_path"]
+        with torch.no_grad():
+            up = to_uint8(F.interpolate(to_tensor(io.read_image(low)), scale_factor=4, mode="bicubic",
+                                        align_corners=False))
+        assert row.bicubic_ssim == pytest.approx(competition_ssim(up, truth), abs=1e-6)
+        # out of fold: the prediction is the 8-view TTA of this fold's checkpoint
+        assert_rounds_to(pred, expected_float([ckpts[(row.seed, row.fold)]], io.read_image(low)))
+
+def test_oof_summary_matches_the_tables(two_seeds):
+    _, _, summary = two_seeds
+    out = paths.oof_dir("tiny")
+    assert json.loads((out / "summary.json").read_text()) == summary
+    table = pd.read_csv(out / "oof.csv")
+    assert summary["seeds"] == [0, 1] and summary["folds"] == [0, 1] and summary["n_scenes"] == 6
+    assert summary["cv"]["mean"] == pytest.approx(table["ssim"].mean(), abs=1e-6)
+    assert summary["cv"]["std"] == pytest.approx(table["ssim"].std(ddof=0), abs=1e-6)
+    bicubic = table.groupby("id")["bicubic_ssim"].first()
+    assert summary["bicubic"]["mean"] == pytest.approx(bicubic.mean(), abs=1e-6)
+    assert summary["gain_over_bicubic"] == pytest.approx(table["ssim"].mean() - bicubic.mean(), abs=1e-6)
+    for fold, rows in table.groupby("fold"):
+        assert summary["per_fold"][str(fold)]["mean"] == pytest.approx(rows["ssim"].mean(), abs=1e-6)
+        assert summary["per_fold"][str(fold)]["n"] == len(rows)
+    for seed, rows in table.groupby("seed"):
+        assert summary["per_seed"][str(seed)]["mean"] == pytest.approx(rows["ssim"].mean(), abs=1e-6)
+    assert summary["inference"]["tta"] == 8 and len(summary["checkpoints"]) == 4
+    png = (out / "oof.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_oof_seed_ensemble_averages_both_seeds(two_seeds):
+    _, ckpts, summary = two_seeds
+    out = paths.oof_dir("tiny")
+    seeds = pd.read_csv(out / "oof_seeds.csv")
+    assert len(seeds) == 6 and set(seeds["seed"]) == {s03_oof.SEED_ENSEMBLE}
+    assert summary["seed_ensemble"]["cv"]["mean"] == pytest.approx(seeds["ssim"].mean(), abs=1e-6)
+    single = pd.read_csv(out / "oof.csv")
+    for row in seeds.itertuples():
+        pred = io.read_image(out / "pred_seeds" / f"{row.id}.tif")
+        assert row.ssim == pytest.approx(competition_ssim(pred, truth_of(row.id)), abs=1e-6)
+        # the float mean of the two seeds, rounded once: within one level of the mean of
+        # their rounded single-seed predictions, and unlike either of them
+        p0, p1 = (io.read_image(out / f"pred_seed{s}" / f"{row.id}.tif").astype(float) for s in (0, 1))
+        assert np.abs(pred - (p0 + p1) / 2).max() <= 1.0
+        assert not np.array_equal(pred, p0) and not np.array_equal(pred, p1)
+    assert summary["seed_ensemble"]["cv"]["mean"] != pytest.approx(summary["cv"]["mean"], abs=1e-4)
+    assert len(single) == 12
+
+
+def test_oof_tta_changes_the_scores(workdir):
+    cfg = build_competition(write_config(workdir))
+    for f in (0, 1):
+        save_tiny_checkpoint(cfg["exp"], 0, f)
+    tta8 = s03_oof.run_oof(cfg)
+    tta1 = s03_oof.run_oof(cfg, tta=1)
+    assert tta1["inference"]["tta"] == 1 and tta1["seed_ensemble"] is None
+    assert abs(tta8["cv"]["mean"] - tta1["cv"]["mean"]) > 1e-3
+    assert tta8["bicubic"] == tta1["bicubic"]
+    assert not (paths.oof_dir("tiny") / "oof_seeds.csv").exists()
+
+
+def test_oof_without_checkpoints_or_with_missing_folds(workdir):
+    cfg = build_competition(write_config(workdir))
+    with pytest.raises(PipelineError, match=r"models/tiny: no checkpoint seed\*/fold\*/best.pt; "
+                                            r"run `make train-all EXP=tiny` first"):
+        s03_oof.run_oof(cfg)
+    save_tiny_checkpoint("tiny", 0, 1)
+    with pytest.warns(UserWarning, match=r"no best.pt for seed0/fold0; the CV covers only"):
+        summary = s03_oof.run_oof(cfg)
+    assert summary["folds"] == [1] and summary["n_scenes"] == 3
+    save_tiny_checkpoint("tiny", 0, 7)
+    with pytest.raises(PipelineError, match=r"checkpoints for fold\(s\) \[7\]"):
+        s03_oof.run_oof(cfg)
