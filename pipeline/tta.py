@@ -15,6 +15,7 @@ from .errors import PipelineError
 N_DIHEDRAL = 8
 # how many views each allowed TTA setting uses: identity / + mirror / 4 rotations / all 8
 _VIEWS = {1: [0], 2: [0, 4], 4: [0, 1, 2, 3], 8: list(range(N_DIHEDRAL))}
+TTA_CHOICES = sorted(_VIEWS)
 
 
 def tta_views(n: int) -> list[int]:
