@@ -265,7 +265,9 @@ def plot_curves(rows: list[dict], bicubic_ssim: float | None, run: Path, title: 
     import matplotlib.pyplot as plt
 
     log = pd.DataFrame(rows)
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    # fixed margins, no layout engine: it measured ~0.4 s of text layout per plot
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.85, wspace=0.25)
     train_rows = log[log["loss"].notna()]
     ax_loss.plot(train_rows["step"], train_rows["loss"], lw=0.6, alpha=0.4, label="per step")
     window = max(1, len(train_rows) // 50)
