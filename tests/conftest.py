@@ -29,6 +29,18 @@ def shared():
     return paths.SHARED
 
 
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread for the test: when other jobs share the machine's cores, two
+    spinning intra-op threads make small convolutions ~50x slower (measured); one does not."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ...` as a user would; returns the completed process."""
     full_env = {**os.environ, **(env or {})}

@@ -13,6 +13,8 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import y_psnr, y_ssim
 from pipeline.nets import build_net
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 # RLFN paper, Table 2 (x4): Y-PSNR / Y-SSIM
 RLFN_PUBLISHED = {"Set5": (32.24, 0.8952), "Set14": (28.62, 0.7813)}
 
@@ -98,7 +100,8 @@ def _check_published(table: pd.DataFrame, set_name: str) -> None:
 @pytest.mark.shared
 def test_rlfn_set5_matches_the_paper(shared, cli, workdir):
     out = workdir / "rlfn.csv"
-    proc = cli("benchmark-sr", "--weights", paths.SHARED_WEIGHTS / "rlfn_x4.pth", "--sets", "Set5", "--out", out)
+    proc = cli("benchmark-sr", "--weights", paths.SHARED_WEIGHTS / "rlfn_x4.pth", "--sets", "Set5", "--out", out,
+               env={"OMP_NUM_THREADS": "1"})  # as torch_one_thread, for the child process
     assert proc.returncode == 0, proc.stderr
     summary = pd.read_csv(out)
     assert summary.loc[0, ["model", "weights", "set", "images"]].tolist() == ["rlfn", "rlfn_x4.pth", "Set5", 5]

@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.nets import available_nets, build_net
 from pipeline.weights import load_weights
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # small configurations keep the big nets fast; every other net is built with defaults
 SMALL_SWINIR = dict(embed_dim=12, depths=[2, 2], num_heads=[2, 2], window_size=4, img_size=16, mlp_ratio=2)

@@ -11,7 +11,7 @@ from pipeline.errors import PipelineError
 from pipeline.nets import build_net
 from pipeline.weights import load_weights
 
-pytestmark = pytest.mark.shared
+pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("torch_one_thread")]
 DERIVED = ("attn_mask", "relative_position_index")  # buffers computed from the config
 
 

@@ -14,6 +14,8 @@ from pipeline.errors import PipelineError
 from pipeline.nets import build_net
 from pipeline.weights import KnownWeights, load_weights, resolve_weights
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def espcn_pair():
     """Two differently initialised ESPCNs: `src` holds the weights `dst` must end with."""
