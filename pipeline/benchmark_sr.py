@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from . import paths
 from .checkpoints import is_pipeline_checkpoint
 from .errors import PipelineError
+from .inference import predict_scene
 from .io import atomic_path, to_rgb_uint8
 from .metrics import y_psnr, y_ssim
 
@@ -61,21 +61,16 @@ def benchmark_pairs(root: Path, set_name: str, scale: int) -> list[tuple[str, Pa
     return pairs
 
 
-@torch.no_grad()
-def super_resolve(net: nn.Module, lr: np.ndarray) -> np.ndarray:
-    """One uint8 RGB image through a net (fp32), clamped and rounded back to uint8."""
-    x = torch.from_numpy(np.array(lr, copy=True)).permute(2, 0, 1)[None].float() / 255.0
-    y = net(x)[0].clamp(0.0, 1.0)
-    return (y * 255.0).round().byte().permute(1, 2, 0).numpy()
+def evaluate_set(net: nn.Module, root: Path, set_name: str, scale: int, tta: int = 1) -> pd.DataFrame:
+    """Per-image Y-PSNR / Y-SSIM of one set: columns set, image, y_psnr, y_ssim.
 
-
-def evaluate_set(net: nn.Module, root: Path, set_name: str, scale: int) -> pd.DataFrame:
-    """Per-image Y-PSNR / Y-SSIM of one set: columns set, image, y_psnr, y_ssim."""
+    Inference is the pipeline's own (inference.predict_scene, fp32, whole image): the
+    output is clipped to [0, 1] and rounded to uint8 once, as the protocol does."""
     rows = []
     for name, lr_path, hr_path in tqdm(benchmark_pairs(root, set_name, scale), desc=set_name, leave=False):
         lr, hr = read_benchmark_image(lr_path), read_benchmark_image(hr_path)
         hr = hr[: hr.shape[0] // scale * scale, : hr.shape[1] // scale * scale]  # mod-crop
-        sr = super_resolve(net, lr)
+        sr = predict_scene([net], lr, tta=tta)
         if sr.shape[0] < hr.shape[0] or sr.shape[1] < hr.shape[1]:
             raise PipelineError(f"{lr_path}: output {sr.shape[:2]} smaller than HR {hr.shape[:2]}")
         sr = sr[: hr.shape[0], : hr.shape[1]]
@@ -129,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder holding <set>/HR and <set>/LR_bicubic/X<s> (default ../shared/data/sr_benchmarks)")
     parser.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
     parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8],
+                        help="dihedral views averaged (1: the paper protocol)")
     parser.add_argument("--out", type=Path, default=None, help="per-set CSV (default bench/sr_<model>_x<s>.csv)")
 
 
@@ -137,14 +134,16 @@ def main(args: argparse.Namespace) -> int:
     net, model, weights = build_benchmark_net(args.model, args.weights, args.scale)
     if net.scale != args.scale:
         raise PipelineError(f"benchmark-sr: {model} upscales x{net.scale}, --scale is {args.scale}")
-    per_image = pd.concat([evaluate_set(net, root, s, args.scale) for s in args.sets], ignore_index=True)
+    per_image = pd.concat([evaluate_set(net, root, s, args.scale, args.tta) for s in args.sets],
+                          ignore_index=True)
     summary = (per_image.groupby("set", sort=False)
                .agg(images=("image", "size"), y_psnr=("y_psnr", "mean"), y_ssim=("y_ssim", "mean"))
                .reset_index())
     summary.insert(0, "model", model)
     summary.insert(1, "weights", weights)
     summary.insert(2, "scale", args.scale)
-    tag = model if weights == "-" else f"{model}_{Path(weights).stem}"
+    summary.insert(3, "tta", args.tta)
+    tag = (model if weights == "-" else f"{model}_{Path(weights).stem}") + (f"_tta{args.tta}" if args.tta > 1 else "")
     out = args.out or paths.BENCH / f"sr_{tag}_x{args.scale}.csv"
     with atomic_path(out) as tmp:
         summary.to_csv(tmp, index=False, float_format="%.6f")
@@ -152,6 +151,6 @@ def main(args: argparse.Namespace) -> int:
     with atomic_path(images_out) as tmp:
         per_image.to_csv(tmp, index=False, float_format="%.6f")
     print(to_markdown(summary))
-    print(f"{model} ({weights}) x{args.scale} on {', '.join(args.sets)}: table in {out}, "
+    print(f"{model} ({weights}) x{args.scale}, tta {args.tta}, on {', '.join(args.sets)}: table in {out}, "
           f"per image in {images_out.name}")
     return 0

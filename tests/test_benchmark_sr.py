@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from pipeline import paths
-from pipeline.benchmark_sr import build_benchmark_net, evaluate_set, read_benchmark_image, super_resolve
+from pipeline.benchmark_sr import build_benchmark_net, evaluate_set, read_benchmark_image
 from pipeline.errors import PipelineError
+from pipeline.inference import predict_scene
 from pipeline.metrics import y_psnr, y_ssim
 from pipeline.nets import build_net
 
@@ -43,7 +44,7 @@ def test_evaluate_set_follows_the_protocol(tiny_root):
     assert list(table["image"]) == ["colour", "grey"]
     grey_hr = read_benchmark_image(tiny_root / "Tiny" / "HR" / "grey.png")
     assert grey_hr.shape == (35, 34, 3) and (grey_hr[..., 0] == grey_hr[..., 2]).all()
-    sr = super_resolve(net, read_benchmark_image(tiny_root / "Tiny" / "LR_bicubic" / "X4" / "greyx4.png"))
+    sr = predict_scene([net], read_benchmark_image(tiny_root / "Tiny" / "LR_bicubic" / "X4" / "greyx4.png"))
     hr = grey_hr[:32, :32]  # mod-crop to a multiple of 4
     row = table.iloc[1]
     assert row["y_psnr"] == pytest.approx(y_psnr(sr, hr, 4), abs=1e-9)
@@ -68,7 +69,7 @@ def test_cli_writes_table_and_csvs(tiny_root, cli, workdir):
     assert "| Tiny | 2 |" in proc.stdout
     summary = pd.read_csv(out)
     per_image = pd.read_csv(out.with_name("tiny_images.csv"))
-    assert list(summary.columns) == ["model", "weights", "scale", "set", "images", "y_psnr", "y_ssim"]
+    assert list(summary.columns) == ["model", "weights", "scale", "tta", "set", "images", "y_psnr", "y_ssim"]
     assert summary.loc[0, "y_psnr"] == pytest.approx(per_image["y_psnr"].mean(), abs=1e-5)
 
 
