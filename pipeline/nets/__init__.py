@@ -45,4 +45,10 @@ def build_net(name: str, **kwargs) -> nn.Module:
     _load_all()
     if name not in NETS:
         raise PipelineError(f"unknown net '{name}' (known: {', '.join(sorted(NETS))})")
-    return NETS[name](**kwargs)
+    try:
+        return NETS[name](**kwargs)
+    except TypeError as exc:
+        # a typo in `model.args` is the config's problem: one line, not a traceback
+        if "keyword argument" not in str(exc) and "positional argument" not in str(exc):
+            raise
+        raise PipelineError(f"net '{name}': {exc} (check model.args in the experiment config)") from None
