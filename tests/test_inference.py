@@ -47,7 +47,7 @@ def test_tta_and_tiles_on_bicubic_equal_plain():
     assert np.abs(predict_scene([net], lr, tta=8).astype(int) - plain).max() <= 1
 
 
-def test_bf16_autocast_runs_on_cpu_and_stays_close():
+def test_bf16_autocast_runs_on_cpu_and_stays_close(torch_one_thread):
     torch.manual_seed(0)
     net = build_net("espcn", scale=4)
     lr = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
