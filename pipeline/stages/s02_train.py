@@ -401,9 +401,9 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                 tmp.write_text(dump_config(cfg))
         bicubic_ssim = validate(build_net("bicubic", scale=scale).to(d.device), val_scenes, d,
                                 t["val_tile"], overlap)
-        # the starting point (a pretrained net may already be the best)
-        last_val = validate(ema.module if ema is not None else net, val_scenes, d, t["val_tile"], overlap)
-        start, best_ssim, best_step, saved_step = 0, None, None, None
+        # the starting point counts as a candidate: a pretrained net may already be the best
+        last_val = validate(net, val_scenes, d, t["val_tile"], overlap)
+        start, best_ssim, best_step, saved_step = 0, last_val, 0, None
         log = [{"step": 0, "loss": None, "lr": None, "val_ssim": last_val, "bicubic_ssim": bicubic_ssim}]
     if d.main:
         remove_stale_temporaries(run)
@@ -427,10 +427,8 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                         train_state=train_state)
         write_log(log, run)
 
-    if not resuming and last_val is not None and d.main:
-        best_ssim, best_step = last_val, 0
+    if not resuming and d.main:
         save_best(0, last_val)
-    best_ssim, best_step = d.from_main((best_ssim, best_step))
 
     loop_began = time.perf_counter()
     bar = tqdm(total=t["steps"], initial=start, desc=f"train {name}", unit="step",
@@ -466,7 +464,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
         if done % t["val_every"] == 0 or done == t["steps"]:
             last_val = row["val_ssim"] = validate(eval_net, val_scenes, d, t["val_tile"], overlap)
             row["bicubic_ssim"] = bicubic_ssim
-            if best_ssim is None or last_val > best_ssim:
+            if last_val > best_ssim:
                 best_ssim, best_step = last_val, done
                 if d.main:
                     save_best(done, last_val)
@@ -478,7 +476,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
             if row["val_ssim"] is not None or done == t["steps"]:
                 plot_curves(log, bicubic_ssim, run, f"{name}: best {best_ssim:.4f} at step {best_step}")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}",
-                            val="-" if last_val is None else f"{last_val:.4f}", refresh=False)
+                            val=f"{last_val:.4f}", refresh=False)
             bar.update(1)
     bar.close()
     d.barrier()
@@ -503,8 +501,8 @@ def _stop_non_finite(what: str, step: int, saved_step: int | None, run: Path, lo
     if d.main and log:
         write_log(log, run)
     raise PipelineError(f"{run}: {what} at step {step}; training stopped, {where}. "
-                        "Lower train.lr, raise train.grad_clip or use precision fp32, then rerun "
-                        "(--resume auto continues from the checkpoint)")
+                        "Lower train.lr or train.grad_clip, or use precision fp32, and retrain "
+                        "(--force)")
 
 
 def _net_from_state(cfg: dict[str, Any], state_dict: dict) -> nn.Module:
