@@ -223,7 +223,10 @@ def ema_update(decay: float):
         n = int(num_averaged)
         weight = 1.0 - min(decay, (1 + n) / (10 + n))
         for e, p in zip(ema_params, params):
-            e.lerp_(p.detach(), weight)
+            if e.is_floating_point():
+                e.lerp_(p.detach(), weight)
+            else:  # integer buffers (SwinIR's relative position index) are copied, not averaged
+                e.copy_(p)
     return update
 
 
