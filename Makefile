@@ -115,6 +115,40 @@ test-all: $(SETUP) ## run every test, slow end-to-end runs included
 bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (see BENCHMARKS.md)
 	$(PIPE) bench
 
+# The aerial benchmark: a competition in the organiser's format built from the real
+# 0.3 m tiles in ../shared (seeded 420/120 split, Pillow bicubic x4) in its own work
+# folder; the recipe AERIAL_EXP end to end, the reference rows (bicubic, pretrained
+# RLFN, + TTA) and each of ABLATIONS on fold 0, then the ablation table. Finished runs
+# are skipped on a rerun. AERIAL_JOBS folds train at once (one thread each).
+AERIAL_SOURCE ?= $(abspath ../shared/data/ucmerced_urban)
+AERIAL_DIR := $(abspath data/benchmarks/aerial)
+AERIAL_EXP ?= aerial
+AERIAL_JOBS ?= 2
+ABLATIONS ?=
+AERIAL_RUN := export SR_WORKDIR=$(AERIAL_DIR) && set -e
+AERIAL_TEST_LOW := $(AERIAL_DIR)/data/interim/evaluation
+AERIAL_PRED := $(AERIAL_DIR)/data/predictions
+
+benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train AERIAL_EXP, score every row, print the ablation table
+	@test -d "$(AERIAL_SOURCE)" || { echo "benchmark-aerial: $(AERIAL_SOURCE) not found: the real tiles live in ../shared/data/ucmerced_urban beside the checkout (not in the repository)" >&2; exit 1; }
+	$(PIPE) demo-data --source $(AERIAL_SOURCE) --exp $(AERIAL_EXP) --n-train 420 --n-test 120 --seed 0 --workdir $(AERIAL_DIR)
+	$(AERIAL_RUN); $(PIPE) unzip --exp $(AERIAL_EXP); $(PIPE) folds --exp $(AERIAL_EXP); \
+	  folds=$$($(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))"); \
+	  for s in $(SEEDS); do for f in $$folds; do echo "$$s $$f"; done; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -n 2 \
+	    sh -c '$(PIPE) train --exp $(AERIAL_EXP) --seed $$0 --fold $$1'; \
+	  $(PIPE) oof --exp $(AERIAL_EXP) --seeds $(SEEDS); \
+	  $(PIPE) ensemble --exp $(AERIAL_EXP) --seeds $(SEEDS); \
+	  $(PIPE) submission --exp $(AERIAL_EXP); \
+	  $(PIPE) score --submission $(AERIAL_DIR)/submissions/$$(cat $(AERIAL_DIR)/submissions/$(AERIAL_EXP)-latest.txt) --answers $(AERIAL_DIR)/data/demo/answers
+	$(AERIAL_RUN); $(PIPE) predict --model bicubic --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/bicubic --tta 1; \
+	  $(PIPE) predict --model rlfn --weights rlfn_x4 --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/pretrained --tta 1; \
+	  $(PIPE) predict --model rlfn --weights rlfn_x4 --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/pretrained-tta8 --tta 8; \
+	  for t in 1 8; do $(PIPE) predict --checkpoint $(AERIAL_DIR)/models/$(AERIAL_EXP)/seed0/fold0/best.pt \
+	    --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/$(AERIAL_EXP)-fold0$$([ $$t = 1 ] || echo -tta$$t) --tta $$t; done
+	$(AERIAL_RUN); for a in $(ABLATIONS); do $(PIPE) train --exp $$a --fold 0; \
+	  $(PIPE) predict --checkpoint $(AERIAL_DIR)/models/$$a/seed0/fold0/best.pt --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/$$a-fold0 --tta 1; done
+	$(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP)
+
 clean: ## remove generated artifacts (keeps .venv, data/raw and models/pretrained)
 	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip submissions/*-latest.txt bench
 	find models -mindepth 1 -maxdepth 1 -type d ! -name pretrained -exec rm -rf {} +
