@@ -77,22 +77,24 @@ def collect_rows(exp: str) -> list[Row]:
     cfg = load_config(exp)
     oof = _oof_summary(exp)
     tta = cfg["infer"]["tta"]
+    net = cfg["model"]["name"].upper().replace("_", "-")
     pre_cv, pre_folds = _pretrained_cv(exp)
     rows = [
         Row("bicubic", "bicubic", oof["bicubic"]["mean"] if oof else None, "stage 03 bicubic, all folds"),
-        Row(f"pretrained {cfg['model']['name'].upper()} (no fine-tuning)", "pretrained", pre_cv,
+        Row(f"pretrained {net}, no fine-tuning", "pretrained", pre_cv,
             f"step-0 validation, {pre_folds} fold(s)"),
-        Row("+ 8-way TTA", REFERENCE_ROW, None, ""),
-        Row(f"fine-tuned ({exp}), fold {ABLATION_FOLD} only", f"{exp}-fold{ABLATION_FOLD}",
+        Row(f"pretrained {net} + 8-way TTA", REFERENCE_ROW, None, ""),
+        Row(f"fine-tuned (`{exp}`), fold {ABLATION_FOLD}", f"{exp}-fold{ABLATION_FOLD}",
             _best_val(exp), f"fold {ABLATION_FOLD} validation, best.pt"),
-        Row(f"+ {tta}-way TTA", f"{exp}-fold{ABLATION_FOLD}-tta{tta}",
+        Row(f"fine-tuned, fold {ABLATION_FOLD} + {tta}-way TTA", f"{exp}-fold{ABLATION_FOLD}-tta{tta}",
             oof["per_fold"].get(str(ABLATION_FOLD), {}).get("mean") if oof else None,
             f"stage 03, fold {ABLATION_FOLD}"),
     ]
     if oof:
         n_folds = len(oof["folds"])
         seeds = oof["seeds"]
-        label = f"+ all {n_folds} folds (stage 04)" + (f", seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+        label = (f"fine-tuned, {n_folds} folds" + (f" x seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+                 + f" + {tta}-way TTA (stage 04)")
         cv = oof["seed_ensemble"]["cv"]["mean"] if oof.get("seed_ensemble") else oof["cv"]["mean"]
         rows.append(Row(label, exp, cv, "stage 03, all folds" + (" (seed ensemble)" if len(seeds) > 1 else "")))
     for path in sorted(paths.CONFIGS.glob(f"{exp}_*.yaml")):

@@ -137,3 +137,49 @@ def test_make_benchmark_aerial_says_when_the_tiles_are_absent(tmp_path):
                           cwd=paths.ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
     assert f"{tmp_path / 'absent'} not found" in proc.stderr and "../shared" in proc.stderr
+
+
+# --- the ablation table ---------------------------------------------------------------------
+
+def test_ablation_table_reads_scores_and_cv_from_files(workdir):
+    rng = np.random.default_rng(0)
+    highs = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    for i, high in enumerate(highs):
+        io.write_tif(paths.DEMO_ANSWERS / f"test_{i}_high.tif", high)
+
+    def predictions(name: str, pattern: str, noise: int) -> float:
+        """A prediction folder of the answers plus noise; returns its expected mean SSIM."""
+        scores = []
+        for i, high in enumerate(highs):
+            pred = np.clip(high.astype(int) + rng.integers(-noise, noise + 1, high.shape), 0, 255).astype(np.uint8)
+            io.write_tif(paths.PREDICTIONS / name / pattern.format(i=i), pred)
+            scores.append(competition_ssim(pred, high))
+        return float(np.mean(scores))
+
+    expected = {"bicubic": predictions("bicubic", "test_{i}_low.tif", 90),            # as `predict` names them
+                "pretrained-tta8": predictions("pretrained-tta8", "test_{i}_low.tif", 40),
+                "aerial": predictions("aerial", "test_{i}_answer.tif", 20)}           # as stage 04 names them
+    paths.oof_dir("aerial").mkdir(parents=True)
+    (paths.oof_dir("aerial") / "summary.json").write_text(json.dumps({
+        "folds": [0, 1], "seeds": [0], "cv": {"mean": 0.8123}, "bicubic": {"mean": 0.7011},
+        "per_fold": {"0": {"mean": 0.8111}}, "seed_ensemble": None}))
+    save_checkpoint(paths.run_dir("aerial", 0, 0) / "best.pt", net_name="bicubic", net_args={"scale": 4},
+                    state_dict={}, val_ssim=0.8055)
+    save_checkpoint(paths.run_dir("aerial_l1", 0, 0) / "best.pt", net_name="bicubic", net_args={"scale": 4},
+                    state_dict={}, val_ssim=0.8001)
+    paths.FOLDS.write_text("id,scene,fold,edge_density\n0,train_0,0,0.1\n1,train_1,0,0.1\n2,train_2,1,0.1\n")
+    for fold, val in ((0, 0.80), (1, 0.83)):
+        (paths.run_dir("aerial", 0, fold) / "log.csv").parent.mkdir(parents=True, exist_ok=True)
+        (paths.run_dir("aerial", 0, fold) / "log.csv").write_text(f"step,loss,val_ssim\n0,,{val}\n1,0.2,\n")
+
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table("aerial").splitlines()[2:]}
+    assert rows["bicubic"][:3] == ["0.7011", f"{expected['bicubic']:.4f}",
+                                   f"{expected['bicubic'] - expected['pretrained-tta8']:+.4f}"]
+    assert rows["pretrained RLFN, no fine-tuning"][0] == f"{(0.80 * 2 + 0.83) / 3:.4f}"   # scene-weighted folds
+    assert rows["pretrained RLFN + 8-way TTA"][1] == f"{expected['pretrained-tta8']:.4f}"
+    assert rows["fine-tuned (`aerial`), fold 0"][:2] == ["0.8055", "—"]
+    assert rows["fine-tuned, 2 folds + 8-way TTA (stage 04)"][:3] == ["0.8123", f"{expected['aerial']:.4f}",
+                                                     f"{expected['aerial'] - expected['pretrained-tta8']:+.4f}"]
+    l1 = [k for k in rows if "`aerial_l1`" in k]
+    assert len(l1) == 1 and "L1 loss instead of SSIM" in l1[0] and rows[l1[0]][0] == "0.8001"
+    assert not any("aerial_adam" in k for k in rows)                      # nothing on disk: no row
