@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import PipelineError
+from .speed import prepare_for_inference
 from .tiling import tiled_forward
 from .tta import tta_forward, tta_views
 
@@ -74,7 +75,7 @@ def net_scale(nets: Sequence[nn.Module]) -> int:
 
 def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, tile: int = 0,
                   overlap: int = 16, batch: int = 8, device: str | torch.device | None = None,
-                  precision: str = "fp32") -> torch.Tensor:
+                  precision: str = "fp32", fast: bool = True) -> torch.Tensor:
     """Mean over nets x TTA views of the SR of float NCHW `x`, float32 on the CPU, not rounded.
 
     The nets are moved to `device` and put in eval mode.
@@ -86,7 +87,8 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
     total = None
     with torch.inference_mode(), autocast(precision, device):
         for net in nets:
-            net.to(device).eval()
+            # on `device`, eval mode, fast path (fast=False: the reference path); see speed.py
+            prepare_for_inference(net, device, precision, fast=fast)
 
             def views_of_net(t: torch.Tensor, net: nn.Module = net) -> torch.Tensor:
                 return tta_forward(net, t, views, batch)
@@ -98,14 +100,15 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
 
 def predict_scene(nets: Sequence[nn.Module], lr: np.ndarray, *, tta: int = 1, tile: int = 0,
                   overlap: int = 16, batch: int = 8, device: str | torch.device | None = None,
-                  precision: str = "fp32") -> np.ndarray:
+                  precision: str = "fp32", fast: bool = True) -> np.ndarray:
     """Super-resolve one uint8 HxWx3 scene with an ensemble of nets: uint8 (H*s)x(W*s)x3.
 
     Every net x TTA view is averaged in float32 before the one rounding (see
     tensor_to_image). `tta`: 1, 2, 4 or 8 dihedral views; `tile` > 0: LR tiles of that
     side with `overlap` (feathered blend); `batch`: views/tiles per forward pass;
-    `precision`: "fp32" or "bf16" (autocast, also on CPU).
+    `precision`: "fp32" or "bf16" (autocast, also on CPU); `fast`: the nets' optimised
+    paths (speed.prepare_for_inference; False: their reference paths).
     """
     sr = predict_float(nets, image_to_tensor(lr), tta=tta, tile=tile, overlap=overlap, batch=batch,
-                       device=device, precision=precision)
+                       device=device, precision=precision, fast=fast)
     return tensor_to_image(sr)

@@ -79,9 +79,10 @@ class _Orders:
     def index(self, src: str, dst: str) -> torch.Tensor:
         key = (src, dst)
         if key not in self._maps:
-            inverse_src = torch.empty_like(self.to_img[src])
-            inverse_src[self.to_img[src]] = torch.arange(inverse_src.numel())
-            self._maps[key] = inverse_src[self.to_img[dst]].to(self._device)
+            with torch.inference_mode(False):  # reusable outside inference mode (training)
+                inverse_src = torch.empty_like(self.to_img[src])
+                inverse_src[self.to_img[src]] = torch.arange(inverse_src.numel())
+                self._maps[key] = inverse_src[self.to_img[dst]].to(self._device)
         return self._maps[key]
 
 
@@ -116,7 +117,7 @@ def _cached(owner: torch.nn.Module, name: str, sources: list[torch.Tensor], buil
     key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
     hit = owner.__dict__.get(name)
     if hit is None or hit[0] != key:
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):  # reusable outside inference mode
             hit = (key, build())
         owner.__dict__[name] = hit
     return hit[1]
@@ -228,7 +229,8 @@ class FastSwinIR(SwinIR):
         else:
             if len(cache) >= _CACHED_SIZES:
                 cache.popitem(last=False)
-            cache[key] = _Orders(self, b, h, w, device)
+            with torch.inference_mode(False):  # reusable outside inference mode (training)
+                cache[key] = _Orders(self, b, h, w, device)
         return cache[key]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

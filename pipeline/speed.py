@@ -1,0 +1,60 @@
+"""Fast inference paths, switched on in one place: `prepare_for_inference`.
+
+`inference.predict_float` (so `predict`, stage 03 and stage 04) passes every net through
+`prepare_for_inference(net, device, precision)` before use. It changes how a net
+computes, never what: the weights, the state_dict keys and the outputs (within float
+rounding, see tests/test_fast_paths.py) stay those of the reference path.
+- SwinIR: switched to the optimised `FastSwinIR` (pipeline/nets/swinir_fast.py).
+- every net: convolution weights in channels-last layout, which oneDNN (CPU) and cuDNN
+  (GPU) run faster; a conv given a channels-last weight returns channels-last
+  activations, so the layout carries through the net without copies.
+- bf16: autocast itself is the caller's (`inference.autocast`); here a CPU without native
+  bf16 (AVX512-BF16 or AMX) gets a warning, since it emulates bf16 far slower than fp32.
+`fast=False` puts a net back on the reference path (the benchmarks' reference rows).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .nets.swinir import SwinIR
+from .nets.swinir_fast import make_fast, make_reference
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16(device_type: str) -> bool:
+    """True where bf16 runs in hardware: CUDA with bf16 support, or a CPU with
+    AVX512-BF16/AMX (oneDNN's test). Elsewhere autocast emulates it, measured 10x
+    (SwinIR-S) to 90x (RLFN) slower than fp32 on an AVX2 CPU."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_emulated_bf16(device_type: str) -> None:
+    warnings.warn(f"bf16 on this {device_type} is emulated (no native bf16: AVX512-BF16/AMX on CPU), "
+                  "far slower than fp32; use precision fp32 here", stacklevel=3)
+
+
+def prepare_for_inference(net: nn.Module, device: str | torch.device, precision: str = "fp32",
+                          fast: bool = True) -> nn.Module:
+    """Move `net` to `device` in eval mode, on its fast path (`fast`) or the reference one.
+
+    In place (the same module is returned); idempotent, so nets shared by several calls
+    are prepared once in effect.
+    """
+    device = torch.device(device)
+    net = net.to(device).eval()
+    if precision == "bf16" and not native_bf16(device.type):
+        _warn_emulated_bf16(device.type)
+    for module in net.modules():   # a SwinIR may also sit inside a wrapper
+        if isinstance(module, SwinIR):
+            make_fast(module) if fast else make_reference(module)
+    layout = torch.channels_last if fast else torch.contiguous_format
+    return net.to(memory_format=layout)
