@@ -272,10 +272,12 @@ def plot_curves(rows: list[dict], bicubic_ssim: float | None, run: Path, title: 
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.85, wspace=0.25)
     train_rows = log[log["loss"].notna()]
-    ax_loss.plot(train_rows["step"], train_rows["loss"], lw=0.6, alpha=0.4, label="per step")
-    window = max(1, len(train_rows) // 50)
-    ax_loss.plot(train_rows["step"], train_rows["loss"].rolling(window, min_periods=1).mean(),
-                 lw=1.5, label=f"mean of {window}")
+    window = len(train_rows) // 50  # a running mean once there are enough steps to smooth
+    ax_loss.plot(train_rows["step"], train_rows["loss"], lw=0.6 if window > 1 else 1.2,
+                 alpha=0.4 if window > 1 else 1.0, label="per step")
+    if window > 1:
+        ax_loss.plot(train_rows["step"], train_rows["loss"].rolling(window, min_periods=1).mean(),
+                     lw=1.5, label=f"mean of {window} steps")
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
     ax_loss.legend()
     val = log[log["val_ssim"].notna()]
