@@ -1,0 +1,415 @@
+"""`python -m pipeline bench` (`make bench`): speed and peak memory of inference and training.
+
+Rows (see ROWS), each the median of `--repeats` timed runs after a warm-up, with the
+throughput in output megapixels per second and the peak resident memory of the process
+that ran it:
+- SwinIR-S x4 and RLFN x4 on one competition scene (300x375 -> 1200x1500) through
+  `inference.predict_scene`: the reference path (`fast=False`, the equivalence
+  reference) against the fast path, fp32 and bf16, whole scene, tiled, and 8-way TTA
+  batched (tiled);
+- one training step as stage 02 takes it (batch 24 of 32 -> 128 crops, the experiment's
+  loss, optimizer, EMA and precision) on ready tensors, and with the real sample stream
+  (`data.PairedPatches`: crops + augmentation through the DataLoader);
+- stage 04 (`run_ensemble`) for one scene with 2 checkpoints and 8 TTA views.
+Weights are random (speed does not depend on them). Every row runs in its own child
+process (forked where possible, so torch is imported once), so its peak memory is its
+own. bf16 rows run only where bf16 is native (a CUDA GPU or a CPU with AVX512-BF16/AMX):
+emulated bf16 is 10-90x slower than fp32 and says nothing about the hardware that has it.
+
+Writes `bench/results.csv` and `bench/results.md` (the table, the machine, the command);
+BENCHMARKS.md keeps the latest full run. `--quick` is a smoke run on tiny inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import paths
+from .errors import PipelineError
+from .io import atomic_path
+from .speed import native_bf16
+
+SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
+QUICK_LR = (40, 48)
+TILE, OVERLAP = 128, 16        # LR pixels; the tiled rows
+QUICK_TILE, QUICK_OVERLAP = 24, 4
+TRAIN_BATCH, TRAIN_PATCH = 24, 32
+QUICK_BATCH = 2
+CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial"}   # experiment whose training recipe a row uses
+COLUMNS = ["row", "net", "path", "precision", "mode", "input", "tile", "tta", "batch", "repeats",
+           "median_s", "min_s", "max_s", "mpix_per_s", "peak_rss_mb", "peak_gpu_mb", "baseline",
+           "ratio", "status", "load_1min"]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    kind: str                   # infer | train | ensemble
+    net: str
+    path: str = "fast"          # fast | reference (inference); loader | ready (train)
+    precision: str = "fp32"
+    mode: str = "whole"         # whole | tiled | tta8 | ready | loader | ensemble
+    baseline: str = ""          # the row this one is compared with (ratio = its time / ours)
+    repeats: int | None = None  # overrides --repeats (long rows)
+    args: dict = field(default_factory=dict)
+
+
+def _rows() -> list[Row]:
+    rows = []
+    for net in ("swinir_s", "rlfn"):
+        rows += [
+            Row(f"{net}-ref-fp32", "infer", net, "reference"),
+            Row(f"{net}-fast-fp32", "infer", net, baseline=f"{net}-ref-fp32"),
+            Row(f"{net}-ref-bf16", "infer", net, "reference", "bf16", baseline=f"{net}-ref-fp32"),
+            Row(f"{net}-fast-bf16", "infer", net, precision="bf16", baseline=f"{net}-ref-fp32"),
+            Row(f"{net}-fast-fp32-tiled", "infer", net, mode="tiled", baseline=f"{net}-fast-fp32"),
+            Row(f"{net}-fast-fp32-tta8", "infer", net, mode="tta8", baseline=f"{net}-fast-fp32"),
+        ]
+    for net in ("swinir_s", "rlfn"):
+        rows += [Row(f"{net}-train-ready", "train", net, "ready", "train", "ready"),
+                 Row(f"{net}-train-loader", "train", net, "loader", "train", "loader",
+                     baseline=f"{net}-train-ready")]
+    rows += [Row("ensemble-rlfn", "ensemble", "rlfn", mode="ensemble"),
+             Row("ensemble-swinir_s", "ensemble", "swinir_s", mode="ensemble", repeats=1)]
+    return rows
+
+
+ROWS = {r.name: r for r in _rows()}
+
+
+# --- measuring -------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (MB), None where the OS does not tell."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10   # bytes on macOS, KiB on Linux
+
+
+def _scene(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+def _run_infer(row: Row, quick: bool, repeats: int, device: torch.device) -> dict:
+    from .inference import predict_scene
+    from .nets import build_net
+
+    torch.manual_seed(0)
+    net = build_net(row.net)
+    lr = _scene(QUICK_LR if quick else SCENE_LR)
+    tile, overlap = (QUICK_TILE, QUICK_OVERLAP) if quick else (TILE, OVERLAP)
+    settings = {"tta": 8 if row.mode == "tta8" else 1, "tile": tile if row.mode in ("tiled", "tta8") else 0,
+                "overlap": overlap, "batch": 8, "device": device, "precision": row.precision,
+                "fast": row.path == "fast"}
+    predict_scene([net], lr[:24, :24], **settings)      # warm-up: kernels, caches, allocator
+    times = _timed(lambda: predict_scene([net], lr, **settings), repeats, device)
+    out_mpix = lr.shape[0] * lr.shape[1] * net.scale ** 2 / 1e6
+    return {"times": times, "out_mpix": out_mpix, "input": f"{lr.shape[0]}x{lr.shape[1]}",
+            "tile": settings["tile"], "tta": settings["tta"], "batch": settings["batch"]}
+
+
+def _train_setup(row: Row, quick: bool, device: torch.device):
+    """Stage 02's pieces for one experiment (random init), batch 24 of 32 -> 128 crops."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from . import data, losses
+    from .config import load_config
+    from .stages import s02_train as s02
+
+    cfg = load_config(CONFIGS[row.net])
+    t = cfg["train"]
+    t["batch_size"] = QUICK_BATCH if quick else TRAIN_BATCH
+    t["lr_patch"] = TRAIN_PATCH
+    s02.seed_everything(0)
+    net = s02.build_model(cfg, pretrained=False, main=True).to(device).train()
+    ema = AveragedModel(net, multi_avg_fn=s02.ema_update(t["ema"]), use_buffers=True) if t["ema"] > 0 else None
+    optimizer = s02.build_optimizer(net.parameters(), t)
+    loss_fn = losses.build_loss(cfg["loss"]).to(device)
+    amp = s02.autocast_dtype(t["precision"], device)
+    scale = cfg["data"]["scale"]
+    lr_shape = QUICK_LR if quick else SCENE_LR
+    scenes = [data.Scene(str(i), _scene(lr_shape, i), _scene((lr_shape[0] * scale, lr_shape[1] * scale), 100 + i))
+              for i in range(4)]
+    stream = data.PairedPatches(scenes, scale=scale, lr_patch=t["lr_patch"], batch_size=t["batch_size"],
+                                steps=10_000, augment=t["augment"], seed=0, fold=0)
+
+    def step(lr_u8: torch.Tensor, hr_u8: torch.Tensor) -> None:
+        """One optimisation step, as stage 02's loop takes it."""
+        lr_img, hr_img = data.to_float(lr_u8, device), data.to_float(hr_u8, device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            sr = net(lr_img)
+        loss = loss_fn(sr, hr_img)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"])
+        optimizer.step()
+        if ema is not None:
+            ema.update_parameters(net)
+
+    precision = "bf16" if amp == torch.bfloat16 else "fp32"
+    return step, stream, t, scale, precision, data
+
+
+def _run_train(row: Row, quick: bool, repeats: int, device: torch.device) -> dict:
+    step, stream, t, scale, precision, data = _train_setup(row, quick, device)
+    if row.path == "ready":
+        batch = stream[0]
+        step(*batch)                                      # warm-up (optimizer state, kernels)
+        times = _timed(lambda: step(*batch), repeats, device)
+    else:
+        batches = iter(data.batches(stream, 0, t["num_workers"]))
+        step(*next(batches))
+        times = _timed(lambda: step(*next(batches)), repeats, device)
+    side = t["lr_patch"] * scale
+    return {"times": times, "out_mpix": t["batch_size"] * side * side / 1e6, "precision": precision,
+            "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]}
+
+
+def _run_ensemble(row: Row, quick: bool, repeats: int, device: torch.device) -> dict:
+    """Stage 04 in a temporary work folder: one test scene, 2 checkpoints (folds 0, 1), 8 views."""
+    from .checkpoints import save_checkpoint
+    from .config import load_config
+    from .demo_data import tif_bytes, zip_bytes
+    from .nets import build_net
+    from .stages import s00_unzip
+    from .stages.s04_ensemble import run_ensemble
+
+    lr_shape = QUICK_LR if quick else SCENE_LR
+    with tempfile.TemporaryDirectory(prefix="sr-bench-") as tmp:
+        paths.set_workdir(tmp)
+        exp_file = Path(tmp) / "bench.yaml"
+        exp_file.write_text(f"model: {{name: {row.net}}}\ninfer: {{tta: 8, precision: {row.precision}}}\n")
+        cfg = load_config(exp_file)
+        d, scale = cfg["data"], cfg["data"]["scale"]
+        paths.RAW.mkdir(parents=True)
+        low = _scene(lr_shape)
+        high = _scene((lr_shape[0] * scale, lr_shape[1] * scale), 1)
+        paths.TRAIN_ZIP.write_bytes(zip_bytes([(d["train_low"].format(i=0), tif_bytes(low)),
+                                               (d["train_high"].format(i=0), tif_bytes(high))]))
+        paths.EVAL_ZIP.write_bytes(zip_bytes([(d["test_low"].format(i=0), tif_bytes(low))]))
+        s00_unzip.extract(d)
+        for fold in (0, 1):
+            torch.manual_seed(fold)
+            net = build_net(row.net)
+            save_checkpoint(paths.run_dir(cfg["exp"], 0, fold) / "best.pt", net_name=row.net, net_args={},
+                            state_dict=net.state_dict(), exp=cfg["exp"], seed=0, fold=fold, step=0, val_ssim=None)
+        run_ensemble(cfg)                                 # warm-up
+        times = _timed(lambda: run_ensemble(cfg), repeats, device)
+    return {"times": times, "out_mpix": lr_shape[0] * lr_shape[1] * scale ** 2 / 1e6,
+            "input": f"{lr_shape[0]}x{lr_shape[1]}", "tile": cfg["infer"]["tile"], "tta": 8,
+            "batch": cfg["infer"]["batch"]}
+
+
+RUNNERS = {"infer": _run_infer, "train": _run_train, "ensemble": _run_ensemble}
+
+
+def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | None, conn) -> None:
+    """Child process: run one row, send back its figures (or the error)."""
+    try:
+        import warnings
+        warnings.simplefilter("ignore")                   # e.g. the emulated-bf16 warning
+        os.environ["TQDM_DISABLE"] = "1"                  # the stages' progress bars
+        if threads:
+            torch.set_num_threads(threads)
+        dev = torch.device(device)
+        result = RUNNERS[row.kind](row, quick, repeats, dev)
+        result["peak_rss_mb"] = peak_rss_mb()
+        if dev.type == "cuda":
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        conn.send(result)
+    except BaseException as exc:  # reported as the row's status; the parent carries on
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        conn.close()
+
+
+def run_row(row: Row, quick: bool, repeats: int, device: str, threads: int | None) -> dict:
+    """Run a row in a child process (fork on Linux CPU: torch stays imported; else spawn)."""
+    method = "fork" if sys.platform == "linux" and device == "cpu" else "spawn"
+    ctx = multiprocessing.get_context(method)
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(row, quick, repeats, device, threads, child))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        result = {"error": f"worker died (exit code {proc.join() or proc.exitcode})"}
+    proc.join()
+    return result
+
+
+# --- the table ----------------------------------------------------------------------------
+
+def _skip_reason(row: Row, device: str) -> str | None:
+    if row.precision == "bf16" and not native_bf16(torch.device(device).type):
+        return "skipped: no native bf16 on this device (emulated: 10-90x slower than fp32)"
+    return None
+
+
+def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None,
+            progress: Callable[[str], None] = print) -> pd.DataFrame:
+    records = []
+    for row in rows:
+        record = {"row": row.name, "net": row.net, "path": row.path, "precision": row.precision,
+                  "mode": row.mode, "baseline": row.baseline, "load_1min": _load()}
+        skip = _skip_reason(row, device)
+        n = 1 if quick else (row.repeats or repeats)
+        if skip:
+            record["status"] = skip
+        else:
+            progress(f"bench: {row.name} ({n} run{'s' * (n > 1)}) ...")
+            result = run_row(row, quick, n, device, threads)
+            if "error" in result:
+                record["status"] = f"error: {result['error']}"
+            else:
+                times = result.pop("times")
+                median = statistics.median(times)
+                record.update(result, repeats=len(times), median_s=median, min_s=min(times), max_s=max(times),
+                              mpix_per_s=result["out_mpix"] / median, status="ok")
+        records.append(record)
+    table = pd.DataFrame(records)
+    for col in COLUMNS:
+        if col not in table:
+            table[col] = None
+    by_name = dict(zip(table["row"], table["median_s"]))
+    table["ratio"] = [by_name.get(b) / m if b and by_name.get(b) and m == m and m else None
+                      for b, m in zip(table["baseline"], table["median_s"])]
+    return table[COLUMNS]
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "simd": " ".join(simd) or "unknown", "native_bf16_cpu": native_bf16("cpu"),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+    return info
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None or value != value else format(value, spec)
+
+
+def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float) -> str:
+    lines = [f"Command: `{command}` ({seconds / 60:.1f} min)", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+             f"SIMD {info['simd']}, native bf16 on CPU: {info['native_bf16_cpu']}, GPU: {info['gpu']}; "
+             f"torch {info['torch']}, Python {info['python']}", "",
+             "| row | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB | vs baseline | 1-min load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        if r.status != "ok":
+            lines.append(f"| {r.row} | | | | {r.status} | | | | | {_fmt(r.load_1min, '.1f')} |")
+            continue
+        versus = f"x{r.ratio:.2f} vs {r.baseline}" if r.ratio == r.ratio and r.ratio else ""
+        lines.append(f"| {r.row} | {r.input} | {_fmt(r.tile, 'g')} | {_fmt(r.tta, 'g')} | {r.median_s:.3f} | "
+                     f"{r.min_s:.3f}-{r.max_s:.3f} | {r.mpix_per_s:.3f} | {_fmt(r.peak_rss_mb, '.0f')} | "
+                     f"{versus} | {_fmt(r.load_1min, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(table: pd.DataFrame) -> None:
+    print(f"{'row':28} {'median s':>9} {'out MP/s':>9} {'peak MB':>8}  vs baseline")
+    for r in table.itertuples():
+        if r.status != "ok":
+            print(f"{r.row:28} {r.status}")
+            continue
+        versus = f"x{r.ratio:.2f} vs {r.baseline}" if r.ratio == r.ratio and r.ratio else ""
+        print(f"{r.row:28} {r.median_s:9.3f} {r.mpix_per_s:9.3f} {_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
+
+
+# --- command line ----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", default="",
+                        help="comma-separated row names or prefixes (default: all): " + ", ".join(ROWS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, median reported (default 3)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny inputs, one run per row")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+
+
+def select_rows(spec: str) -> list[Row]:
+    if not spec:
+        return list(ROWS.values())
+    chosen = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        hits = [r for r in ROWS.values() if r.name == part] or [r for r in ROWS.values() if r.name.startswith(part)]
+        if not hits:
+            raise PipelineError(f"bench: no row '{part}' (rows: {', '.join(ROWS)})")
+        chosen += [r for r in hits if r not in chosen]
+    return chosen
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise PipelineError(f"bench: --repeats must be >= 1, got {args.repeats}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError("bench: --device cuda asked but no CUDA device is available")
+    rows = select_rows(args.rows)
+    began = time.perf_counter()
+    table = measure(rows, args.quick, args.repeats, args.device, args.threads)
+    seconds = time.perf_counter() - began
+    command = "python -m pipeline bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    paths.BENCH.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths.BENCH / "results.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(paths.BENCH / "results.md") as tmp:
+        tmp.write_text(markdown(table, machine(), command.strip(), seconds))
+    print_table(table)
+    ok = int((table["status"] == "ok").sum())
+    print(f"bench: {ok} of {len(table)} rows measured in {seconds / 60:.1f} min -> {paths.BENCH / 'results.csv'}")
+    return 0 if not table["status"].str.startswith("error").any() else 1

@@ -1,0 +1,245 @@
+"""Every fast path against its reference: same weights and keys, same outputs within the
+bounds of issue 6 (fp32 within 1e-4; bf16 competition SSIM within 5e-4 of fp32's), caches
+right across input sizes and weight changes; and a smoke run of `bench`."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import paths
+from pipeline.bench import COLUMNS
+from pipeline.demo_data import downscale
+from pipeline.inference import predict_scene
+from pipeline.io import read_image
+from pipeline.metrics import competition_ssim
+from pipeline.nets import available_nets, build_net
+from pipeline.nets.swinir import SwinIR
+from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, make_fast, make_reference
+from pipeline.speed import Fp32Conv2d, edge_convs, prepare_for_inference
+from pipeline.weights import load_weights
+
+FP32_BOUND = 1e-4     # max |fast - reference| on [0, 1] outputs
+SSIM_BOUND = 5e-4     # |SSIM(bf16) - SSIM(fp32)|, competition SSIM against the high-res tile
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(torch_one_thread):
+    """One torch thread: the machine's cores are shared with other jobs."""
+
+
+@pytest.fixture(scope="module")
+def fixture_io():
+    ckpt = paths.SHARED_FIXTURES / "swinir_s_x4_official_layout.pth"
+    io = paths.SHARED_FIXTURES / "swinir_s_x4_official_layout_io.pt"
+    if not (ckpt.is_file() and io.is_file()):
+        pytest.skip(f"{paths.SHARED_FIXTURES}: SwinIR fixtures absent")
+    return ckpt, torch.load(io, map_location="cpu", weights_only=False)
+
+
+def _pair(net: SwinIR) -> tuple[SwinIR, SwinIR]:
+    """(reference, fast) copies of one net: the same weights."""
+    ref = make_reference(copy.deepcopy(net)).eval()
+    return ref, make_fast(copy.deepcopy(net)).eval()
+
+
+@torch.no_grad()
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
+    return (a(x) - b(x)).abs().max().item()
+
+
+# --- SwinIR -----------------------------------------------------------------------------
+
+@pytest.mark.shared
+def test_swinir_fast_path_equals_the_official_fixture(fixture_io):
+    ckpt, io = fixture_io
+    net = make_fast(build_net("swinir", **io["config"]))
+    load_weights(net, ckpt)      # the release layout loads into the fast net unchanged
+    assert type(net) is FastSwinIR
+    ref = make_reference(copy.deepcopy(net)).eval()
+    net.eval()
+    with torch.no_grad():
+        for x, official in zip(io["inputs"], io["outputs"]):   # 48x64, 37x53, batch 2, 96x40
+            fast = net(x)
+            assert fast.shape == official.shape
+            assert (fast - official).abs().max().item() < FP32_BOUND
+            assert (fast - ref(x)).abs().max().item() < FP32_BOUND
+    odd = torch.rand(2, 3, 29, 45, generator=torch.Generator().manual_seed(0))
+    assert _max_diff(ref, net, odd) < FP32_BOUND
+
+
+def test_fast_path_keeps_module_tree_and_keys():
+    net = build_net("swinir_s")
+    keys = list(net.state_dict())
+    make_fast(net)
+    assert list(net.state_dict()) == keys
+    assert type(make_reference(net)) is SwinIR
+    with pytest.raises(TypeError):
+        make_fast(build_net("rlfn"))
+
+
+def test_switching_back_gives_the_reference_outputs_exactly():
+    torch.manual_seed(1)
+    net = build_net("swinir_s").eval()
+    x = torch.rand(1, 3, 20, 28)
+    with torch.no_grad():
+        before = net(x)
+        make_fast(net)(x)
+        assert torch.equal(make_reference(net)(x), before)
+
+
+def test_caches_follow_input_size_batch_and_weights():
+    torch.manual_seed(2)
+    ref, fast = _pair(build_net("swinir_s", depths=[2, 2], num_heads=[6, 6]))
+    sizes = [(1, 16, 24), (2, 16, 24), (1, 40, 16), (1, 16, 24), (3, 8, 8), (1, 24, 40), (1, 17, 9)]
+    for b, h, w in sizes:   # more sizes than the cache keeps: evicted ones are rebuilt
+        assert _max_diff(ref, fast, torch.rand(b, 3, h, w)) < FP32_BOUND, (b, h, w)
+    assert len(fast._fast_orders) == 4
+    # new weights after the bias and padded projections were cached: the cache follows
+    new = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6]).state_dict()
+    new = {k: v + 0.05 * torch.randn_like(v) for k, v in new.items()}
+    ref.load_state_dict(new)
+    fast.load_state_dict(new)
+    assert _max_diff(ref, fast, torch.rand(1, 3, 16, 24)) < FP32_BOUND
+
+
+def test_fast_path_trains_with_the_reference_gradients():
+    torch.manual_seed(3)
+    ref = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.0).train()
+    fast = make_fast(copy.deepcopy(ref)).train()
+    x, y = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 64, 64)
+    for net in (ref, fast):
+        (net(x) - y).abs().mean().backward()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_drop_path_drops_whole_images():
+    blk = build_net("swinir_s", drop_path_rate=0.5).layers[3].residual_group.blocks[5].train()
+    torch.manual_seed(0)
+    b, cells = 8, 64
+    y = torch.ones(3 * b * cells, 60)              # (window, image, cell) layout
+    out = _drop_path(blk, y, b, cells).view(3, b, cells, 60)
+    keep = 1 - blk.drop_path.drop_prob
+    per_image = out.permute(1, 0, 2, 3).reshape(b, -1)
+    for image in per_image:                        # an image is kept or dropped as a whole
+        assert image.unique().tolist() in ([0.0], [1 / keep])
+    assert 0 < (per_image[:, 0] == 0).sum() < b
+
+
+# --- every net through prepare_for_inference ------------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n in available_nets()])
+def test_prepared_net_equals_its_reference(name):
+    torch.manual_seed(4)
+    net = build_net(name).eval()
+    ref = copy.deepcopy(net)
+    x = torch.rand(2, 3, 19, 23)
+    prepare_for_inference(net, "cpu", "fp32")
+    with torch.no_grad():
+        assert (net(x) - ref(x)).abs().max().item() < FP32_BOUND
+    prepare_for_inference(net, "cpu", "fp32", fast=False)
+    assert type(net) is type(ref)
+    assert all(p.is_contiguous() for p in net.parameters())
+    assert not any(isinstance(m, Fp32Conv2d) for m in net.modules())
+
+
+@pytest.mark.filterwarnings("ignore:bf16 on this")
+def test_edge_convolutions_stay_float32_under_bf16():
+    torch.manual_seed(6)
+    for name, n_edges in (("rlfn", 3), ("swinir_s", 3)):
+        net = build_net(name).eval()
+        assert len(edge_convs(net)) == n_edges
+        x = torch.rand(1, 3, 16, 16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = net(x)
+            prepare_for_inference(net, "cpu", "bf16")
+            fast = net(x)
+        assert fast.dtype == torch.float32
+        assert (fast - plain.float()).abs().max().item() < 0.05
+
+
+def test_rlfn_channels_last_equals_reference(shared):
+    net = build_net("rlfn")
+    weights = paths.SHARED_WEIGHTS / "rlfn_x4.pth"
+    if weights.is_file():
+        load_weights(net, weights)
+    ref = copy.deepcopy(net).eval()
+    prepare_for_inference(net, "cpu", "fp32")
+    conv = net.block_1.c1_r.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.rand(1, 3, 37, 50)
+    assert _max_diff(ref, net, x) < FP32_BOUND
+
+
+def test_predict_scene_fast_equals_reference_with_tta_and_tiles():
+    torch.manual_seed(5)
+    net = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6])
+    lr = np.random.default_rng(0).integers(0, 256, (30, 37, 3), dtype=np.uint8)
+    settings = {"tta": 8, "tile": 16, "overlap": 4, "batch": 8}
+    reference = predict_scene([net], lr, fast=False, **settings)
+    fast = predict_scene([net], lr, **settings)
+    assert type(net) is FastSwinIR
+    diff = np.abs(reference.astype(int) - fast)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01   # float rounding crosses a level rarely
+
+
+# --- bf16 against fp32 on real aerial tiles ---------------------------------------------------
+
+def _aerial_tiles(n: int = 2, side: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(LR, HR) pairs: the centre of real UC Merced tiles, HR side `side`, LR = bicubic / 4."""
+    files = sorted((paths.SHARED_DATA / "ucmerced_urban").glob("*/*.tif"))
+    if not files:
+        pytest.skip("shared aerial tiles absent")
+    pairs = []
+    for path in files[:: len(files) // n][:n]:
+        high = read_image(path)
+        y, x = (high.shape[0] - side) // 2, (high.shape[1] - side) // 2
+        high = high[y:y + side, x:x + side]
+        pairs.append((downscale(high, 4), high))
+    return pairs
+
+
+@pytest.mark.shared
+@pytest.mark.filterwarnings("ignore:bf16 on this")
+def test_bf16_keeps_the_competition_ssim(fixture_io):
+    ckpt, io = fixture_io
+    swinir = load_weights(build_net("swinir", **io["config"]), ckpt)
+    rlfn = build_net("rlfn")
+    rlfn_weights = paths.SHARED_WEIGHTS / "rlfn_x4.pth"
+    if rlfn_weights.is_file():
+        load_weights(rlfn, rlfn_weights)
+    for net, side in ((swinir, 128), (rlfn, 96)):   # RLFN: smaller (emulated bf16 is slow here)
+        for lr, high in _aerial_tiles(2, side):
+            fp32 = competition_ssim(predict_scene([net], lr, precision="fp32"), high)
+            bf16 = competition_ssim(predict_scene([net], lr, precision="bf16"), high)
+            assert abs(bf16 - fp32) < SSIM_BOUND, (type(net).__name__, fp32, bf16)
+
+
+# --- the benchmark command ---------------------------------------------------------------------
+
+def test_bench_quick_writes_the_table(workdir, cli):
+    rows = "rlfn-fast-fp32,rlfn-fast-bf16,rlfn-train-loader,ensemble-rlfn"
+    proc = cli("bench", "--quick", "--threads", "1", "--rows", rows)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(workdir / "bench" / "results.csv")
+    assert list(table.columns) == COLUMNS
+    assert table["row"].tolist() == rows.split(",")
+    done = table[table["status"] == "ok"]
+    assert {"rlfn-fast-fp32", "rlfn-train-loader", "ensemble-rlfn"} <= set(done["row"])
+    assert (done["median_s"] > 0).all() and (done["mpix_per_s"] > 0).all()
+    assert (done["peak_rss_mb"] > 50).all()
+    assert done.set_index("row").loc["rlfn-train-loader", "baseline"] == "rlfn-train-ready"
+    assert "| rlfn-fast-fp32 |" in (workdir / "bench" / "results.md").read_text()
+    assert "rows measured" in proc.stdout
+
+
+def test_bench_refuses_an_unknown_row(workdir, capsys):
+    from pipeline.__main__ import main
+
+    assert main(["bench", "--quick", "--rows", "rlfn-fast,no-such-row"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: bench: no row 'no-such-row'")
+    assert not (workdir / "bench").exists()
