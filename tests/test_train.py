@@ -169,8 +169,8 @@ def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, cap
 
 
 def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory):
-    steps = 40
-    cfg = write_config(workdir, name="tiny", train={"steps": steps, "val_every": 10})
+    steps = 24
+    cfg = write_config(workdir, name="tiny", train={"steps": steps, "val_every": 8})
     env = {**os.environ, "SR_WORKDIR": str(workdir)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--exp", cfg, "--fold", "0"],
                             cwd=paths.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
