@@ -106,6 +106,24 @@ def test_caches_follow_input_size_batch_and_weights():
     assert _max_diff(ref, fast, torch.rand(1, 3, 16, 24)) < FP32_BOUND
 
 
+def test_inference_uses_the_fused_attention_kernel():
+    """Caches built inside inference mode carry no autograd state (else attention would take
+    the slow training path), and stay usable for training afterwards."""
+    net = make_fast(build_net("swinir_s", depths=[2], num_heads=[6]))
+    attn = net.layers[0].residual_group.blocks[0].attn
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                   lambda *a, **k: calls.append(1) or original(*a, **k))
+        with torch.inference_mode():
+            net.eval()(torch.rand(1, 3, 16, 16))
+    assert len(calls) == 3      # unshifted block; shifted block: interior + border windows
+    assert not attn._fast_bias[1].requires_grad
+    net.train()(torch.rand(1, 3, 16, 16)).mean().backward()
+    assert attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
 def test_fast_path_trains_with_the_reference_gradients():
     torch.manual_seed(3)
     ref = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.0).train()

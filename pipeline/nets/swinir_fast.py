@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .swinir import SwinIR, SwinTransformerBlock, WindowAttention
 
 _CACHED_SIZES = 4  # token orders kept for this many (H, W, batch, device)
+_CHUNK_WINDOWS = 1024  # windows per step of a block at inference (65k tokens of SwinIR-S)
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -117,7 +118,7 @@ def _cached(owner: torch.nn.Module, name: str, sources: list[torch.Tensor], buil
     key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
     hit = owner.__dict__.get(name)
     if hit is None or hit[0] != key:
-        with torch.no_grad(), torch.inference_mode(False):  # reusable outside inference mode
+        with torch.inference_mode(False), torch.no_grad():  # reusable outside inference mode
             hit = (key, build())
         owner.__dict__[name] = hit
     return hit[1]
@@ -144,51 +145,63 @@ def _padded_projections(attn: WindowAttention, d_pad: int) -> tuple:
         b = None if qkv.bias is None else F.pad(qkv.bias.view(3, heads, d), (0, d_pad - d)).reshape(-1)
         p = F.pad(proj.weight.view(c, heads, d), (0, d_pad - d)).reshape(c, heads * d_pad)
         return w, b, p
-    return _cached(attn, "_fast_padded", sources, build)
+    return _cached(attn, f"_fast_padded{d_pad}", sources, build)
 
 
-def _attention_math(attn: WindowAttention, q, k, v, bias, border_mask, n_interior: int) -> torch.Tensor:
+def _attention_math(attn: WindowAttention, q, k, v, mask: torch.Tensor) -> torch.Tensor:
     """Attention spelt out, for training: the fused CPU kernel cannot give the gradient of
     its additive mask (the learnt bias), and falls back to a slower generic path when asked."""
-    scores = (q * attn.scale) @ k.transpose(-2, -1)
-    if border_mask is None:
-        scores = scores + bias
-    else:
-        scores = torch.cat([scores[:n_interior] + bias, scores[n_interior:] + border_mask])
+    scores = (q * attn.scale) @ k.transpose(-2, -1) + mask
     return attn.attn_drop(scores.softmax(dim=-1)) @ v
 
 
-def _attention(blk: SwinTransformerBlock, x: torch.Tensor, orders: _Orders, shifted: bool) -> torch.Tensor:
-    """Window attention of tokens `x` (L, C) already in the block's window order."""
-    attn = blk.attn
-    n, (tokens, c) = orders.cells, x.shape
+def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, mask: torch.Tensor) -> torch.Tensor:
+    """Attention within windows of `cells` consecutive tokens of `x` (L, C); `mask` is the
+    additive (1 or windows, heads, N, N) bias (+ shifted-window mask)."""
+    tokens, c = x.shape
     heads = attn.num_heads
     d = _head_dim(c // heads, x.device)
     if d == c // heads:
         qkv_w, qkv_b, proj_w = attn.qkv.weight, attn.qkv.bias, attn.proj.weight
     else:
         qkv_w, qkv_b, proj_w = _padded_projections(attn, d)
-    qkv = _linear(x, qkv_w, qkv_b).view(tokens // n, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    qkv = _linear(x, qkv_w, qkv_b).view(tokens // cells, cells, 3, heads, d).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]                          # (windows, heads, N, d) views
-    bias = _position_bias(attn).to(q.dtype)
-    border_mask = None
-    if shifted and orders.border_mask is not None:
-        border_mask = bias + orders.border_mask.to(q.dtype)   # (n_border * B, heads, N, N)
-    if bias.requires_grad:
-        out = _attention_math(attn, q, k, v, bias, border_mask, orders.n_interior)
+    mask = mask.to(q.dtype)
+    if mask.requires_grad:
+        out = _attention_math(attn, q, k, v, mask)
     else:
         drop = attn.attn_drop.p if attn.training else 0.0
-        if border_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=attn.scale)
-        else:
-            i = orders.n_interior
-            out = torch.cat([  # concatenated as (windows, N, heads, d), the kernel's output layout
-                F.scaled_dot_product_attention(q[:i], k[:i], v[:i], attn_mask=bias, dropout_p=drop,
-                                               scale=attn.scale).transpose(1, 2),
-                F.scaled_dot_product_attention(q[i:], k[i:], v[i:], attn_mask=border_mask, dropout_p=drop,
-                                               scale=attn.scale).transpose(1, 2)]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=attn.scale)
+    # the fused kernel writes (windows, N, heads, d) memory: this transpose is a view
     out = _linear(out.transpose(1, 2).reshape(tokens, heads * d), proj_w, attn.proj.bias)
     return attn.proj_drop(out)
+
+
+def _block(blk: SwinTransformerBlock, z: torch.Tensor, orders: _Orders, b: int) -> torch.Tensor:
+    """One Swin block on tokens `z` already in its window order ("S" if shifted, else "U")."""
+    n = orders.cells
+    windows = z.shape[0] // n
+    bias = _position_bias(blk.attn)
+    segments = [(0, windows, bias)]
+    if blk.shift_size and orders.border_mask is not None:
+        split = orders.n_interior          # the windows after it straddle the roll: bias + mask
+        segments = [(0, split, bias), (split, windows, bias + orders.border_mask)]
+    segments = [s for s in segments if s[1] > s[0]]
+    if torch.is_grad_enabled() or blk.training:
+        y = torch.cat([_window_attention(blk.attn, blk.norm1(z[a * n:e * n]), n, mask) for a, e, mask in segments])
+        z = z + _drop_path(blk, y, b, n)
+        return z + _drop_path(blk, _mlp(blk.mlp, blk.norm2(z)), b, n)
+    # inference: a few hundred windows at a time, updated in place (z is this path's own
+    # gather), so intermediates stay in cache and no large buffer is allocated per block
+    for first, stop, mask in segments:
+        for a in range(first, stop, _CHUNK_WINDOWS):
+            e = min(a + _CHUNK_WINDOWS, stop)
+            chunk = z[a * n:e * n]
+            chunk += _window_attention(blk.attn, blk.norm1(chunk), n,
+                                       mask if mask.shape[0] == 1 else mask[a - first:e - first])
+            chunk += _mlp(blk.mlp, blk.norm2(chunk))
+    return z
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -250,8 +263,7 @@ class FastSwinIR(SwinIR):
                 wanted = "S" if blk.shift_size else "U"
                 if order != wanted:
                     z, order = z.index_select(0, orders.index(order, wanted)), wanted
-                z = z + _drop_path(blk, _attention(blk, blk.norm1(z), orders, bool(blk.shift_size)), b, orders.cells)
-                z = z + _drop_path(blk, _mlp(blk.mlp, blk.norm2(z)), b, orders.cells)
+                z = _block(blk, z, orders, b)
             z = z.index_select(0, orders.index(order, "img"))
             image = z.view(b, h, w, c).permute(0, 3, 1, 2)      # channels-last view, no copy
             t = layer.conv(image).permute(0, 2, 3, 1).reshape(b * h * w, c) + t
