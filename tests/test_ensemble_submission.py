@@ -1,6 +1,7 @@
 """Stages 04 (fold x seed ensemble with TTA) and 05 (submission zip) on a tiny experiment."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -66,26 +67,25 @@ def test_ensemble_json_records_checkpoints_and_settings(tiny):
     assert not np.array_equal(tta8, tifffile.imread(paths.predictions_dir("tiny") / "test_0_answer.tif"))
 
 
-def test_ensemble_without_checkpoints_says_to_train(workdir, cli):
-    config = write_config(workdir)
-    build_competition(config)
-    proc = cli("ensemble", "--exp", config, env={"SR_WORKDIR": str(workdir)})
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {workdir}/models/tiny: no checkpoint seed*/fold*/best.pt; run `make train-all EXP=tiny` first"]
+def test_ensemble_without_checkpoints_says_to_train(workdir):
+    cfg = build_competition(write_config(workdir))
+    with pytest.raises(PipelineError) as refused:
+        s04_ensemble.run_ensemble(cfg)
+    assert str(refused.value) == (f"{workdir}/models/tiny: no checkpoint seed*/fold*/best.pt; "
+                                  "run `make train-all EXP=tiny` first")
     assert not paths.predictions_dir("tiny").exists()
 
 
-def test_submission_zip_is_flat_complete_and_exact(tiny, cli):
+def test_submission_zip_is_flat_complete_and_exact(tiny, capsys):
     cfg, _ = tiny
     s04_ensemble.run_ensemble(cfg)
     pred_dir = paths.predictions_dir("tiny")
     (pred_dir / "notes.txt").write_text("not an answer")
     io.write_tif(pred_dir / "test_9_answer.tif", np.zeros((8, 8, 3), np.uint8))  # no such test scene
-    proc = cli("submission", "--exp", paths.WORKDIR / "tiny.yaml", env={"SR_WORKDIR": str(paths.WORKDIR)})
-    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()
+    assert s05_submission.main(argparse.Namespace(exp=str(paths.WORKDIR / "tiny.yaml"))) == 0
     zip_path = paths.SUBMISSIONS / (paths.SUBMISSIONS / "tiny-latest.txt").read_text().strip()
-    assert proc.stdout.strip().splitlines()[-1] == str(zip_path)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(zip_path)
     assert zip_path.name.startswith("tiny-") and zip_path.suffix == ".zip"
     assert sorted(p.name for p in paths.SUBMISSIONS.iterdir()) == sorted([zip_path.name, "tiny-latest.txt"])
     with zipfile.ZipFile(zip_path) as zf:

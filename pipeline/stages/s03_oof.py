@@ -39,6 +39,7 @@ from ..config import load_config
 from ..data import fold_ids, load_scenes
 from ..errors import PipelineError
 from ..inference import pick_device, predict_scene
+from ..tta import TTA_CHOICES
 from ..metrics import competition_ssim
 from ..nets import build_net
 from .s01_folds import load_folds
@@ -239,7 +240,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--exp", default="demo", help="experiment name or YAML path")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="seeds to score (default: every seed with checkpoints)")
-    parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=None,
+    parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=None,
                         help="dihedral views per net (default: infer.tta)")
 
 

@@ -17,7 +17,6 @@ checkpoints.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -31,17 +30,11 @@ from ..checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
 from ..config import load_config
 from ..errors import PipelineError
 from ..inference import pick_device, predict_scene
+from ..tta import TTA_CHOICES
+from ..weights import sha256_of
 from .s00_unzip import load_manifest
 
 ENSEMBLE_JSON = "ensemble.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def relative_to_workdir(path: Path) -> str:
@@ -57,7 +50,7 @@ def checkpoint_record(path: Path) -> dict:
     ckpt = read_checkpoint(path)
     return {"path": relative_to_workdir(path), "seed": ckpt.get("seed"), "fold": ckpt.get("fold"),
             "step": ckpt.get("step"), "val_ssim": ckpt.get("val_ssim"),
-            "net": ckpt["net"]["name"], "mtime": path.stat().st_mtime, "sha256": sha256_file(path)}
+            "net": ckpt["net"]["name"], "mtime": path.stat().st_mtime, "sha256": sha256_of(path)}
 
 
 def select_checkpoints(exp: str, seeds: list[int] | None) -> list[Path]:
@@ -145,7 +138,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--exp", default="demo", help="experiment name or YAML path")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="seeds to ensemble (default: every seed with checkpoints)")
-    parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=None,
+    parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=None,
                         help="dihedral views per net (default: infer.tta)")
     parser.add_argument("--tile", type=int, default=None,
                         help="tile side in LR pixels, 0 = whole scene (default: infer.tile)")
