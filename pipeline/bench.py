@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +91,14 @@ def _rows() -> list[Row]:
 ROWS = {r.name: r for r in _rows()}
 
 
+@dataclass
+class Setup:
+    """A row ready to run: `warmup()` once, then `run()` is timed; `meta` describes it."""
+    warmup: Callable[[], Any]
+    run: Callable[[], Any]
+    meta: dict
+
+
 # --- measuring -------------------------------------------------------------------------
 
 def _sync(device: torch.device) -> None:
@@ -122,7 +131,7 @@ def _scene(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
 
 
-def _run_infer(row: Row, quick: bool, repeats: int, device: torch.device) -> dict:
+def _setup_infer(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
     from .inference import predict_scene
     from .nets import build_net
 
@@ -133,14 +142,14 @@ def _run_infer(row: Row, quick: bool, repeats: int, device: torch.device) -> dic
     settings = {"tta": 8 if row.mode == "tta8" else 1, "tile": tile if row.mode in ("tiled", "tta8") else 0,
                 "overlap": overlap, "batch": 8, "device": device, "precision": row.precision,
                 "fast": row.path == "fast"}
-    predict_scene([net], lr[:24, :24], **settings)      # warm-up: kernels, caches, allocator
-    times = _timed(lambda: predict_scene([net], lr, **settings), repeats, device)
-    out_mpix = lr.shape[0] * lr.shape[1] * net.scale ** 2 / 1e6
-    return {"times": times, "out_mpix": out_mpix, "input": f"{lr.shape[0]}x{lr.shape[1]}",
-            "tile": settings["tile"], "tta": settings["tta"], "batch": settings["batch"]}
+    return Setup(warmup=lambda: predict_scene([net], lr[:24, :24], **settings),   # kernels, caches
+                 run=lambda: predict_scene([net], lr, **settings),
+                 meta={"out_mpix": lr.shape[0] * lr.shape[1] * net.scale ** 2 / 1e6,
+                       "input": f"{lr.shape[0]}x{lr.shape[1]}", "tile": settings["tile"],
+                       "tta": settings["tta"], "batch": settings["batch"]})
 
 
-def _train_setup(row: Row, quick: bool, device: torch.device):
+def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
     """Stage 02's pieces for one experiment (random init), batch 24 of 32 -> 128 crops."""
     from torch.optim.swa_utils import AveragedModel
 
@@ -179,26 +188,20 @@ def _train_setup(row: Row, quick: bool, device: torch.device):
         if ema is not None:
             ema.update_parameters(net)
 
-    precision = "bf16" if amp == torch.bfloat16 else "fp32"
-    return step, stream, t, scale, precision, data
-
-
-def _run_train(row: Row, quick: bool, repeats: int, device: torch.device) -> dict:
-    step, stream, t, scale, precision, data = _train_setup(row, quick, device)
     if row.path == "ready":
         batch = stream[0]
-        step(*batch)                                      # warm-up (optimizer state, kernels)
-        times = _timed(lambda: step(*batch), repeats, device)
-    else:
+        run = lambda: step(*batch)                        # noqa: E731
+    else:   # the real stream: crops + augmentation through the DataLoader, as stage 02 reads it
         batches = iter(data.batches(stream, 0, t["num_workers"]))
-        step(*next(batches))
-        times = _timed(lambda: step(*next(batches)), repeats, device)
+        run = lambda: step(*next(batches))                # noqa: E731
     side = t["lr_patch"] * scale
-    return {"times": times, "out_mpix": t["batch_size"] * side * side / 1e6, "precision": precision,
-            "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]}
+    return Setup(warmup=run, run=run,   # warm-up: optimizer state, kernels
+                 meta={"out_mpix": t["batch_size"] * side * side / 1e6,
+                       "precision": "bf16" if amp == torch.bfloat16 else "fp32",
+                       "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]})
 
 
-def _run_ensemble(row: Row, quick: bool, repeats: int, device: torch.device) -> dict:
+def _setup_ensemble(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
     """Stage 04 in a temporary work folder: one test scene, 2 checkpoints (folds 0, 1), 8 views."""
     from .checkpoints import save_checkpoint
     from .config import load_config
@@ -208,45 +211,64 @@ def _run_ensemble(row: Row, quick: bool, repeats: int, device: torch.device) -> 
     from .stages.s04_ensemble import run_ensemble
 
     lr_shape = QUICK_LR if quick else SCENE_LR
-    with tempfile.TemporaryDirectory(prefix="sr-bench-") as tmp:
-        paths.set_workdir(tmp)
-        exp_file = Path(tmp) / "bench.yaml"
-        exp_file.write_text(f"model: {{name: {row.net}}}\ninfer: {{tta: 8, precision: {row.precision}}}\n")
-        cfg = load_config(exp_file)
-        d, scale = cfg["data"], cfg["data"]["scale"]
-        paths.RAW.mkdir(parents=True)
-        low = _scene(lr_shape)
-        high = _scene((lr_shape[0] * scale, lr_shape[1] * scale), 1)
-        paths.TRAIN_ZIP.write_bytes(zip_bytes([(d["train_low"].format(i=0), tif_bytes(low)),
-                                               (d["train_high"].format(i=0), tif_bytes(high))]))
-        paths.EVAL_ZIP.write_bytes(zip_bytes([(d["test_low"].format(i=0), tif_bytes(low))]))
-        s00_unzip.extract(d)
-        for fold in (0, 1):
-            torch.manual_seed(fold)
-            net = build_net(row.net)
-            save_checkpoint(paths.run_dir(cfg["exp"], 0, fold) / "best.pt", net_name=row.net, net_args={},
-                            state_dict=net.state_dict(), exp=cfg["exp"], seed=0, fold=fold, step=0, val_ssim=None)
-        run_ensemble(cfg)                                 # warm-up
-        times = _timed(lambda: run_ensemble(cfg), repeats, device)
-    return {"times": times, "out_mpix": lr_shape[0] * lr_shape[1] * scale ** 2 / 1e6,
-            "input": f"{lr_shape[0]}x{lr_shape[1]}", "tile": cfg["infer"]["tile"], "tta": 8,
-            "batch": cfg["infer"]["batch"]}
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-bench-"))
+    paths.set_workdir(tmp)
+    exp_file = Path(tmp) / "bench.yaml"
+    exp_file.write_text(f"model: {{name: {row.net}}}\ninfer: {{tta: 8, precision: {row.precision}}}\n")
+    cfg = load_config(exp_file)
+    d, scale = cfg["data"], cfg["data"]["scale"]
+    paths.RAW.mkdir(parents=True)
+    low = _scene(lr_shape)
+    high = _scene((lr_shape[0] * scale, lr_shape[1] * scale), 1)
+    paths.TRAIN_ZIP.write_bytes(zip_bytes([(d["train_low"].format(i=0), tif_bytes(low)),
+                                           (d["train_high"].format(i=0), tif_bytes(high))]))
+    paths.EVAL_ZIP.write_bytes(zip_bytes([(d["test_low"].format(i=0), tif_bytes(low))]))
+    s00_unzip.extract(d)
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        net = build_net(row.net)
+        save_checkpoint(paths.run_dir(cfg["exp"], 0, fold) / "best.pt", net_name=row.net, net_args={},
+                        state_dict=net.state_dict(), exp=cfg["exp"], seed=0, fold=fold, step=0, val_ssim=None)
+    return Setup(warmup=lambda: run_ensemble(cfg), run=lambda: run_ensemble(cfg),
+                 meta={"out_mpix": lr_shape[0] * lr_shape[1] * scale ** 2 / 1e6,
+                       "input": f"{lr_shape[0]}x{lr_shape[1]}", "tile": cfg["infer"]["tile"], "tta": 8,
+                       "batch": cfg["infer"]["batch"]})
 
 
-RUNNERS = {"infer": _run_infer, "train": _run_train, "ensemble": _run_ensemble}
+SETUPS = {"infer": _setup_infer, "train": _setup_train, "ensemble": _setup_ensemble}
 
 
-def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | None, conn) -> None:
-    """Child process: run one row, send back its figures (or the error)."""
+def _profile(fn: Callable[[], Any], device: torch.device) -> str:
+    """Top operators of one run, by self time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+
+
+def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | None, profile: bool,
+            conn) -> None:
+    """Child process: set up one row, warm up, time `repeats` runs (and profile one more on
+    request), send back the figures or the error."""
     try:
         import warnings
         warnings.simplefilter("ignore")                   # e.g. the emulated-bf16 warning
         os.environ["TQDM_DISABLE"] = "1"                  # the stages' progress bars
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")    # the profiler's start/stop chatter
         if threads:
             torch.set_num_threads(threads)
         dev = torch.device(device)
-        result = RUNNERS[row.kind](row, quick, repeats, dev)
-        result["peak_rss_mb"] = peak_rss_mb()
+        with ExitStack() as stack:
+            setup = SETUPS[row.kind](row, quick, dev, stack)
+            setup.warmup()
+            result = dict(setup.meta, times=_timed(setup.run, repeats, dev))
+            result["peak_rss_mb"] = peak_rss_mb()
+            if profile:
+                result["profile"] = _profile(setup.run, dev)
         if dev.type == "cuda":
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
         conn.send(result)
@@ -256,12 +278,13 @@ def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | Non
         conn.close()
 
 
-def run_row(row: Row, quick: bool, repeats: int, device: str, threads: int | None) -> dict:
+def run_row(row: Row, quick: bool, repeats: int, device: str, threads: int | None,
+            profile: bool = False) -> dict:
     """Run a row in a child process (fork on Linux CPU: torch stays imported; else spawn)."""
     method = "fork" if sys.platform == "linux" and device == "cpu" else "spawn"
     ctx = multiprocessing.get_context(method)
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(row, quick, repeats, device, threads, child))
+    proc = ctx.Process(target=_worker, args=(row, quick, repeats, device, threads, profile, child))
     proc.start()
     child.close()
     try:
@@ -281,7 +304,8 @@ def _skip_reason(row: Row, device: str) -> str | None:
 
 
 def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None,
-            progress: Callable[[str], None] = print) -> pd.DataFrame:
+            profile: bool = False, progress: Callable[[str], None] = print) -> pd.DataFrame:
+    """One record per row (skipped rows say why); `profile`: bench/profiles/<row>.txt."""
     records = []
     for row in rows:
         record = {"row": row.name, "net": row.net, "path": row.path, "precision": row.precision,
@@ -292,7 +316,11 @@ def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: in
             record["status"] = skip
         else:
             progress(f"bench: {row.name} ({n} run{'s' * (n > 1)}) ...")
-            result = run_row(row, quick, n, device, threads)
+            result = run_row(row, quick, n, device, threads, profile)
+            if "profile" in result:
+                folder = paths.BENCH / "profiles"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{row.name}.txt").write_text(result.pop("profile"))
             if "error" in result:
                 record["status"] = f"error: {result['error']}"
             else:
@@ -380,6 +408,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one run per row: top operators in bench/profiles/<row>.txt")
 
 
 def select_rows(spec: str) -> list[Row]:
@@ -401,7 +431,7 @@ def main(args: argparse.Namespace) -> int:
         raise PipelineError("bench: --device cuda asked but no CUDA device is available")
     rows = select_rows(args.rows)
     began = time.perf_counter()
-    table = measure(rows, args.quick, args.repeats, args.device, args.threads)
+    table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile)
     seconds = time.perf_counter() - began
     command = "python -m pipeline bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     paths.BENCH.mkdir(parents=True, exist_ok=True)
