@@ -5,12 +5,13 @@ throughput in output megapixels per second and the peak resident memory of the p
 that ran it:
 - SwinIR-S x4 and RLFN x4 on one competition scene (300x375 -> 1200x1500) through
   `inference.predict_scene`: the reference path (`fast=False`, the equivalence
-  reference) against the fast path, fp32 and bf16, whole scene, tiled, and 8-way TTA
-  batched (tiled);
+  reference) against the fast path, fp32 and bf16, whole scene and tiled, and 8-way TTA
+  (views batched two whole scenes at a time, or eight tiles at a time);
 - one training step as stage 02 takes it (batch 24 of 32 -> 128 crops, the experiment's
   loss, optimizer, EMA and precision) on ready tensors, and with the real sample stream
   (`data.PairedPatches`: crops + augmentation through the DataLoader);
-- stage 04 (`run_ensemble`) for one scene with 2 checkpoints and 8 TTA views.
+- stage 04 (`run_ensemble`) for one scene with 2 checkpoints and 8 TTA views, with the
+  config's inference defaults (whole scene, 8 images per pass), no warm-up.
 Weights are random (speed does not depend on them). Every row runs in its own child
 process (forked where possible, so torch is imported once), so its peak memory is its
 own. bf16 rows run only where bf16 is native (a CUDA GPU or a CPU with AVX512-BF16/AMX):
@@ -45,7 +46,7 @@ from .speed import native_bf16
 
 SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
 QUICK_LR = (40, 48)
-TILE, OVERLAP = 128, 16        # LR pixels; the tiled rows
+TILE, OVERLAP = 160, 16        # LR pixels, tiled rows: 2 x 3 tiles cover 300x375 (1.37x its pixels)
 QUICK_TILE, QUICK_OVERLAP = 24, 4
 TRAIN_BATCH, TRAIN_PATCH = 24, 32
 QUICK_BATCH = 2
@@ -62,10 +63,10 @@ class Row:
     net: str
     path: str = "fast"          # fast | reference (inference); loader | ready (train)
     precision: str = "fp32"
-    mode: str = "whole"         # whole | tiled | tta8 | ready | loader | ensemble
+    mode: str = "whole"         # whole | tiled | tta8 | tta8-tiled | ready | loader | ensemble
     baseline: str = ""          # the row this one is compared with (ratio = its time / ours)
     repeats: int | None = None  # overrides --repeats (long rows)
-    args: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)   # inference: tile (bool), batch
 
 
 def _rows() -> list[Row]:
@@ -77,7 +78,10 @@ def _rows() -> list[Row]:
             Row(f"{net}-ref-bf16", "infer", net, "reference", "bf16", baseline=f"{net}-ref-fp32"),
             Row(f"{net}-fast-bf16", "infer", net, precision="bf16", baseline=f"{net}-ref-fp32"),
             Row(f"{net}-fast-fp32-tiled", "infer", net, mode="tiled", baseline=f"{net}-fast-fp32"),
-            Row(f"{net}-fast-fp32-tta8", "infer", net, mode="tta8", baseline=f"{net}-fast-fp32"),
+            Row(f"{net}-fast-fp32-tta8", "infer", net, mode="tta8", baseline=f"{net}-fast-fp32",
+                args={"tile": False, "batch": 2}),
+            Row(f"{net}-fast-fp32-tta8-tiled", "infer", net, mode="tta8-tiled", baseline=f"{net}-fast-fp32-tta8",
+                args={"tile": True, "batch": 8}),
         ]
     for net in ("swinir_s", "rlfn"):
         rows += [Row(f"{net}-train-ready", "train", net, "ready", "train", "ready"),
@@ -139,9 +143,10 @@ def _setup_infer(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     net = build_net(row.net)
     lr = _scene(QUICK_LR if quick else SCENE_LR)
     tile, overlap = (QUICK_TILE, QUICK_OVERLAP) if quick else (TILE, OVERLAP)
-    settings = {"tta": 8 if row.mode == "tta8" else 1, "tile": tile if row.mode in ("tiled", "tta8") else 0,
-                "overlap": overlap, "batch": 8, "device": device, "precision": row.precision,
-                "fast": row.path == "fast"}
+    tiled = row.args.get("tile", row.mode == "tiled")
+    settings = {"tta": 8 if row.mode.startswith("tta8") else 1, "tile": tile if tiled else 0,
+                "overlap": overlap, "batch": row.args.get("batch", 8), "device": device,
+                "precision": row.precision, "fast": row.path == "fast"}
     return Setup(warmup=lambda: predict_scene([net], lr[:24, :24], **settings),   # kernels, caches
                  run=lambda: predict_scene([net], lr, **settings),
                  meta={"out_mpix": lr.shape[0] * lr.shape[1] * net.scale ** 2 / 1e6,
@@ -229,7 +234,8 @@ def _setup_ensemble(row: Row, quick: bool, device: torch.device, stack: ExitStac
         net = build_net(row.net)
         save_checkpoint(paths.run_dir(cfg["exp"], 0, fold) / "best.pt", net_name=row.net, net_args={},
                         state_dict=net.state_dict(), exp=cfg["exp"], seed=0, fold=fold, step=0, val_ssim=None)
-    return Setup(warmup=lambda: run_ensemble(cfg), run=lambda: run_ensemble(cfg),
+    # no warm-up: every `make ensemble` is a fresh process that pays its first-call costs
+    return Setup(warmup=lambda: None, run=lambda: run_ensemble(cfg),
                  meta={"out_mpix": lr_shape[0] * lr_shape[1] * scale ** 2 / 1e6,
                        "input": f"{lr_shape[0]}x{lr_shape[1]}", "tile": cfg["infer"]["tile"], "tta": 8,
                        "batch": cfg["infer"]["batch"]})
@@ -389,13 +395,13 @@ def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float) -> s
 
 
 def print_table(table: pd.DataFrame) -> None:
-    print(f"{'row':28} {'median s':>9} {'out MP/s':>9} {'peak MB':>8}  vs baseline")
+    print(f"{'row':30} {'median s':>9} {'out MP/s':>9} {'peak MB':>8}  vs baseline")
     for r in table.itertuples():
         if r.status != "ok":
-            print(f"{r.row:28} {r.status}")
+            print(f"{r.row:30} {r.status}")
             continue
         versus = f"x{r.ratio:.2f} vs {r.baseline}" if r.ratio == r.ratio and r.ratio else ""
-        print(f"{r.row:28} {r.median_s:9.3f} {r.mpix_per_s:9.3f} {_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
+        print(f"{r.row:30} {r.median_s:9.3f} {r.mpix_per_s:9.3f} {_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
 
 
 # --- command line ----------------------------------------------------------------------
