@@ -112,8 +112,8 @@ test: $(SETUP) ## run the test suite (slow end-to-end runs excluded)
 test-all: $(SETUP) ## run every test, slow end-to-end runs included
 	$(PY) -m pytest -q -m ""
 
-bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (see BENCHMARKS.md)
-	$(PIPE) bench
+bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (BENCH_ARGS='--quick', '--rows rlfn')
+	$(PIPE) bench $(BENCH_ARGS)
 
 # The aerial benchmark: a competition in the organiser's format built from the real
 # 0.3 m tiles in ../shared (seeded 420/120 split, Pillow bicubic x4) in its own work
