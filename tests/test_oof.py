@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import io, paths
+from pipeline.checkpoints import net_from_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.inference import predict_scene
 from pipeline.metrics import competition_ssim
 from pipeline.stages import s03_oof
 from pipeline.stages.s00_unzip import load_manifest
@@ -102,10 +104,13 @@ def test_oof_seed_ensemble_averages_both_seeds(two_seeds):
     for row in seeds.itertuples():
         pred = io.read_image(out / "pred_seeds" / f"{row.id}.tif")
         assert row.ssim == pytest.approx(competition_ssim(pred, truth_of(row.id)), abs=1e-6)
-        # the float mean of the two seeds, rounded once: within one level of the mean of
-        # their rounded single-seed predictions, and unlike either of them
-        p0, p1 = (io.read_image(out / f"pred_seed{s}" / f"{row.id}.tif").astype(float) for s in (0, 1))
-        assert np.abs(pred - (p0 + p1) / 2).max() <= 1.0
+        # both seeds' checkpoints of the scene's fold, every view, averaged in float, rounded once
+        low = io.read_image(load_manifest("train").set_index("id").loc[row.id, "low_path"])
+        pair = [ckpts[(0, row.fold)], ckpts[(1, row.fold)]]
+        assert_rounds_to(pred, expected_float(pair, low))
+        # and bit for bit what stage 04's call with both nets gives
+        np.testing.assert_array_equal(pred, predict_scene([net_from_checkpoint(p) for p in pair], low, tta=8))
+        p0, p1 = (io.read_image(out / f"pred_seed{s}" / f"{row.id}.tif") for s in (0, 1))
         assert not np.array_equal(pred, p0) and not np.array_equal(pred, p1)
     assert summary["seed_ensemble"]["cv"]["mean"] != pytest.approx(summary["cv"]["mean"], abs=1e-4)
     assert len(single) == 12

@@ -38,7 +38,7 @@ from ..checkpoints import find_checkpoints
 from ..config import load_config
 from ..data import fold_ids, load_scenes
 from ..errors import PipelineError
-from ..inference import pick_device, predict_scene
+from ..inference import image_to_tensor, pick_device, predict_float, predict_scene, tensor_to_image
 from ..tta import TTA_CHOICES
 from ..metrics import competition_ssim
 from ..nets import build_net
@@ -177,7 +177,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
     multi = len(seeds_used) > 1
     bicubic = build_net("bicubic", scale=scale).to(device)
     held_out = {f: fold_ids(f)[1] for f in ckpts}
-    total = sum(len(ids) * (len(ckpts[f]) + (len(ckpts[f]) > 1)) for f, ids in held_out.items())
+    total = sum(len(ids) * len(ckpts[f]) for f, ids in held_out.items())
 
     rows, seed_rows, records = [], [], []
     out_dir = paths.oof_dir(exp)
@@ -190,20 +190,23 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
                 # bicubic needs no TTA: its views agree up to float rounding
                 up = predict_scene([bicubic], scene.lr, **{**settings, "tta": 1}, device=device)
                 bicubic_ssim[scene.id] = competition_ssim(up, scene.hr)
-            jobs = [(s, [p]) for s, p in sorted(ckpts[fold].items())]
-            if len(ckpts[fold]) > 1:
-                jobs.append((SEED_ENSEMBLE, [p for _, p in sorted(ckpts[fold].items())]))
-            for seed, ckpt_paths in jobs:
-                if seed != SEED_ENSEMBLE:
-                    records.append(checkpoint_record(ckpt_paths[0]))
-                nets = load_nets(ckpt_paths, scale, device)
-                for scene in scenes:
-                    pred = predict_scene(nets, scene.lr, **settings, device=device)
+            fold_seeds = sorted(ckpts[fold])
+            records += [checkpoint_record(ckpts[fold][s]) for s in fold_seeds]
+            nets = dict(zip(fold_seeds, load_nets([ckpts[fold][s] for s in fold_seeds], scale, device)))
+            for scene in scenes:
+                x = image_to_tensor(scene.lr)
+                # the seed ensemble is the float mean of the seeds' float outputs, exactly
+                # what predict_scene(all nets) computes, without running the nets twice
+                floats = {s: predict_float([nets[s]], x, **settings, device=device) for s in fold_seeds}
+                if len(fold_seeds) > 1:
+                    floats[SEED_ENSEMBLE] = sum(floats[s] for s in fold_seeds) / len(fold_seeds)
+                for seed, sr in floats.items():
+                    pred = tensor_to_image(sr)
                     io.write_tif(tmp / pred_folder(seed) / f"{scene.id}.tif", pred)
                     row = {"id": scene.id, "fold": fold, "seed": seed,
                            "ssim": competition_ssim(pred, scene.hr), "bicubic_ssim": bicubic_ssim[scene.id]}
                     (seed_rows if seed == SEED_ENSEMBLE else rows).append(row)
-                    bar.update()
+                bar.update(len(fold_seeds))
         bar.close()
 
         table = pd.DataFrame(rows, columns=["id", "fold", "seed", "ssim", "bicubic_ssim"])
