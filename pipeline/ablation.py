@@ -99,7 +99,7 @@ def collect_rows(exp: str) -> list[Row]:
         rows.append(Row(label, exp, cv, "stage 03, all folds" + (" (seed ensemble)" if len(seeds) > 1 else "")))
     for path in sorted(paths.CONFIGS.glob(f"{exp}_*.yaml")):
         variant = path.stem
-        description = next((line.lstrip("# ").split(":", 1)[-1].strip() for line in path.read_text().splitlines()
+        description = next((line.lstrip("# ").split(":", 1)[-1].strip().rstrip(".") for line in path.read_text().splitlines()
                             if line.startswith("#")), variant)
         rows.append(Row(f"ablation `{variant}`: {description}", f"{variant}-fold{ABLATION_FOLD}",
                         _best_val(variant), f"fold {ABLATION_FOLD} validation, best.pt"))
