@@ -7,6 +7,7 @@ file (bit depth is never guessed from pixel values).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -139,3 +140,12 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
         image = to_rgb_uint8(np.asarray(image), path)
         with atomic_path(path) as tmp:
             Image.fromarray(image).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (zips, checkpoints, weight files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

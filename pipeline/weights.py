@@ -15,7 +15,6 @@ and where they were found; `--fetch NAME` (or `all`) downloads what is missing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 import sys
 import urllib.error
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from . import paths
 from .checkpoints import is_pipeline_checkpoint
 from .errors import PipelineError
-from .io import atomic_path
+from .io import atomic_path, sha256_file
 
 
 @dataclass(frozen=True)
@@ -83,18 +82,11 @@ def known_weights(name: str) -> KnownWeights | None:
     return None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def verify(path: Path, known: KnownWeights) -> None:
     """Refuse a file whose content is not the known file it is named after."""
     if known.sha256 is not None:
-        actual = sha256_of(path)
+        actual = sha256_file(path)
         if actual != known.sha256:
             raise PipelineError(
                 f"{path}: sha256 {actual[:16]}... is not that of the published {known.file} "

@@ -61,13 +61,6 @@ def _escapes(name: str) -> bool:
     return unix.startswith("/") or re.match(r"[A-Za-z]:", unix) is not None or ".." in PurePosixPath(unix).parts
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
     if not path.exists():
@@ -175,7 +168,7 @@ def _zip_state(path: Path, with_sha: bool) -> dict:
     stat = path.stat()
     state = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if with_sha:
-        state["sha256"] = _sha256_file(path)
+        state["sha256"] = io.sha256_file(path)
     return state
 
 

@@ -31,7 +31,7 @@ from ..config import load_config
 from ..errors import PipelineError
 from ..inference import pick_device, predict_scene
 from ..tta import TTA_CHOICES
-from ..weights import sha256_of
+from ..io import sha256_file
 from .s00_unzip import load_manifest
 
 ENSEMBLE_JSON = "ensemble.json"
@@ -50,7 +50,7 @@ def checkpoint_record(path: Path) -> dict:
     ckpt = read_checkpoint(path)
     return {"path": relative_to_workdir(path), "seed": ckpt.get("seed"), "fold": ckpt.get("fold"),
             "step": ckpt.get("step"), "val_ssim": ckpt.get("val_ssim"),
-            "net": ckpt["net"]["name"], "mtime": path.stat().st_mtime, "sha256": sha256_of(path)}
+            "net": ckpt["net"]["name"], "mtime": path.stat().st_mtime, "sha256": sha256_file(path)}
 
 
 def select_checkpoints(exp: str, seeds: list[int] | None) -> list[Path]:

@@ -25,7 +25,7 @@ from .. import io, paths
 from ..checkpoints import find_checkpoints
 from ..config import load_config
 from ..errors import PipelineError
-from ..weights import sha256_of
+from ..io import sha256_file
 from .s04_ensemble import ENSEMBLE_JSON, test_scenes
 
 
@@ -61,7 +61,7 @@ def check_fresh(exp: str, record: dict, answer_paths: list[Path]) -> None:
         if path.stat().st_mtime > oldest:
             raise PipelineError(f"{paths.predictions_dir(exp)}: predictions are older than checkpoint "
                                 f"{path}; {rerun}")
-        if sha256_of(path) != ckpt["sha256"]:
+        if sha256_file(path) != ckpt["sha256"]:
             raise PipelineError(f"{path}: checkpoint changed since the predictions were made; {rerun}")
     current = find_checkpoints(paths.experiment_dir(exp), seeds=record.get("seeds"))
     new = [str(p) for p in current if p.resolve() not in used]
