@@ -124,6 +124,26 @@ def test_inference_uses_the_fused_attention_kernel():
     assert attn.relative_position_bias_table.grad.abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore:bf16 on this")
+def test_worker_threads_give_the_single_thread_results():
+    """Blocks run as jobs on worker threads when torch has several: bit-identical outputs,
+    inference and autocast modes carried into the workers."""
+    torch.manual_seed(7)
+    net = make_fast(build_net("swinir_s", depths=[2], num_heads=[6]).eval())
+    x = torch.rand(2, 3, 96, 72)               # 216 windows: two jobs per block
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            results[threads, "fp32"] = net(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                results[threads, "bf16"] = net(x)
+    torch.set_num_threads(1)
+    assert torch.equal(results[1, "fp32"], results[2, "fp32"])
+    assert torch.equal(results[1, "bf16"], results[2, "bf16"])
+    assert not torch.equal(results[2, "fp32"], results[2, "bf16"])   # autocast reached the workers
+
+
 def test_fast_path_trains_with_the_reference_gradients():
     torch.manual_seed(3)
     ref = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.0).train()
