@@ -4,9 +4,10 @@
     predict --checkpoint models/aerial --input data/interim/evaluation --output out/
 
 Every input image (tif/png/jpg, any size, RGB) gives `<output>/<same file name>`, uint8
-RGB, scale x larger. `--checkpoint` takes one pipeline checkpoint, or an experiment
-folder whose `seed*/fold*/best.pt` are all ensembled exactly as stage 04 does (the same
-`inference.predict_scene`: every net x TTA view averaged in float, rounded once).
+RGB, scale x larger. `--checkpoint` takes one pipeline checkpoint, an experiment folder
+whose `seed*/fold*/best.pt` are all ensembled exactly as stage 04 does (the same
+`inference.predict_scene`: every net x TTA view averaged in float, rounded once), or one
+seed's folder (`models/aerial/seed0`: its `fold*/best.pt`).
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ LOSSY_SUFFIXES = {".jpg", ".jpeg"}
 
 
 def checkpoint_paths(checkpoint: Path) -> list[Path]:
-    """One checkpoint file, or every seed*/fold*/best.pt of an experiment folder."""
+    """One checkpoint file, every seed*/fold*/best.pt of an experiment folder, or every
+    fold*/best.pt of one seed's folder."""
     if checkpoint.is_dir():
-        found = find_checkpoints(checkpoint)
+        found = find_checkpoints(checkpoint) or sorted(checkpoint.glob("fold*/best.pt"))
         if not found:
-            raise PipelineError(f"{checkpoint}: no seed*/fold*/best.pt checkpoint in this folder")
+            raise PipelineError(f"{checkpoint}: no seed*/fold*/best.pt or fold*/best.pt checkpoint in this folder")
         return found
     if not checkpoint.is_file():
         raise PipelineError(f"{checkpoint}: checkpoint not found")

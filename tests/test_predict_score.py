@@ -84,6 +84,19 @@ def test_predict_with_weights_file_and_checkpoint_ensemble(mixed_inputs, workdir
     assert np.array_equal(io.read_image(workdir / "ens" / "b.png"), ensemble)
     assert not np.array_equal(ensemble, predict_scene(nets[:1], images["b.png"]))
 
+    # one seed's folder: its folds only (a second seed's checkpoint is left out)
+    torch.manual_seed(7)
+    save_checkpoint(workdir / "models" / "exp" / "seed1" / "fold0" / "best.pt", net_name="espcn",
+                    net_args={"scale": 4}, state_dict=build_net("espcn", scale=4).state_dict(),
+                    exp="exp", seed=1, fold=0, step=1, val_ssim=None)
+    code, stdout, _ = run(capsys, "predict", "--checkpoint", workdir / "models" / "exp" / "seed0",
+                          "--input", folder, "--output", workdir / "seed0")
+    assert code == 0 and "2 net(s)" in stdout
+    assert np.array_equal(io.read_image(workdir / "seed0" / "b.png"), ensemble)
+    code, _, err = run(capsys, "predict", "--checkpoint", workdir / "models", "--input", folder,
+                       "--output", workdir / "none")
+    assert code == 1 and "no seed*/fold*/best.pt or fold*/best.pt checkpoint" in err
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "espcn"], "has trainable parameters: give --weights"),
