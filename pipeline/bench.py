@@ -9,7 +9,9 @@ that ran it:
   (views batched two whole scenes at a time, or eight tiles at a time);
 - one training step as stage 02 takes it (batch 24 of 32 -> 128 crops, the experiment's
   loss, optimizer, EMA and precision) on ready tensors, and with the real sample stream
-  (`data.PairedPatches`: crops + augmentation through the DataLoader);
+  (`data.PairedPatches`: crops + augmentation through the DataLoader); the loader row
+  also times the wait for each batch on its own (`loader_s`, its share of the step), the
+  loader's overhead without the run-to-run noise of comparing two rows;
 - stage 04 (`run_ensemble`) for one scene with 2 checkpoints and 8 TTA views, with the
   config's inference defaults (whole scene, 8 images per pass), no warm-up.
 Weights are random (speed does not depend on them). Every row runs in its own child
@@ -53,7 +55,7 @@ QUICK_BATCH = 2
 CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial"}   # experiment whose training recipe a row uses
 COLUMNS = ["row", "net", "path", "precision", "mode", "input", "tile", "tta", "batch", "repeats",
            "median_s", "min_s", "max_s", "mpix_per_s", "peak_rss_mb", "peak_gpu_mb", "baseline",
-           "ratio", "status", "load_1min"]
+           "ratio", "loader_s", "loader_share", "status", "load_1min"]
 
 
 @dataclass(frozen=True)
@@ -193,17 +195,25 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
         if ema is not None:
             ema.update_parameters(net)
 
+    waits: list[float] = []   # loader row: seconds spent waiting for each batch
+
     if row.path == "ready":
         batch = stream[0]
         run = lambda: step(*batch)                        # noqa: E731
     else:   # the real stream: crops + augmentation through the DataLoader, as stage 02 reads it
         batches = iter(data.batches(stream, 0, t["num_workers"]))
-        run = lambda: step(*next(batches))                # noqa: E731
+
+        def run() -> None:
+            start = time.perf_counter()
+            lr_u8, hr_u8 = next(batches)
+            waits.append(time.perf_counter() - start)
+            step(lr_u8, hr_u8)
     side = t["lr_patch"] * scale
     return Setup(warmup=run, run=run,   # warm-up: optimizer state, kernels
                  meta={"out_mpix": t["batch_size"] * side * side / 1e6,
                        "precision": "bf16" if amp == torch.bfloat16 else "fp32",
-                       "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]})
+                       "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"],
+                       **({"loader_waits": waits} if row.path == "loader" else {})})
 
 
 def _setup_ensemble(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
@@ -271,7 +281,12 @@ def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | Non
         with ExitStack() as stack:
             setup = SETUPS[row.kind](row, quick, dev, stack)
             setup.warmup()
+            waits = setup.meta.pop("loader_waits", None)
+            if waits is not None:
+                waits.clear()                             # the warm-up's batch
             result = dict(setup.meta, times=_timed(setup.run, repeats, dev))
+            if waits:
+                result["loader_s"] = statistics.median(waits)
             result["peak_rss_mb"] = peak_rss_mb()
             if profile:
                 result["profile"] = _profile(setup.run, dev)
@@ -334,6 +349,8 @@ def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: in
                 median = statistics.median(times)
                 record.update(result, repeats=len(times), median_s=median, min_s=min(times), max_s=max(times),
                               mpix_per_s=result["out_mpix"] / median, status="ok")
+                if "loader_s" in result:
+                    record["loader_share"] = result["loader_s"] / median
         records.append(record)
     table = pd.DataFrame(records)
     for col in COLUMNS:
@@ -387,11 +404,19 @@ def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float) -> s
         if r.status != "ok":
             lines.append(f"| {r.row} | | | | {r.status} | | | | | {_fmt(r.load_1min, '.1f')} |")
             continue
-        versus = f"x{r.ratio:.2f} vs {r.baseline}" if r.ratio == r.ratio and r.ratio else ""
+        versus = _versus(r)
         lines.append(f"| {r.row} | {r.input} | {_fmt(r.tile, 'g')} | {_fmt(r.tta, 'g')} | {r.median_s:.3f} | "
                      f"{r.min_s:.3f}-{r.max_s:.3f} | {r.mpix_per_s:.3f} | {_fmt(r.peak_rss_mb, '.0f')} | "
                      f"{versus} | {_fmt(r.load_1min, '.1f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _versus(r) -> str:
+    """The ratio to the baseline row, and for a loader row the loader's own share of a step."""
+    versus = f"x{r.ratio:.2f} vs {r.baseline}" if r.ratio == r.ratio and r.ratio else ""
+    if r.loader_s == r.loader_s and r.loader_s is not None:
+        versus += f"; waits for the loader {r.loader_s * 1e3:.1f} ms ({r.loader_share:.1%} of the step)"
+    return versus
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -400,7 +425,7 @@ def print_table(table: pd.DataFrame) -> None:
         if r.status != "ok":
             print(f"{r.row:30} {r.status}")
             continue
-        versus = f"x{r.ratio:.2f} vs {r.baseline}" if r.ratio == r.ratio and r.ratio else ""
+        versus = _versus(r)
         print(f"{r.row:30} {r.median_s:9.3f} {r.mpix_per_s:9.3f} {_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
 
 

@@ -270,7 +270,11 @@ def test_bench_quick_writes_the_table(workdir, cli):
     assert {"rlfn-fast-fp32", "rlfn-train-loader", "ensemble-rlfn"} <= set(done["row"])
     assert (done["median_s"] > 0).all() and (done["mpix_per_s"] > 0).all()
     assert (done["peak_rss_mb"] > 50).all()
-    assert done.set_index("row").loc["rlfn-train-loader", "baseline"] == "rlfn-train-ready"
+    loader = done.set_index("row").loc["rlfn-train-loader"]
+    assert loader["baseline"] == "rlfn-train-ready"
+    assert 0 < loader["loader_s"] < loader["median_s"]                 # the wait is part of the step
+    assert loader["loader_share"] == pytest.approx(loader["loader_s"] / loader["median_s"], rel=1e-4)
+    assert done.set_index("row")["loader_s"].drop("rlfn-train-loader").isna().all()
     assert "| rlfn-fast-fp32 |" in (workdir / "bench" / "results.md").read_text()
     assert "rows measured" in proc.stdout
 
