@@ -121,17 +121,27 @@ bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (BENCH_ARGS=
 
 # The aerial benchmark: a competition in the organiser's format built from the real
 # 0.3 m tiles in ../shared (seeded 420/120 split, Pillow bicubic x4) in its own work
-# folder; the recipe AERIAL_EXP end to end, the reference rows (bicubic, pretrained
-# RLFN, + TTA) and each of ABLATIONS on fold 0, then the ablation table. Finished runs
-# are skipped on a rerun. AERIAL_JOBS folds train at once (one thread each).
+# folder; the recipe AERIAL_EXP end to end for every seed of SEEDS, the reference rows
+# (bicubic, pretrained RLFN, + TTA), fold 0 alone, then each of ABLATIONS (default: every
+# pipeline/configs/AERIAL_EXP_*.yaml) on fold 0, then the ablation table. Runs and
+# predictions newer than their inputs are skipped, so a rerun (or a rerun after an
+# interruption) only does what is missing. AERIAL_JOBS trainings at once, one thread each.
+# `make benchmark-aerial ABLATIONS=` gives the main rows only (~45 min on 2 cores).
 AERIAL_SOURCE ?= $(abspath ../shared/data/ucmerced_urban)
 AERIAL_DIR := $(abspath data/benchmarks/aerial)
 AERIAL_EXP ?= aerial
 AERIAL_JOBS ?= 2
-ABLATIONS ?=
-AERIAL_RUN := export SR_WORKDIR=$(AERIAL_DIR) && set -e
+ABLATIONS ?= $(sort $(basename $(notdir $(wildcard pipeline/configs/$(AERIAL_EXP)_*.yaml))))
+AERIAL_MODELS := $(AERIAL_DIR)/models
 AERIAL_TEST_LOW := $(AERIAL_DIR)/data/interim/evaluation
 AERIAL_PRED := $(AERIAL_DIR)/data/predictions
+AERIAL_SEED0 := $(firstword $(SEEDS))
+# fresh OUT IN...: OUT/.done exists and none of IN is newer (the prediction is up to date)
+AERIAL_RUN := export SR_WORKDIR=$(AERIAL_DIR) && set -e && \
+  fresh() { local out=$$1; shift; [ -e "$$out/.done" ] && [ -z "$$(find "$$@" -newer "$$out/.done" 2>/dev/null)" ]; } && \
+  predict() { local out=$$1; shift; fresh "$$out" "$${INPUTS[@]}" || { rm -f "$$out/.done"; \
+    $(PIPE) predict --input $(AERIAL_TEST_LOW) --output "$$out" "$$@" && touch "$$out/.done"; }; } && \
+  export -f fresh predict
 
 benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train AERIAL_EXP, score every row, print the ablation table
 	@test -d "$(AERIAL_SOURCE)" || { echo "benchmark-aerial: $(AERIAL_SOURCE) not found: the real tiles live in ../shared/data/ucmerced_urban beside the checkout (not in the repository)" >&2; exit 1; }
@@ -140,17 +150,25 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	  folds=$$($(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))"); \
 	  for s in $(SEEDS); do for f in $$folds; do echo "$$s $$f"; done; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -n 2 \
 	    sh -c '$(PIPE) train --exp $(AERIAL_EXP) --seed $$0 --fold $$1'; \
-	  $(PIPE) oof --exp $(AERIAL_EXP) --seeds $(SEEDS); \
-	  $(PIPE) ensemble --exp $(AERIAL_EXP) --seeds $(SEEDS); \
+	  ckpts=$$(for s in $(SEEDS); do ls $(AERIAL_MODELS)/$(AERIAL_EXP)/seed$$s/fold*/best.pt; done); \
+	  oof=$(AERIAL_MODELS)/$(AERIAL_EXP)/oof/summary.json; \
+	  [ -e $$oof ] && [ -z "$$(find $$ckpts -newer $$oof)" ] || $(PIPE) oof --exp $(AERIAL_EXP) --seeds $(SEEDS); \
+	  ens=$(AERIAL_PRED)/$(AERIAL_EXP)/ensemble.json; \
+	  [ -e $$ens ] && [ -z "$$(find $$ckpts -newer $$ens)" ] || $(PIPE) ensemble --exp $(AERIAL_EXP) --seeds $(SEEDS); \
 	  $(PIPE) submission --exp $(AERIAL_EXP); \
 	  $(PIPE) score --submission $(AERIAL_DIR)/submissions/$$(cat $(AERIAL_DIR)/submissions/$(AERIAL_EXP)-latest.txt) --answers $(AERIAL_DIR)/data/demo/answers
-	$(AERIAL_RUN); $(PIPE) predict --model bicubic --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/bicubic --tta 1; \
-	  $(PIPE) predict --model rlfn --weights rlfn_x4 --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/pretrained --tta 1; \
-	  $(PIPE) predict --model rlfn --weights rlfn_x4 --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/pretrained-tta8 --tta 8; \
-	  for t in 1 8; do $(PIPE) predict --checkpoint $(AERIAL_DIR)/models/$(AERIAL_EXP)/seed0/fold0/best.pt \
-	    --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/$(AERIAL_EXP)-fold0$$([ $$t = 1 ] || echo -tta$$t) --tta $$t; done
-	$(AERIAL_RUN); for a in $(ABLATIONS); do $(PIPE) train --exp $$a --fold 0; \
-	  $(PIPE) predict --checkpoint $(AERIAL_DIR)/models/$$a/seed0/fold0/best.pt --input $(AERIAL_TEST_LOW) --output $(AERIAL_PRED)/$$a-fold0 --tta 1; done
+	$(AERIAL_RUN); INPUTS=($(AERIAL_DIR)/data/interim/manifest.csv); \
+	  predict $(AERIAL_PRED)/bicubic --model bicubic --tta 1; \
+	  predict $(AERIAL_PRED)/pretrained --model rlfn --weights rlfn_x4 --tta 1; \
+	  predict $(AERIAL_PRED)/pretrained-tta8 --model rlfn --weights rlfn_x4 --tta 8; \
+	  INPUTS=($(AERIAL_MODELS)/$(AERIAL_EXP)/seed$(AERIAL_SEED0)); \
+	  for t in 1 8; do predict $(AERIAL_PRED)/$(AERIAL_EXP)-fold0$$([ $$t = 1 ] || echo -tta$$t) \
+	    --checkpoint $(AERIAL_MODELS)/$(AERIAL_EXP)/seed$(AERIAL_SEED0)/fold0/best.pt --tta $$t; done; \
+	  if [ "$(words $(SEEDS))" -gt 1 ]; then predict $(AERIAL_PRED)/$(AERIAL_EXP)-seed$(AERIAL_SEED0) \
+	    --checkpoint $(AERIAL_MODELS)/$(AERIAL_EXP)/seed$(AERIAL_SEED0) --tta 8; fi
+	$(AERIAL_RUN); for a in $(ABLATIONS); do echo $$a; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -I{} bash -c \
+	  '$(PIPE) train --exp {} --fold 0 && INPUTS=($(AERIAL_MODELS)/{}/seed0/fold0/best.pt) && \
+	   predict $(AERIAL_PRED)/{}-fold0 --checkpoint $(AERIAL_MODELS)/{}/seed0/fold0/best.pt --tta 1'
 	$(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP)
 
 clean: ## remove generated artifacts (keeps .venv, data/raw and models/pretrained)

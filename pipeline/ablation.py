@@ -91,12 +91,17 @@ def collect_rows(exp: str) -> list[Row]:
             f"stage 03, fold {ABLATION_FOLD}"),
     ]
     if oof:
-        n_folds = len(oof["folds"])
-        seeds = oof["seeds"]
-        label = (f"fine-tuned, {n_folds} folds" + (f" x seeds {' '.join(map(str, seeds))}" if len(seeds) > 1 else "")
-                 + f" + {tta}-way TTA (stage 04)")
-        cv = oof["seed_ensemble"]["cv"]["mean"] if oof.get("seed_ensemble") else oof["cv"]["mean"]
-        rows.append(Row(label, exp, cv, "stage 03, all folds" + (" (seed ensemble)" if len(seeds) > 1 else "")))
+        n_folds, seeds = len(oof["folds"]), oof["seeds"]
+        folds_label = f"fine-tuned, {n_folds} folds"
+        if len(seeds) == 1:
+            rows.append(Row(f"{folds_label} + {tta}-way TTA (stage 04)", exp, oof["cv"]["mean"], "stage 03, all folds"))
+        else:   # the first seed alone (`predict --checkpoint models/<exp>/seed<s>`), then all seeds
+            first = seeds[0]
+            rows.append(Row(f"{folds_label}, seed {first} + {tta}-way TTA", f"{exp}-seed{first}",
+                            oof["per_seed"][str(first)]["mean"], f"stage 03, all folds, seed {first}"))
+            cv = oof["seed_ensemble"]["cv"]["mean"] if oof.get("seed_ensemble") else None
+            rows.append(Row(f"{folds_label} x seeds {' '.join(map(str, seeds))} + {tta}-way TTA (stage 04)", exp, cv,
+                            "stage 03, all folds, seed ensemble"))
     for path in sorted(paths.CONFIGS.glob(f"{exp}_*.yaml")):
         variant = path.stem
         description = next((line.lstrip("# ").split(":", 1)[-1].strip().rstrip(".") for line in path.read_text().splitlines()

@@ -183,3 +183,21 @@ def test_ablation_table_reads_scores_and_cv_from_files(workdir):
     l1 = [k for k in rows if "`aerial_l1`" in k]
     assert len(l1) == 1 and "L1 loss instead of SSIM" in l1[0] and rows[l1[0]][0] == "0.8001"
     assert not any("aerial_adam" in k for k in rows)                      # nothing on disk: no row
+
+
+def test_ablation_table_with_seeds_has_the_first_seed_and_the_seed_ensemble(workdir):
+    high = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    io.write_tif(paths.DEMO_ANSWERS / "test_0_high.tif", high)
+    expected = {}
+    for name, pattern, shift in (("aerial-seed0", "test_{i}_low.tif", 30), ("aerial", "test_{i}_answer.tif", 10)):
+        pred = np.clip(high.astype(int) + shift, 0, 255).astype(np.uint8)
+        io.write_tif(paths.PREDICTIONS / name / pattern.format(i=0), pred)
+        expected[name] = competition_ssim(pred, high)
+    paths.oof_dir("aerial").mkdir(parents=True)
+    (paths.oof_dir("aerial") / "summary.json").write_text(json.dumps({
+        "folds": [0, 1, 2], "seeds": [0, 1], "cv": {"mean": 0.81}, "bicubic": {"mean": 0.70},
+        "per_fold": {}, "per_seed": {"0": {"mean": 0.8111}, "1": {"mean": 0.8099}},
+        "seed_ensemble": {"seeds": [0, 1], "cv": {"mean": 0.8133}}}))
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table("aerial").splitlines()[2:]}
+    assert rows["fine-tuned, 3 folds, seed 0 + 8-way TTA"][:2] == ["0.8111", f"{expected['aerial-seed0']:.4f}"]
+    assert rows["fine-tuned, 3 folds x seeds 0 1 + 8-way TTA (stage 04)"][:2] == ["0.8133", f"{expected['aerial']:.4f}"]
