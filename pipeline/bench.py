@@ -413,10 +413,10 @@ def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float) -> s
 
 def _versus(r) -> str:
     """The ratio to the baseline row, and for a loader row the loader's own share of a step."""
-    versus = f"x{r.ratio:.2f} vs {r.baseline}" if r.ratio == r.ratio and r.ratio else ""
+    parts = [f"x{r.ratio:.2f} vs {r.baseline}"] if r.ratio == r.ratio and r.ratio else []
     if r.loader_s == r.loader_s and r.loader_s is not None:
-        versus += f"; waits for the loader {r.loader_s * 1e3:.1f} ms ({r.loader_share:.1%} of the step)"
-    return versus
+        parts.append(f"waits for the loader {r.loader_s * 1e3:.1f} ms ({r.loader_share:.1%} of the step)")
+    return "; ".join(parts)
 
 
 def print_table(table: pd.DataFrame) -> None:
