@@ -16,6 +16,7 @@ No arbitrary-angle rotation: its interpolation blurs the edges SSIM rewards.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,13 @@ def fold_ids(fold: int) -> tuple[list, list]:
         raise PipelineError(f"{paths.FOLDS}: no fold {fold} (folds: {', '.join(map(str, known))})")
     return (folds.loc[folds["fold"] != fold, "id"].tolist(),
             folds.loc[folds["fold"] == fold, "id"].tolist())
+
+
+def split_digest(val_ids: list) -> str:
+    """A short fingerprint of a fold's validation ids, kept in its checkpoints: a fold
+    re-split in folds.csv (same K, other scenes) is then caught, not scored with leaks."""
+    text = "\n".join(sorted(map(str, val_ids)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_scenes(ids: list, scale: int) -> list[Scene]:

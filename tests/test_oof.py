@@ -140,3 +140,24 @@ def test_oof_without_checkpoints_or_with_missing_folds(workdir):
     save_tiny_checkpoint("tiny", 0, 7)
     with pytest.raises(PipelineError, match=r"checkpoints for fold\(s\) \[7\]"):
         s03_oof.run_oof(cfg)
+
+
+def test_oof_refuses_a_checkpoint_trained_on_another_split(workdir):
+    """Folds re-split after training (same K): the held-out scenes of a checkpoint's fold are
+    not the ones it was validated on, so its out-of-fold score would leak."""
+    from pipeline.checkpoints import read_checkpoint, save_checkpoint
+    from pipeline.data import fold_ids, split_digest
+
+    cfg = build_competition(write_config(workdir))
+    for f in (0, 1):
+        path = save_tiny_checkpoint("tiny", 0, f)
+        ckpt = read_checkpoint(path)
+        save_checkpoint(path, net_name=ckpt["net"]["name"], net_args=ckpt["net"]["args"],
+                        state_dict=ckpt["state_dict"], seed=0, fold=f, val_split=split_digest(fold_ids(f)[1]))
+    assert s03_oof.run_oof(cfg)["folds"] == [0, 1]                      # recorded split = folds.csv
+    folds = pd.read_csv(paths.FOLDS)
+    folds["fold"] = 1 - folds["fold"]                                    # the same K, other scenes
+    folds.to_csv(paths.FOLDS, index=False)
+    with pytest.raises(PipelineError, match=r"seed0/fold0/best.pt: trained with other validation scenes "
+                                            r"than fold 0 of .*folds.csv.*would leak"):
+        s03_oof.run_oof(cfg)

@@ -213,6 +213,18 @@ def test_finished_run_is_not_retrained(tiny, workdir, capsys):
     assert run(changed, force=True).steps_done == STEPS
 
 
+def test_run_on_a_re_split_fold_is_refused(tiny, workdir):
+    """folds.csv re-split after training (same K, other scenes): the finished run is not
+    taken for this fold's; --force retrains it."""
+    run(tiny)
+    s01_folds.make_folds(3, 1).to_csv(paths.FOLDS, index=False)          # another fold seed
+    with pytest.raises(PipelineError, match=r"fold0: was trained on another split of .*folds.csv "
+                                            r"\(fold 0 holds other validation scenes now\); --force"):
+        run(tiny)
+    assert run(tiny, force=True).steps_done == STEPS
+    assert run(tiny).steps_done == 0                                     # the new split is recorded
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, workdir, monkeypatch):
     real_build = losses.build_loss
 

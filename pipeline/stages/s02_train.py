@@ -352,14 +352,19 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     name = f"{exp} fold {fold} seed {seed}"
 
     # what is on disk decides: skip (finished), resume (unfinished) or start over
+    split = data.split_digest(data.fold_ids(fold)[1])
     state = d.from_main(read_checkpoint(last_path) if d.main and last_path.is_file() else None)
     if state is not None and not force:
         changed = config_diff(state["config"], cfg)
         finished = state["finished"]
+        what = "was trained" if finished else "was started"
         if changed and (finished or resume == "auto"):
-            what = "was trained" if finished else "was started"
             raise PipelineError(f"{run}: {what} with a different config ({', '.join(changed[:6])}); "
                                 f"--force retrains from scratch")
+        # checkpoints from before the split was recorded have none: nothing to compare
+        if state.get("val_split") not in (None, split) and (finished or resume == "auto"):
+            raise PipelineError(f"{run}: {what} on another split of {paths.FOLDS} (fold {fold} holds "
+                                f"other validation scenes now); --force retrains from scratch")
         if finished:
             ts = state["train_state"]
             if d.main:
@@ -419,7 +424,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     def save_best(step: int, val: float) -> None:
         save_checkpoint(best_path, net_name=cfg["model"]["name"], net_args=cfg["model"]["args"],
                         state_dict=eval_net.state_dict(), exp=exp, seed=seed, fold=fold, step=step,
-                        val_ssim=val, bicubic_ssim=bicubic_ssim, config=cfg)
+                        val_ssim=val, bicubic_ssim=bicubic_ssim, config=cfg, val_split=split)
 
     def save_last(step: int) -> None:
         train_state = {"net": net.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -429,7 +434,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
         save_checkpoint(last_path, net_name=cfg["model"]["name"], net_args=cfg["model"]["args"],
                         state_dict=eval_net.state_dict(), exp=exp, seed=seed, fold=fold, step=step,
                         val_ssim=last_val, config=cfg, finished=step == t["steps"],
-                        train_state=train_state)
+                        train_state=train_state, val_split=split)
         write_log(log, run)
 
     if not resuming and d.main:

@@ -34,9 +34,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from .. import io, paths
-from ..checkpoints import find_checkpoints
+from ..checkpoints import find_checkpoints, read_checkpoint
 from ..config import load_config
-from ..data import fold_ids, load_scenes
+from ..data import fold_ids, load_scenes, split_digest
 from ..errors import PipelineError
 from ..inference import image_to_tensor, pick_device, predict_float, predict_scene, tensor_to_image
 from ..tta import TTA_CHOICES
@@ -73,6 +73,19 @@ def checkpoints_by_fold(exp: str, seeds: list[int] | None, folds: list[int]) -> 
         warnings.warn(f"{paths.experiment_dir(exp)}: no best.pt for {', '.join(gaps)}; "
                       "the CV covers only the folds that have one")
     return dict(found)
+
+
+def check_splits(ckpts: dict[int, dict[int, Path]], held_out: dict[int, list]) -> None:
+    """Refuse a checkpoint whose fold held out other scenes than folds.csv's fold does now
+    (folds re-split after training): its out-of-fold score would include scenes it trained on."""
+    for fold, by_seed in ckpts.items():
+        split = split_digest(held_out[fold])
+        for path in by_seed.values():
+            trained_on = read_checkpoint(path).get("val_split")
+            if trained_on is not None and trained_on != split:
+                raise PipelineError(f"{path}: trained with other validation scenes than fold {fold} of "
+                                    f"{paths.FOLDS} holds now (folds re-split?); its out-of-fold score "
+                                    f"would leak: retrain (`make train-all`)")
 
 
 def _stats(values) -> dict:
@@ -177,6 +190,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
     multi = len(seeds_used) > 1
     bicubic = build_net("bicubic", scale=scale).to(device)
     held_out = {f: fold_ids(f)[1] for f in ckpts}
+    check_splits(ckpts, held_out)
     total = sum(len(ids) * len(ckpts[f]) for f, ids in held_out.items())
 
     rows, seed_rows, records = [], [], []
