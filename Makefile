@@ -77,10 +77,14 @@ else
 endif
 
 train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j2 train-all` runs two at once)
-	$(MAKE) $(foreach s,$(SEEDS),$(foreach f,$(FOLD_LIST),train-job.$(s).$(f)))
+	$(MAKE) $(foreach s,$(SEEDS),$(foreach f,$(FOLD_LIST),models/$(EXP)/seed$(s)/fold$(f)/.trained))
 
-train-job.%: $(FOLDS_CSV)
-	$(MAKE) train SEED=$(word 1,$(subst ., ,$*)) FOLD=$(word 2,$(subst ., ,$*))
+# A fold's stamp, in its run folder, is touched when stage 02 returns (trained, resumed to
+# the end, or found finished): a no-op rerun starts no Python. Stage 02 still decides what
+# is on disk: skip, resume, or refuse a changed config.
+models/$(EXP)/seed%/.trained: $(FOLDS_CSV) $(wildcard $(CONFIG)) | $(SETUP)
+	$(MAKE) train SEED=$(word 1,$(subst /fold, ,$*)) FOLD=$(word 2,$(subst /fold, ,$*))
+	touch $@
 
 # Stages 03-05 are file targets: each reruns only when a checkpoint (or its other
 # inputs) is newer; submissions/EXP-latest.txt names the newest zip of EXP.
