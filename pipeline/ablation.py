@@ -67,6 +67,19 @@ def _pretrained_cv(exp: str) -> tuple[float | None, int]:
     return (total / n if n else None), folds
 
 
+def _fold_cv(exp: str, oof: dict | None) -> float | None:
+    """Stage 03's SSIM of fold ABLATION_FOLD's checkpoint of the first seed (the one the
+    fold-0 rows predict the test with); summary.json's per-fold figure averages all seeds."""
+    if not oof:
+        return None
+    table_path = paths.oof_dir(exp) / "oof.csv"
+    if len(oof["seeds"]) > 1 and table_path.is_file():
+        table = pd.read_csv(table_path)
+        rows = table[(table["fold"] == ABLATION_FOLD) & (table["seed"] == oof["seeds"][0])]
+        return float(rows["ssim"].mean()) if len(rows) else None
+    return oof["per_fold"].get(str(ABLATION_FOLD), {}).get("mean")
+
+
 def _fold_ids(fold: int) -> list:
     from .data import fold_ids
     return fold_ids(fold)[1]
@@ -87,8 +100,7 @@ def collect_rows(exp: str) -> list[Row]:
         Row(f"fine-tuned (`{exp}`), fold {ABLATION_FOLD}", f"{exp}-fold{ABLATION_FOLD}",
             _best_val(exp), f"fold {ABLATION_FOLD} validation, best.pt"),
         Row(f"fine-tuned, fold {ABLATION_FOLD} + {tta}-way TTA", f"{exp}-fold{ABLATION_FOLD}-tta{tta}",
-            oof["per_fold"].get(str(ABLATION_FOLD), {}).get("mean") if oof else None,
-            f"stage 03, fold {ABLATION_FOLD}"),
+            _fold_cv(exp, oof), f"stage 03, fold {ABLATION_FOLD}"),
     ]
     if oof:
         n_folds, seeds = len(oof["folds"]), oof["seeds"]

@@ -8,6 +8,7 @@ import subprocess
 import zipfile
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -198,6 +199,10 @@ def test_ablation_table_with_seeds_has_the_first_seed_and_the_seed_ensemble(work
         "folds": [0, 1, 2], "seeds": [0, 1], "cv": {"mean": 0.81}, "bicubic": {"mean": 0.70},
         "per_fold": {}, "per_seed": {"0": {"mean": 0.8111}, "1": {"mean": 0.8099}},
         "seed_ensemble": {"seeds": [0, 1], "cv": {"mean": 0.8133}}}))
+    pd.DataFrame({"id": [0, 1, 0, 1, 2], "fold": [0, 0, 0, 0, 1], "seed": [0, 0, 1, 1, 0],
+                  "ssim": [0.80, 0.82, 0.70, 0.70, 0.5], "bicubic_ssim": 0.6}).to_csv(
+        paths.oof_dir("aerial") / "oof.csv", index=False)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table("aerial").splitlines()[2:]}
     assert rows["fine-tuned, 3 folds, seed 0 + 8-way TTA"][:2] == ["0.8111", f"{expected['aerial-seed0']:.4f}"]
     assert rows["fine-tuned, 3 folds x seeds 0 1 + 8-way TTA (stage 04)"][:2] == ["0.8133", f"{expected['aerial']:.4f}"]
+    assert rows["fine-tuned, fold 0 + 8-way TTA"][0] == "0.8100"         # seed 0's fold-0 checkpoint only
