@@ -68,3 +68,16 @@ def config_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def swinir_fixture():
+    """The SwinIR-S x4 checkpoint in the official release layout and the reference inputs and
+    outputs the official implementation produced from it (../shared/fixtures); skip when absent."""
+    import torch
+
+    ckpt = paths.SHARED_FIXTURES / "swinir_s_x4_official_layout.pth"
+    io = paths.SHARED_FIXTURES / "swinir_s_x4_official_layout_io.pt"
+    if not (ckpt.is_file() and io.is_file()):
+        pytest.skip(f"{paths.SHARED_FIXTURES}: SwinIR fixtures absent")
+    return ckpt, torch.load(io, map_location="cpu", weights_only=False)

@@ -31,15 +31,6 @@ def _one_thread(torch_one_thread):
     """One torch thread: the machine's cores are shared with other jobs."""
 
 
-@pytest.fixture(scope="module")
-def fixture_io():
-    ckpt = paths.SHARED_FIXTURES / "swinir_s_x4_official_layout.pth"
-    io = paths.SHARED_FIXTURES / "swinir_s_x4_official_layout_io.pt"
-    if not (ckpt.is_file() and io.is_file()):
-        pytest.skip(f"{paths.SHARED_FIXTURES}: SwinIR fixtures absent")
-    return ckpt, torch.load(io, map_location="cpu", weights_only=False)
-
-
 def _pair(net: SwinIR) -> tuple[SwinIR, SwinIR]:
     """(reference, fast) copies of one net: the same weights."""
     ref = make_reference(copy.deepcopy(net)).eval()
@@ -54,8 +45,8 @@ def _max_diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
 # --- SwinIR -----------------------------------------------------------------------------
 
 @pytest.mark.shared
-def test_swinir_fast_path_equals_the_official_fixture(fixture_io):
-    ckpt, io = fixture_io
+def test_swinir_fast_path_equals_the_official_fixture(swinir_fixture):
+    ckpt, io = swinir_fixture
     net = make_fast(build_net("swinir", **io["config"]))
     load_weights(net, ckpt)      # the release layout loads into the fast net unchanged
     assert type(net) is FastSwinIR
@@ -243,8 +234,8 @@ def _aerial_tiles(n: int = 2, side: int = 128) -> list[tuple[np.ndarray, np.ndar
 
 @pytest.mark.shared
 @pytest.mark.filterwarnings("ignore:bf16 on this")
-def test_bf16_keeps_the_competition_ssim(fixture_io):
-    ckpt, io = fixture_io
+def test_bf16_keeps_the_competition_ssim(swinir_fixture):
+    ckpt, io = swinir_fixture
     swinir = load_weights(build_net("swinir", **io["config"]), ckpt)
     rlfn = build_net("rlfn")
     rlfn_weights = paths.SHARED_WEIGHTS / "rlfn_x4.pth"

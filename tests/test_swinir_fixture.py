@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import paths
 from pipeline.errors import PipelineError
 from pipeline.nets import build_net
 from pipeline.weights import load_weights
@@ -16,13 +15,9 @@ DERIVED = ("attn_mask", "relative_position_index")  # buffers computed from the 
 
 
 @pytest.fixture(scope="module")
-def fixture_files():
-    ckpt = paths.SHARED_FIXTURES / "swinir_s_x4_official_layout.pth"
-    io = paths.SHARED_FIXTURES / "swinir_s_x4_official_layout_io.pt"
-    if not (ckpt.is_file() and io.is_file()):
-        pytest.skip(f"{paths.SHARED_FIXTURES}: SwinIR fixtures absent")
-    params = torch.load(ckpt, map_location="cpu", weights_only=True)["params"]
-    return ckpt, params, torch.load(io, map_location="cpu", weights_only=False)
+def fixture_files(swinir_fixture):
+    ckpt, io = swinir_fixture
+    return ckpt, torch.load(ckpt, map_location="cpu", weights_only=True)["params"], io
 
 
 @pytest.fixture(scope="module")
