@@ -130,7 +130,7 @@ bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (BENCH_ARGS=
 # pipeline/configs/AERIAL_EXP_*.yaml) on fold 0, then the ablation table. Runs and
 # predictions newer than their inputs are skipped, so a rerun (or a rerun after an
 # interruption) only does what is missing. AERIAL_JOBS trainings at once, one thread each.
-# `make benchmark-aerial ABLATIONS=` gives the main rows only (~45 min on 2 cores).
+# `make benchmark-aerial ABLATIONS=` gives the main rows only (~50 min on 2 cores).
 AERIAL_SOURCE ?= $(abspath ../shared/data/ucmerced_urban)
 AERIAL_DIR := $(abspath data/benchmarks/aerial)
 AERIAL_EXP ?= aerial
