@@ -34,7 +34,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .. import io, paths
-from ..checkpoints import find_checkpoints, read_checkpoint
+from ..checkpoints import find_checkpoints
 from ..config import load_config
 from ..data import fold_ids, load_scenes, split_digest
 from ..errors import PipelineError
@@ -75,16 +75,16 @@ def checkpoints_by_fold(exp: str, seeds: list[int] | None, folds: list[int]) -> 
     return dict(found)
 
 
-def check_splits(ckpts: dict[int, dict[int, Path]], held_out: dict[int, list]) -> None:
-    """Refuse a checkpoint whose fold held out other scenes than folds.csv's fold does now
-    (folds re-split after training): its out-of-fold score would include scenes it trained on."""
-    for fold, by_seed in ckpts.items():
+def check_splits(records: dict[int, dict[int, dict]], held_out: dict[int, list]) -> None:
+    """Refuse a checkpoint (by its `checkpoint_record`) whose fold held out other scenes than
+    folds.csv's fold does now (folds re-split after training): its out-of-fold score would
+    include scenes it trained on. Checkpoints from before the split was recorded pass."""
+    for fold, by_seed in records.items():
         split = split_digest(held_out[fold])
-        for path in by_seed.values():
-            trained_on = read_checkpoint(path).get("val_split")
-            if trained_on is not None and trained_on != split:
-                raise PipelineError(f"{path}: trained with other validation scenes than fold {fold} of "
-                                    f"{paths.FOLDS} holds now (folds re-split?); its out-of-fold score "
+        for record in by_seed.values():
+            if record["val_split"] not in (None, split):
+                raise PipelineError(f"{record['path']}: trained with other validation scenes than fold {fold} "
+                                    f"of {paths.FOLDS} holds now (folds re-split?); its out-of-fold score "
                                     f"would leak: retrain (`make train-all`)")
 
 
@@ -190,10 +190,12 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
     multi = len(seeds_used) > 1
     bicubic = build_net("bicubic", scale=scale).to(device)
     held_out = {f: fold_ids(f)[1] for f in ckpts}
-    check_splits(ckpts, held_out)
+    # each checkpoint read once up front: its record goes to summary.json and is checked here
+    records = {f: {s: checkpoint_record(p) for s, p in sorted(by_seed.items())} for f, by_seed in ckpts.items()}
+    check_splits(records, held_out)
     total = sum(len(ids) * len(ckpts[f]) for f, ids in held_out.items())
 
-    rows, seed_rows, records = [], [], []
+    rows, seed_rows = [], []
     out_dir = paths.oof_dir(exp)
     with io.atomic_dir(out_dir) as tmp:
         bar = tqdm(total=total, desc=f"oof {exp} (tta {settings['tta']})", unit="pred", disable=None)
@@ -205,7 +207,6 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
                 up = predict_scene([bicubic], scene.lr, **{**settings, "tta": 1}, device=device)
                 bicubic_ssim[scene.id] = competition_ssim(up, scene.hr)
             fold_seeds = sorted(ckpts[fold])
-            records += [checkpoint_record(ckpts[fold][s]) for s in fold_seeds]
             nets = dict(zip(fold_seeds, load_nets([ckpts[fold][s] for s in fold_seeds], scale, device)))
             for scene in scenes:
                 x = image_to_tensor(scene.lr)
@@ -234,7 +235,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
             seed_table.to_csv(tmp / "oof_seeds.csv", index=False, float_format="%.6f")
             if not seed_table.empty:
                 summary["seed_ensemble"] = {"seeds": seeds_used, **summarize(seed_table)}
-        summary.update({"inference": {**settings, "device": str(device)}, "checkpoints": records,
+        summary.update({"inference": {**settings, "device": str(device)}, "checkpoints": [r for f in sorted(records) for r in records[f].values()],
                         "seconds": round(time.time() - start, 2)})
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
 

@@ -50,7 +50,8 @@ def checkpoint_record(path: Path) -> dict:
     ckpt = read_checkpoint(path)
     return {"path": relative_to_workdir(path), "seed": ckpt.get("seed"), "fold": ckpt.get("fold"),
             "step": ckpt.get("step"), "val_ssim": ckpt.get("val_ssim"),
-            "net": ckpt["net"]["name"], "mtime": path.stat().st_mtime, "sha256": sha256_file(path)}
+            "net": ckpt["net"]["name"], "val_split": ckpt.get("val_split"),
+            "mtime": path.stat().st_mtime, "sha256": sha256_file(path)}
 
 
 def select_checkpoints(exp: str, seeds: list[int] | None) -> list[Path]:
