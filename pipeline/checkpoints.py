@@ -58,8 +58,9 @@ def net_from_checkpoint(path: str | Path) -> nn.Module:
 
 
 def find_checkpoints(folder: str | Path, name: str = "best.pt", seeds: list[int] | None = None) -> list[Path]:
-    """Every `seed<s>/fold<f>/<name>` under an experiment folder, sorted; optionally only some seeds."""
-    found = sorted(Path(folder).glob(f"seed*/fold*/{name}"))
+    """Every `seed<s>/fold<f>/<name>` under an experiment folder, sorted, optionally only some
+    seeds; given one seed's folder instead (`models/<exp>/seed0`), its `fold<f>/<name>`."""
+    found = sorted(Path(folder).glob(f"seed*/fold*/{name}")) or sorted(Path(folder).glob(f"fold*/{name}"))
     if seeds is not None:
         wanted = {f"seed{s}" for s in seeds}
         found = [p for p in found if p.parent.parent.name in wanted]

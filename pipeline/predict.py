@@ -32,7 +32,7 @@ def checkpoint_paths(checkpoint: Path) -> list[Path]:
     """One checkpoint file, every seed*/fold*/best.pt of an experiment folder, or every
     fold*/best.pt of one seed's folder."""
     if checkpoint.is_dir():
-        found = find_checkpoints(checkpoint) or sorted(checkpoint.glob("fold*/best.pt"))
+        found = find_checkpoints(checkpoint)
         if not found:
             raise PipelineError(f"{checkpoint}: no seed*/fold*/best.pt or fold*/best.pt checkpoint in this folder")
         return found
