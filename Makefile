@@ -140,10 +140,11 @@ AERIAL_MODELS := $(AERIAL_DIR)/models
 AERIAL_TEST_LOW := $(AERIAL_DIR)/data/interim/evaluation
 AERIAL_PRED := $(AERIAL_DIR)/data/predictions
 AERIAL_SEED0 := $(firstword $(SEEDS))
-# fresh OUT IN...: OUT/.done exists and none of IN is newer (the prediction is up to date)
+# fresh FILE IN...: FILE exists and none of IN is newer (what FILE marks is up to date);
+# predict OUT ARGS...: `pipeline predict` into OUT unless OUT/.done is fresh against INPUTS
 AERIAL_RUN := export SR_WORKDIR=$(AERIAL_DIR) && set -e && \
-  fresh() { local out=$$1; shift; [ -e "$$out/.done" ] && [ -z "$$(find "$$@" -newer "$$out/.done" 2>/dev/null)" ]; } && \
-  predict() { local out=$$1; shift; fresh "$$out" "$${INPUTS[@]}" || { rm -f "$$out/.done"; \
+  fresh() { local out=$$1; shift; [ -e "$$out" ] && [ -z "$$(find "$$@" -newer "$$out" 2>/dev/null)" ]; } && \
+  predict() { local out=$$1; shift; fresh "$$out/.done" "$${INPUTS[@]}" || { rm -f "$$out/.done"; \
     $(PIPE) predict --input $(AERIAL_TEST_LOW) --output "$$out" "$$@" && touch "$$out/.done"; }; } && \
   export -f fresh predict
 
@@ -155,11 +156,10 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	  for s in $(SEEDS); do for f in $$folds; do echo "$$s $$f"; done; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -n 2 \
 	    sh -c '$(PIPE) train --exp $(AERIAL_EXP) --seed $$0 --fold $$1'; \
 	  ckpts=$$(for s in $(SEEDS); do ls $(AERIAL_MODELS)/$(AERIAL_EXP)/seed$$s/fold*/best.pt; done); \
-	  oof=$(AERIAL_MODELS)/$(AERIAL_EXP)/oof/summary.json; \
-	  [ -e $$oof ] && [ -z "$$(find $$ckpts -newer $$oof)" ] || $(PIPE) oof --exp $(AERIAL_EXP) --seeds $(SEEDS); \
-	  ens=$(AERIAL_PRED)/$(AERIAL_EXP)/ensemble.json; \
-	  [ -e $$ens ] && [ -z "$$(find $$ckpts -newer $$ens)" ] || $(PIPE) ensemble --exp $(AERIAL_EXP) --seeds $(SEEDS); \
-	  $(PIPE) submission --exp $(AERIAL_EXP); \
+	  fresh $(AERIAL_MODELS)/$(AERIAL_EXP)/oof/summary.json $$ckpts || $(PIPE) oof --exp $(AERIAL_EXP) --seeds $(SEEDS); \
+	  fresh $(AERIAL_PRED)/$(AERIAL_EXP)/ensemble.json $$ckpts || $(PIPE) ensemble --exp $(AERIAL_EXP) --seeds $(SEEDS); \
+	  fresh $(AERIAL_DIR)/submissions/$(AERIAL_EXP)-latest.txt $(AERIAL_PRED)/$(AERIAL_EXP)/ensemble.json || \
+	    $(PIPE) submission --exp $(AERIAL_EXP); \
 	  $(PIPE) score --submission $(AERIAL_DIR)/submissions/$$(cat $(AERIAL_DIR)/submissions/$(AERIAL_EXP)-latest.txt) --answers $(AERIAL_DIR)/data/demo/answers
 	$(AERIAL_RUN); INPUTS=($(AERIAL_DIR)/data/interim/manifest.csv); \
 	  predict $(AERIAL_PRED)/bicubic --model bicubic --tta 1; \
