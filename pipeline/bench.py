@@ -99,10 +99,12 @@ ROWS = {r.name: r for r in _rows()}
 
 @dataclass
 class Setup:
-    """A row ready to run: `warmup()` once, then `run()` is timed; `meta` describes it."""
+    """A row ready to run: `warmup()` once, then `run()` is timed; `meta` describes it;
+    `loader_waits`, on loader rows, collects each run's wait for its batch."""
     warmup: Callable[[], Any]
     run: Callable[[], Any]
     meta: dict
+    loader_waits: list[float] | None = None
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -212,8 +214,8 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     return Setup(warmup=run, run=run,   # warm-up: optimizer state, kernels
                  meta={"out_mpix": t["batch_size"] * side * side / 1e6,
                        "precision": "bf16" if amp == torch.bfloat16 else "fp32",
-                       "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"],
-                       **({"loader_waits": waits} if row.path == "loader" else {})})
+                       "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]},
+                 loader_waits=waits if row.path == "loader" else None)
 
 
 def _setup_ensemble(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
@@ -281,12 +283,11 @@ def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | Non
         with ExitStack() as stack:
             setup = SETUPS[row.kind](row, quick, dev, stack)
             setup.warmup()
-            waits = setup.meta.pop("loader_waits", None)
-            if waits is not None:
-                waits.clear()                             # the warm-up's batch
+            if setup.loader_waits is not None:
+                setup.loader_waits.clear()                # the warm-up's batch
             result = dict(setup.meta, times=_timed(setup.run, repeats, dev))
-            if waits:
-                result["loader_s"] = statistics.median(waits)
+            if setup.loader_waits:
+                result["loader_s"] = statistics.median(setup.loader_waits)
             result["peak_rss_mb"] = peak_rss_mb()
             if profile:
                 result["profile"] = _profile(setup.run, dev)
