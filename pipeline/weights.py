@@ -82,7 +82,6 @@ def known_weights(name: str) -> KnownWeights | None:
     return None
 
 
-
 def verify(path: Path, known: KnownWeights) -> None:
     """Refuse a file whose content is not the known file it is named after."""
     if known.sha256 is not None:

@@ -61,7 +61,6 @@ def _escapes(name: str) -> bool:
     return unix.startswith("/") or re.match(r"[A-Za-z]:", unix) is not None or ".." in PurePosixPath(unix).parts
 
 
-
 def _open_zip(path: Path) -> zipfile.ZipFile:
     if not path.exists():
         raise PipelineError(f"{path}: zip not found (put the organiser's zip there, or run `make demo-data`)")
