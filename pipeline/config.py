@@ -7,6 +7,7 @@ with its dotted name. Values of `model.args` are free-form (constructor argument
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "val_every": 200,
         "ckpt_every": 100,
         "val_tile": 0,               # validation tile side in LR pixels; 0 = whole scene
-        "num_workers": 0,
+        "num_workers": "auto",       # DataLoader worker processes; auto: 0 on CPU, up to 4 on CUDA
         "augment": {
             "dihedral": True,        # the 8 flips/rotations by 90 degrees
             "hue_saturation": 0.0,   # probability of a small hue/saturation shift
@@ -68,7 +69,22 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(base: dict, override: dict, where: str, source: Path) -> dict:
+# Keys that change how fast a run goes, never what it computes: a resume or a finished run
+# is not refused for them (the sample stream is the same with any number of workers).
+RUNTIME_KEYS = ("train.num_workers",)
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2's floats: PyYAML (YAML 1.1) reads `1e-4` as a string, and a
+    learning rate written so (in a file or in `--set train.lr=1e-4`) must be a number."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def _merge(base: dict, override: dict, where: str, source: Path | str) -> dict:
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
         dotted = f"{where}.{key}" if where else key
@@ -78,6 +94,8 @@ def _merge(base: dict, override: dict, where: str, source: Path) -> dict:
             if not isinstance(value, dict):
                 raise PipelineError(f"{source}: config key '{dotted}' must be a mapping")
             out[key] = _merge(base[key], value, dotted, source)
+        elif isinstance(value, dict) and isinstance(base[key], (bool, int, float, str)):
+            raise PipelineError(f"{source}: config key '{dotted}' is a value, not a mapping")
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -87,8 +105,58 @@ def config_path(exp: str) -> Path:
     return paths.CONFIGS / f"{exp}.yaml"
 
 
-def load_config(exp_or_path: str | Path, _bases: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Load an experiment by name (`pipeline/configs/<name>.yaml`) or by file path.
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.steps=2000` -> (["train", "steps"], 2000): the value is YAML (`[8, 8]`, `null`,
+    `true`, `1e-4`, `adam`); an empty value is null."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise PipelineError(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. train.steps=2000")
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"--set {item}: invalid YAML value ({str(exc).splitlines()[0]})") from None
+    return [p.strip() for p in parts], value
+
+
+def apply_overrides(cfg: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
+    """`cfg` with each `--set KEY=VALUE` of `items` applied in order (later ones win).
+
+    Each override is merged exactly as a file's section is, so an unknown key is refused
+    by name and a section cannot become a value. Below `model.args` (free-form) a key sets
+    one constructor argument and keeps the others; `model.args={...}` replaces them all.
+    """
+    for item in items or []:
+        parts, value = parse_override(item)
+        if parts[:2] == ["model", "args"] and len(parts) > 2:
+            args = copy.deepcopy(cfg.get("model", {}).get("args") or {})
+            inner = args
+            for key in parts[2:-1]:
+                if not isinstance(inner.get(key), dict):
+                    inner[key] = {}
+                inner = inner[key]
+            inner[parts[-1]] = value
+            parts, value = parts[:2], args
+        for key in reversed(parts):
+            value = {key: value}
+        exp = cfg.get("exp")
+        cfg = _merge({k: v for k, v in cfg.items() if k != "exp"}, value, "", f"--set {item}")
+        if exp is not None:
+            cfg["exp"] = exp
+    return cfg
+
+
+def add_set_argument(parser) -> None:
+    """The `--set KEY=VALUE` option of every command that reads an experiment config."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, parsed as YAML (repeatable): "
+                             "--set train.steps=2000 --set loss.sobel=0.1")
+
+
+def load_config(exp_or_path: str | Path, overrides: list[str] | None = None,
+                _bases: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load an experiment by name (`pipeline/configs/<name>.yaml`) or by file path, with
+    command-line `overrides` (`["train.steps=2000", ...]`) applied last.
 
     `base: <experiment>` (a file in the same folder) starts from that experiment instead
     of DEFAULTS, so a variant (an ablation) states only what it changes.
@@ -100,7 +168,7 @@ def load_config(exp_or_path: str | Path, _bases: tuple[Path, ...] = ()) -> dict[
         known = ", ".join(sorted(p.stem for p in paths.CONFIGS.glob("*.yaml")))
         raise PipelineError(f"{path}: no such experiment config (known: {known})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -112,11 +180,11 @@ def load_config(exp_or_path: str | Path, _bases: tuple[Path, ...] = ()) -> dict[
         if path.resolve() in _bases:
             raise PipelineError(f"{path}: 'base' chain loops back to this file")
         base = str(base) if str(base).endswith((".yaml", ".yml")) else f"{base}.yaml"
-        start = load_config(path.parent / base, _bases + (path.resolve(),))  # a sibling file
+        start = load_config(path.parent / base, _bases=_bases + (path.resolve(),))  # a sibling file
         start.pop("exp")
     cfg = _merge(start, raw, "", path)
     cfg["exp"] = path.stem
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def dump_config(cfg: dict[str, Any]) -> str:

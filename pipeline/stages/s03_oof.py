@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .. import io, paths
 from ..checkpoints import find_checkpoints
-from ..config import load_config
+from ..config import add_set_argument, load_config
 from ..data import fold_ids, load_scenes, split_digest
 from ..errors import PipelineError
 from ..inference import image_to_tensor, pick_device, predict_float, predict_scene, tensor_to_image
@@ -260,10 +260,11 @@ def add_arguments(parser) -> None:
                         help="seeds to score (default: every seed with checkpoints)")
     parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=None,
                         help="dihedral views per net (default: infer.tta)")
+    add_set_argument(parser)
 
 
 def main(args) -> int:
-    cfg = load_config(args.exp)
+    cfg = load_config(args.exp, args.overrides)
     s = run_oof(cfg, seeds=args.seeds or None, tta=args.tta)
     line = (f"oof {cfg['exp']}: CV {s['cv']['mean']:.4f} ± {s['cv']['std']:.4f} over {s['n_scenes']} scenes "
             f"x {len(s['seeds'])} seed(s), bicubic {s['bicubic']['mean']:.4f} "

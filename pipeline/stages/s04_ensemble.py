@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .. import io, paths
 from ..checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
-from ..config import load_config
+from ..config import add_set_argument, load_config
 from ..errors import PipelineError
 from ..inference import pick_device, predict_scene
 from ..tta import TTA_CHOICES
@@ -143,10 +143,11 @@ def add_arguments(parser) -> None:
                         help="dihedral views per net (default: infer.tta)")
     parser.add_argument("--tile", type=int, default=None,
                         help="tile side in LR pixels, 0 = whole scene (default: infer.tile)")
+    add_set_argument(parser)
 
 
 def main(args) -> int:
-    cfg = load_config(args.exp)
+    cfg = load_config(args.exp, args.overrides)
     record = run_ensemble(cfg, seeds=args.seeds or None, tta=args.tta, tile=args.tile)
     n = len(record["checkpoints"])
     print(f"ensemble {cfg['exp']}: {len(record['answers'])} test scenes x {n} checkpoint(s) "
