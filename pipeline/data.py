@@ -186,10 +186,33 @@ class PairedPatches(Dataset):
         return torch.from_numpy(np.ascontiguousarray(lr)), torch.from_numpy(np.ascontiguousarray(hr))
 
 
-def batches(dataset: PairedPatches, start_step: int, num_workers: int = 0) -> DataLoader:
-    """Batches of steps start_step .. steps-1 in order (workers prefetch ahead)."""
+# train.num_workers: auto = no workers on CPU, where the loader takes under 1 % of a step
+# (BENCHMARKS.md) and a worker would take a core from the training threads; on CUDA one
+# worker per CPU thread of the job, up to this many, so the GPU never waits for crops.
+AUTO_WORKERS_CUDA = 4
+
+
+def loader_workers(setting: int | str, device: torch.device | str = "cpu") -> int:
+    """The number of DataLoader worker processes `train.num_workers` means on `device`."""
+    if setting != "auto":
+        return int(setting)
+    return min(AUTO_WORKERS_CUDA, torch.get_num_threads()) if torch.device(device).type == "cuda" else 0
+
+
+def batches(dataset: PairedPatches, start_step: int, num_workers: int | str = "auto",
+            device: torch.device | str = "cpu") -> DataLoader:
+    """Batches of steps start_step .. steps-1 in order; workers (each 2 batches ahead) and, on
+    CUDA, pinned memory so the copy to the GPU is asynchronous (to_float's non_blocking).
+
+    The batches are the same for any number of workers (each is a function of its step).
+    The loader draws its workers' base seed from a generator of its own: from the global
+    torch RNG that draw would shift dropout/drop-path between a resumed run and an
+    uninterrupted one (a resumed run creates one loader more).
+    """
+    workers = loader_workers(num_workers, device)
     return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
-                      num_workers=num_workers, persistent_workers=False)
+                      num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+                      generator=torch.Generator().manual_seed(dataset.seed), persistent_workers=False)
 
 
 def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -86,6 +86,27 @@ def log_table(result_or_rows) -> pd.DataFrame:
     return pd.DataFrame(rows)[["step", "loss", "lr", "val_ssim"]]
 
 
+def read_board(folder):
+    """The TensorBoard events of a run folder, read back as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    return board
+
+
+def assert_board_matches_log(folder) -> None:
+    """Every figure of log.csv is in the event files at its step, each step once (a resumed
+    run's purge marker drops what the killed run logged after its checkpoint)."""
+    board, log = read_board(folder), pd.read_csv(folder / "log.csv")
+    for tag, column in (("train/loss", "loss"), ("train/lr", "lr"), ("train/loss_l1", "loss_l1"),
+                        ("val/ssim", "val_ssim"), ("val/bicubic_ssim", "bicubic_ssim")):
+        rows = log[log[column].notna()]
+        events = board.Scalars(tag)
+        assert [e.step for e in events] == list(rows["step"]), tag
+        np.testing.assert_allclose([e.value for e in events], rows[column], rtol=1e-6, err_msg=tag)  # float32
+    assert [e.step for e in board.Images("val/crop")] == list(log.loc[log["val_ssim"].notna(), "step"])
+
+
 # --- the data stream ---------------------------------------------------------------------
 
 def fake_scenes(n: int = 3) -> list[data.Scene]:
@@ -160,6 +181,18 @@ def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, cap
         assert not states_equal(net.state_dict(), first.net.state_dict())
     out = capsys.readouterr().out
     assert "best val SSIM" in out and "steps/s" in out
+    # TensorBoard beside log.csv: the same figures, and the validation crop [bicubic | model | truth]
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    assert_board_matches_log(folder)
+    from PIL import Image
+    from io import BytesIO
+    truth = data.load_fold(0, 4)[1][0].hr          # 64x80: the whole scene fits the crop
+    crops = [np.asarray(Image.open(BytesIO(e.encoded_image_string)))[..., :3]
+             for e in read_board(folder).Images("val/crop")]
+    assert crops[0].shape == (64, 3 * 80, 3)
+    assert all(np.array_equal(c[:, 160:], truth) for c in crops)
+    assert np.array_equal(crops[0][:, :80], crops[-1][:, :80])      # bicubic: fixed
+    assert not np.array_equal(crops[0][:, 80:160], crops[-1][:, 80:160])  # the model: trained
 
     second = run(tiny, force=True)
     assert log_table(second).equals(log_table(first))
@@ -169,10 +202,13 @@ def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, cap
 
 
 def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory):
+    """Killed and resumed with 2 DataLoader workers, equal to a run with none that never stopped."""
     steps = 24
     cfg = write_config(workdir, name="tiny", train={"steps": steps, "val_every": 8})
     env = {**os.environ, "SR_WORKDIR": str(workdir)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--exp", cfg, "--fold", "0"],
+    workers = ["train.num_workers=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--exp", cfg, "--fold", "0",
+                             "--set", workers[0]],
                             cwd=paths.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = paths.run_dir("tiny", 0, 0) / "last.pt"
     deadline = time.time() + 60
@@ -184,9 +220,10 @@ def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory):
     killed_at = read_checkpoint(last)["step"]
     assert 0 < killed_at < steps
 
-    resumed = run(cfg)
+    resumed = s02_train.train(load_config(cfg, workers), fold=0, seed=0)
     assert resumed.steps_done == steps - killed_at
     assert not list(last.parent.glob(".*.tmp*"))              # temporaries of the kill removed
+    assert_board_matches_log(last.parent)
 
     # the same run, never interrupted, in another work folder
     paths.set_workdir(tmp_path_factory.mktemp("uninterrupted"))

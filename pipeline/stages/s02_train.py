@@ -1,7 +1,8 @@
 """Stage 02: train one fold of one seed of an experiment.
 
     data/interim + data/folds.csv + pipeline/configs/<exp>.yaml
-      -> models/<exp>/seed<s>/fold<f>/{best.pt, last.pt, log.csv, curves.png, config.yaml}
+      -> models/<exp>/seed<s>/fold<f>/{best.pt, last.pt, log.csv, curves.png, config.yaml,
+                                        TensorBoard events.out.tfevents.*}
 
 Everything comes from the experiment config: the net (optionally pretrained), paired
 random crops with augmentation (pipeline.data), MADGRAD or Adam with a step schedule,
@@ -44,11 +45,12 @@ from tqdm import tqdm
 
 from .. import data, losses, paths, weights
 from ..checkpoints import read_checkpoint, save_checkpoint
-from ..config import dump_config, load_config
+from ..config import RUNTIME_KEYS, add_set_argument, dump_config, load_config
 from ..errors import PipelineError
 from ..io import atomic_path
 from ..metrics import ssim_torch
 from ..nets import build_net
+from ..tensorboard_log import TrainingBoard, remove_event_files
 from ..tiling import tiled_forward
 
 OPTIMIZERS = ("madgrad", "adam")
@@ -136,9 +138,12 @@ def check_train_config(cfg: dict[str, Any]) -> None:
         raise bad("lr_factors", f"needs one factor more than milestones ({len(ms) + 1}), got {fs}")
     if not 0 <= t["ema"] < 1:
         raise bad("ema", f"must be in [0, 1) (0 disables), got {t['ema']}")
-    for key in ("grad_clip", "weight_decay", "val_tile", "num_workers"):
+    for key in ("grad_clip", "weight_decay", "val_tile"):
         if t[key] < 0:
             raise bad(key, f"must be >= 0, got {t[key]}")
+    w = t["num_workers"]
+    if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        raise bad("num_workers", f"must be 'auto' or an integer >= 0, got {w!r}")
     for key, p in t["augment"].items():
         if key != "dihedral" and not 0 <= p <= 1:
             raise bad(f"augment.{key}", f"is a probability in [0, 1], got {p}")
@@ -309,6 +314,7 @@ def clean_run_dir(run: Path) -> None:
     """Start over: drop the artifacts of an earlier run and temporary files a kill left."""
     for name in ARTIFACTS:
         (run / name).unlink(missing_ok=True)
+    remove_event_files(run)
     remove_stale_temporaries(run)
 
 
@@ -355,7 +361,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     split = data.split_digest(data.fold_ids(fold)[1])
     state = d.from_main(read_checkpoint(last_path) if d.main and last_path.is_file() else None)
     if state is not None and not force:
-        changed = config_diff(state["config"], cfg)
+        changed = [k for k in config_diff(state["config"], cfg) if k not in RUNTIME_KEYS]
         finished = state["finished"]
         what = "was trained" if finished else "was started"
         if changed and (finished or resume == "auto"):
@@ -420,6 +426,10 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
 
     model = DistributedDataParallel(net) if d.world > 1 else net
     eval_net = ema.module if ema is not None else net
+    board = TrainingBoard(run, start, val_scenes[0], scale, d.device) if d.main else None
+    if board is not None and not resuming:
+        board.log_row(log[0])
+        board.log_crop(0, eval_net)
 
     def save_best(step: int, val: float) -> None:
         save_checkpoint(best_path, net_name=cfg["model"]["name"], net_args=cfg["model"]["args"],
@@ -444,7 +454,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     bar = tqdm(total=t["steps"], initial=start, desc=f"train {name}", unit="step",
                disable=not d.main or None, dynamic_ncols=True)
     model.train()
-    for step, (lr_u8, hr_u8) in zip(range(start, t["steps"]), data.batches(stream, start, t["num_workers"])):
+    for step, (lr_u8, hr_u8) in zip(range(start, t["steps"]), data.batches(stream, start, t["num_workers"], d.device)):
         lr_img, hr_img = data.to_float(lr_u8, d.device), data.to_float(hr_u8, d.device)
         with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             sr = model(lr_img)
@@ -480,7 +490,11 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                     save_best(done, last_val)
         log.append(row)
         if d.main:
+            board.log_row(row)
+            if row["val_ssim"] is not None:
+                board.log_crop(done, eval_net)
             if done % t["ckpt_every"] == 0 or done == t["steps"]:
+                board.flush()   # the events of every step up to the checkpoint are on disk
                 save_last(done)
                 saved_step = done
             if row["val_ssim"] is not None or done == t["steps"]:
@@ -489,6 +503,8 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                             val=f"{last_val:.4f}", refresh=False)
             bar.update(1)
     bar.close()
+    if board is not None:
+        board.close()
     d.barrier()
 
     loop_seconds = time.perf_counter() - loop_began
@@ -529,13 +545,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--resume", choices=("auto", "never"), default="auto",
                         help="auto: continue from last.pt when there is one (default); never: start over")
-    parser.add_argument("--steps", type=int, default=None, help="override train.steps")
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps (= --set train.steps=N)")
     parser.add_argument("--force", action="store_true", help="retrain even a finished run, from scratch")
+    add_set_argument(parser)
 
 
 def main(args) -> int:
-    cfg = load_config(args.exp)
-    if args.steps is not None:
-        cfg["train"]["steps"] = args.steps
+    steps = [f"train.steps={args.steps}"] if args.steps is not None else []
+    cfg = load_config(args.exp, args.overrides + steps)
     train(cfg, args.fold, args.seed, resume=args.resume, force=args.force)
     return 0
