@@ -10,6 +10,11 @@ SEED ?= 0
 SEEDS ?= 0
 NPROC ?= 1
 PYTHON ?= python3
+# extra arguments of the train, oof and ensemble commands: ARGS="--set train.steps=2000 --set loss.sobel=0.1"
+ARGS ?=
+# GPUs the training jobs claim, one job per GPU (pipeline/gpus.py): default every GPU
+# nvidia-smi lists, none on a CPU machine; GPUS="0 0" lets two jobs share GPU 0 on purpose
+GPUS ?= $(shell nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -E '^[0-9]+$$')
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -32,11 +37,11 @@ CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
 FOLD_LIST = $(shell $(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
 
 .PHONY: help setup demo demo-data unzip folds train train-all oof ensemble submission all \
-        predict score test test-all bench weights benchmark-aerial clean
+        predict score test test-all bench weights benchmark-aerial clean FORCE
 
 help: ## list every target with one line each
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: EXP=$(EXP) FOLD=$(FOLD) SEED=$(SEED) SEEDS='$(SEEDS)' NPROC=$(NPROC)"
+	@echo "  variables: EXP=$(EXP) FOLD=$(FOLD) SEED=$(SEED) SEEDS='$(SEEDS)' NPROC=$(NPROC) GPUS='$(strip $(GPUS))' ARGS='$(ARGS)'"
 
 setup: $(SETUP) ## create .venv from the pinned requirements.txt (reused while up to date)
 
@@ -69,34 +74,46 @@ folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds
 $(FOLDS_CSV): $(MANIFEST) $(wildcard $(CONFIG)) | $(SETUP)
 	$(PIPE) folds --exp $(EXP)
 
-train: $(FOLDS_CSV) ## stage 02: train one fold (FOLD=0 SEED=0 EXP=aerial NPROC=1)
+# With GPUS, a training job first claims NPROC free GPUs of them (waiting while none is
+# free) and runs on those alone (CUDA_VISIBLE_DEVICES); the claim ends with the job.
+GPU_CLAIM = $(if $(strip $(GPUS)),$(PY) -m pipeline.gpus --gpus "$(strip $(GPUS))" --count $(NPROC) --)
+
+train: $(FOLDS_CSV) ## stage 02: train one fold (FOLD=0 SEED=0 EXP=aerial NPROC=1 GPUS= ARGS=)
 ifeq ($(NPROC),1)
-	$(PIPE) train --exp $(EXP) --fold $(FOLD) --seed $(SEED)
+	$(GPU_CLAIM) $(PIPE) train --exp $(EXP) --fold $(FOLD) --seed $(SEED) $(ARGS)
 else
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline train --exp $(EXP) --fold $(FOLD) --seed $(SEED)
+	$(GPU_CLAIM) $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline train --exp $(EXP) --fold $(FOLD) --seed $(SEED) $(ARGS)
 endif
 
-train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j2 train-all` runs two at once)
+train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j4 train-all GPUS="0 1 2 3"`: one per GPU)
 	$(MAKE) $(foreach s,$(SEEDS),$(foreach f,$(FOLD_LIST),models/$(EXP)/seed$(s)/fold$(f)/.trained))
 
 # A fold's stamp, in its run folder, is touched when stage 02 returns (trained, resumed to
 # the end, or found finished): a no-op rerun starts no Python. Stage 02 still decides what
-# is on disk: skip, resume, or refuse a changed config.
-models/$(EXP)/seed%/.trained: $(FOLDS_CSV) $(wildcard $(CONFIG)) | $(SETUP)
-	$(MAKE) train SEED=$(word 1,$(subst /fold, ,$*)) FOLD=$(word 2,$(subst /fold, ,$*))
-	touch $@
+# is on disk: skip, resume, or refuse a changed config. With ARGS the config is not the
+# file's alone: stage 02 always runs and the stamp is removed, so a later run without
+# them asks stage 02 again (which refuses a run trained with other overrides).
+# make -jN: each of the N jobs gets cores/N CPU threads unless OMP_NUM_THREADS is set.
+MAKE_JOBS = $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS)))
+JOB_THREADS = $(if $(MAKE_JOBS),$(shell n=$$(( $$(nproc) / $(MAKE_JOBS) )); echo $$(( n > 0 ? n : 1 ))))
+models/$(EXP)/seed%/.trained: $(FOLDS_CSV) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
+	$(if $(JOB_THREADS),OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(JOB_THREADS)}) \
+	  $(MAKE) train SEED=$(word 1,$(subst /fold, ,$*)) FOLD=$(word 2,$(subst /fold, ,$*))
+	$(if $(strip $(ARGS)),rm -f $@,touch $@)
+
+FORCE:
 
 # Stages 03-05 are file targets: each reruns only when a checkpoint (or its other
 # inputs) is newer; submissions/EXP-latest.txt names the newest zip of EXP.
 oof: $(OOF_SUMMARY) ## stage 03: out-of-fold SSIM -> models/EXP/oof/{oof.csv,summary.json,oof.png}
 
-$(OOF_SUMMARY): $(CKPTS) $(FOLDS_CSV) $(wildcard $(CONFIG)) | $(SETUP)
-	$(PIPE) oof --exp $(EXP) --seeds $(SEEDS)
+$(OOF_SUMMARY): $(CKPTS) $(FOLDS_CSV) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
+	$(PIPE) oof --exp $(EXP) --seeds $(SEEDS) $(ARGS)
 
 ensemble: $(PRED_DIR)/ensemble.json ## stage 04: fold x seed ensemble + 8-way TTA on the test set
 
-$(PRED_DIR)/ensemble.json: $(CKPTS) $(MANIFEST) $(wildcard $(CONFIG)) | $(SETUP)
-	$(PIPE) ensemble --exp $(EXP) --seeds $(SEEDS)
+$(PRED_DIR)/ensemble.json: $(CKPTS) $(MANIFEST) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
+	$(PIPE) ensemble --exp $(EXP) --seeds $(SEEDS) $(ARGS)
 
 submission: $(SUBMISSION_LATEST) ## stage 05: check and zip the predictions -> submissions/EXP-<time>.zip
 
