@@ -95,7 +95,8 @@ train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j4 train-a
 # them asks stage 02 again (which refuses a run trained with other overrides).
 # make -jN: each of the N jobs gets cores/N CPU threads unless OMP_NUM_THREADS is set.
 MAKE_JOBS = $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS)))
-JOB_THREADS = $(if $(MAKE_JOBS),$(shell n=$$(( $$(nproc) / $(MAKE_JOBS) )); echo $$(( n > 0 ? n : 1 ))))
+JOB_THREADS = $(if $(MAKE_JOBS),$(shell n=$$(( $$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN) / $(MAKE_JOBS) )); \
+  echo $$(( n > 0 ? n : 1 ))))
 models/$(EXP)/seed%/.trained: $(FOLDS_CSV) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
 	$(if $(JOB_THREADS),OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(JOB_THREADS)}) \
 	  $(MAKE) train SEED=$(word 1,$(subst /fold, ,$*)) FOLD=$(word 2,$(subst /fold, ,$*))
