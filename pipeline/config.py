@@ -3,6 +3,9 @@
 An experiment file only states what differs from DEFAULTS. Every key must exist in
 DEFAULTS: an unknown key (a typo that would otherwise be silently ignored) is refused
 with its dotted name. Values of `model.args` are free-form (constructor arguments).
+
+Command-line overrides (`--set train.steps=2000`, values parsed as YAML) go through the
+same merge and the same refusals, after the file; the result is the run's config.
 """
 from __future__ import annotations
 
