@@ -2,6 +2,8 @@
 name exactly as in a file, the run's config.yaml, and a run with other overrides refused."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import yaml
@@ -13,6 +15,12 @@ from pipeline.config import DEFAULTS, apply_overrides, load_config
 from pipeline.errors import PipelineError
 from pipeline.stages import s02_train
 from test_train import STEPS, make_competition, write_config
+
+
+@pytest.fixture(autouse=True)
+def keep_warning_format(monkeypatch):
+    """The CLI's main() sets a one-line warning format; keep it to these tests."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
 
 
 def test_values_are_yaml_and_keys_nest(config_file):
