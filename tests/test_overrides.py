@@ -137,3 +137,21 @@ def test_unfinished_run_is_not_resumed_with_other_overrides(workdir, monkeypatch
     resumed = s02_train.train(load_config(cfg_path, ["train.lr=5e-4"]), fold=0, seed=0)
     assert resumed.steps_done == STEPS - 4
     assert all(torch.isfinite(v).all() for v in resumed.net.state_dict().values())
+
+
+def test_oof_and_ensemble_run_with_the_overridden_settings(workdir, capsys):
+    """`--set infer.tta=1` over a file that says 8: both stages record TTA 1."""
+    import json
+
+    from tiny_experiment import build_competition, save_tiny_checkpoint
+    from tiny_experiment import write_config as write_tiny
+
+    cfg = build_competition(write_tiny(workdir, tta=8), n_train=4, n_test=1)
+    for fold in (0, 1):
+        save_tiny_checkpoint(cfg["exp"], 0, fold)
+    exp = str(workdir / "tiny.yaml")
+    assert cli_main(["oof", "--exp", exp, "--set", "infer.tta=1"]) == 0
+    assert json.loads((paths.oof_dir("tiny") / "summary.json").read_text())["inference"]["tta"] == 1
+    assert cli_main(["ensemble", "--exp", exp, "--set", "infer.tta=1"]) == 0
+    assert json.loads((paths.predictions_dir("tiny") / "ensemble.json").read_text())["tta"] == 1
+    assert "x 1 TTA views" in capsys.readouterr().out
