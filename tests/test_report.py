@@ -253,3 +253,15 @@ def test_report_in_headless_chromium(in_tiny, tmp_path):
         assert len(set(transforms)) == 1 and "scale(4)" in transforms[0]
         assert page.errors == []
     assert shot.stat().st_size > 10_000
+
+
+def test_stage_05_recorded_its_zip_with_the_cv_of_its_checkpoints(in_tiny):
+    """The fixture's zip: stage 05 added it to the ledger with stage 03's seed-ensemble CV (the
+    zip is the ensemble of every checkpoint of both seeds), then `lb` its score."""
+    summary = json.loads((in_tiny / "models/tiny/oof/summary.json").read_text())
+    table = ledger.read_ledger()
+    zip_name = (in_tiny / "submissions/tiny-latest.txt").read_text().strip()
+    assert table["zip"].tolist() == [zip_name] and table.loc[0, "experiments"] == "tiny"
+    assert table.loc[0, "cv"] == pytest.approx(summary["seed_ensemble"]["cv"]["mean"], abs=1e-6)
+    assert table.loc[0, "sha256"] == io.sha256_file(in_tiny / "submissions" / zip_name)
+    assert table.loc[0, "lb"] == 0.6
