@@ -110,7 +110,7 @@ def experiment_of_zip(name: str) -> str:
     return Path(name).stem
 
 
-def _ensemble_cv(summary: dict, shas: set[str], seeds: list[int]) -> float | None:
+def _ensemble_cv(summary: dict, shas: set[str]) -> float | None:
     """CV of stage 03 when it scored exactly these checkpoints (all of them, or one seed's)."""
     scored = {c["sha256"]: c for c in summary.get("checkpoints", [])}
     if not shas or not shas <= set(scored):
@@ -126,7 +126,7 @@ def _ensemble_cv(summary: dict, shas: set[str], seeds: list[int]) -> float | Non
 
 def submission_cv(exp: str, ensemble_record: dict) -> float | None:
     """The out-of-fold CV that belongs to a zip predicted as `ensemble_record` (stage 04's
-    ensemble.json) says: stage 03's figure for the same checkpoint files, else None."""
+    ensemble.json) says: stage 03's figure for the same checkpoint files and TTA, else None."""
     path = paths.oof_dir(exp) / "summary.json"
     if not path.is_file():
         return None
@@ -134,8 +134,11 @@ def submission_cv(exp: str, ensemble_record: dict) -> float | None:
         summary = json.loads(path.read_text())
     except ValueError:
         return None
+    inference = summary.get("inference", {})
+    if ensemble_record.get("tta") != inference.get("tta"):
+        return None   # e.g. `ensemble --tta 1` after an 8-view stage 03: another prediction than was scored
     shas = {c["sha256"] for c in ensemble_record.get("checkpoints", []) if c.get("sha256")}
-    return _ensemble_cv(summary, shas, ensemble_record.get("seeds") or [])
+    return _ensemble_cv(summary, shas)
 
 
 def _resolve_zip(arg: str, table: pd.DataFrame) -> Path:

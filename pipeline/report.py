@@ -258,10 +258,11 @@ def blend_rows() -> list[dict]:
             warnings.warn(f"{path}: not a JSON object; left out of the report")
             continue
         weights = _blend_weights(blend)
-        cv = _number(blend.get("cv"), "mean") or _number(blend.get("oof"), "cv", "mean") or _number(blend.get("cv_mean"))
-        if isinstance(blend.get("oof"), dict) and isinstance(blend["oof"].get("cv"), dict):
-            cv = _number(blend["oof"]["cv"], "mean")
-        std = _number(blend.get("cv"), "std") or _number(blend.get("cv_std"))
+        # the CV as {"cv": x | {"mean", "std"}}, {"cv_mean", "cv_std"} or {"oof": {"cv": ...}}
+        oof = blend.get("oof") if isinstance(blend.get("oof"), dict) else {}
+        cv_field = next((v for v in (blend.get("cv"), oof.get("cv"), blend.get("cv_mean")) if v is not None), None)
+        cv = _number(cv_field, "mean")
+        std = _number(cv_field, "std") if isinstance(cv_field, dict) else _number(blend.get("cv_std"))
         gain = _number(blend.get("gain_over_bicubic"))
         per_fold = blend.get("per_fold") if isinstance(blend.get("per_fold"), dict) else {}
         rows.append({"name": path.parent.name, "kind": "blend",

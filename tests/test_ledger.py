@@ -98,15 +98,16 @@ def test_lb_prints_the_ledger_and_the_correlation(workdir, cli):
 def test_submission_cv_is_stage_03_of_the_same_checkpoints(workdir):
     ckpts = [{"seed": s, "fold": f, "sha256": f"{s}{f}" * 32} for s in (0, 1) for f in (0, 1)]
     summary = {"checkpoints": ckpts, "cv": {"mean": 0.80}, "per_seed": {"0": {"mean": 0.79}, "1": {"mean": 0.81}},
-               "seed_ensemble": {"cv": {"mean": 0.82}}}
+               "seed_ensemble": {"cv": {"mean": 0.82}}, "inference": {"tta": 8}}
     oof = paths.oof_dir("e")
     oof.mkdir(parents=True)
     (oof / "summary.json").write_text(json.dumps(summary))
-    record = lambda cs: {"checkpoints": [{"sha256": c["sha256"]} for c in cs]}
+    record = lambda cs, tta=8: {"tta": tta, "checkpoints": [{"sha256": c["sha256"]} for c in cs]}
     assert ledger.submission_cv("e", record(ckpts)) == 0.82                      # all seeds: the seed ensemble
     assert ledger.submission_cv("e", record(ckpts[2:])) == 0.81                  # seed 1's folds
     assert ledger.submission_cv("e", record(ckpts[:1])) is None                 # one fold alone: no CV of it
     assert ledger.submission_cv("e", record([{"sha256": "f" * 64}])) is None     # retrained since stage 03
+    assert ledger.submission_cv("e", record(ckpts, tta=1)) is None              # other TTA than was scored
     assert ledger.submission_cv("other", record(ckpts)) is None                 # no stage 03 at all
 
 

@@ -265,3 +265,20 @@ def test_stage_05_recorded_its_zip_with_the_cv_of_its_checkpoints(in_tiny):
     assert table.loc[0, "cv"] == pytest.approx(summary["seed_ensemble"]["cv"]["mean"], abs=1e-6)
     assert table.loc[0, "sha256"] == io.sha256_file(in_tiny / "submissions" / zip_name)
     assert table.loc[0, "lb"] == 0.6
+
+
+@pytest.mark.parametrize("blend, weights, cv, std", [
+    ({"weights": {"a": 0.25, "b": 0.75}, "cv": 0.8}, ["a: 0.25", "b: 0.75"], 0.8, None),
+    ({"experiments": [{"exp": "a", "weight": 1}, {"experiment": "b", "weight": 2}], "cv_mean": 0.7, "cv_std": 0.1},
+     ["a: 1", "b: 2"], 0.7, 0.1),
+    ({"experiments": ["a", "b"], "oof": {"cv": {"mean": 0.6, "std": 0.02}}}, ["a: ?", "b: ?"], 0.6, 0.02),
+    ({}, [], None, None),
+])
+def test_blend_files_of_every_form(workdir, blend, weights, cv, std):
+    (workdir / "models/blends/x").mkdir(parents=True)
+    (workdir / "models/blends/x/blend.json").write_text(json.dumps(blend))
+    (workdir / "models/blends/broken").mkdir()
+    (workdir / "models/blends/broken/blend.json").write_text("{")
+    with pytest.warns(UserWarning, match=r"broken/blend.json: not valid JSON; left out of the report"):
+        (row,) = report.blend_rows()
+    assert (row["name"], row["kind"], row["diffs"], row["cv"], row["cv_std"]) == ("x", "blend", weights, cv, std)
