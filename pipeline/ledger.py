@@ -18,6 +18,8 @@ import contextlib
 import fcntl
 import json
 import math
+import zipfile
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -141,6 +143,24 @@ def submission_cv(exp: str, ensemble_record: dict) -> float | None:
     return _ensemble_cv(summary, shas)
 
 
+def _cv_of_old_zip(zip_path: Path, exp: str) -> float | None:
+    """CV of a zip made before the ledger existed: known when its answers are, byte for byte
+    (CRC32), stage 04's current predictions of `exp`, whose ensemble.json names the checkpoints."""
+    pred_dir = paths.predictions_dir(exp)
+    try:
+        record = json.loads((pred_dir / "ensemble.json").read_text())
+        with zipfile.ZipFile(zip_path) as zf:
+            members = {i.filename: i.CRC for i in zf.infolist()}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    if sorted(members) != sorted(record.get("answers", [])):
+        return None
+    for name, crc in members.items():
+        if not (pred_dir / name).is_file() or zlib.crc32((pred_dir / name).read_bytes()) != crc:
+            return None
+    return submission_cv(exp, record)
+
+
 def _resolve_zip(arg: str, table: pd.DataFrame) -> Path:
     """A zip given by path or by name -> its path in submissions/ (a copy elsewhere is matched by sha256)."""
     given = Path(arg)
@@ -178,7 +198,8 @@ def record_lb(zip_arg: str, score: float) -> tuple[dict, float | None]:
             if not path.is_file():
                 raise PipelineError(f"{path}: zip not found")
             created = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            row = _row_for(path, [experiment_of_zip(path.name)], None, created)
+            exp = experiment_of_zip(path.name)
+            row = _row_for(path, [exp], _cv_of_old_zip(path, exp), created)
             table = _append(table, row)
             rows = table.index[table["zip"] == path.name]
         i = rows[0]

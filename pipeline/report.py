@@ -193,10 +193,8 @@ def experiment_row(exp: str) -> dict:
     summary, table = read_oof(exp)
     seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
     best_vals = [r["best_val"] for r in runs if r["best_val"] is not None]
-    net = cfg["model"]["name"] if cfg else "?"
-    if cfg and cfg["model"].get("pretrained"):
-        net += f" ({cfg['model']['pretrained']})"
-    row = {"name": exp, "kind": "experiment", "net": net, "base": base, "diffs": diffs,
+    row = {"name": exp, "kind": "experiment", "net": cfg["model"]["name"] if cfg else "?",
+           "pretrained": cfg["model"].get("pretrained") if cfg else None, "base": base, "diffs": diffs,
            "scale": int(cfg["data"]["scale"]) if cfg else None,
            "runs": len(runs), "seeds": sorted({r["seed"] for r in runs}), "folds": sorted({r["fold"] for r in runs}),
            "steps": max((r["steps"] for r in runs), default=None),
@@ -266,7 +264,7 @@ def blend_rows() -> list[dict]:
         gain = _number(blend.get("gain_over_bicubic"))
         per_fold = blend.get("per_fold") if isinstance(blend.get("per_fold"), dict) else {}
         rows.append({"name": path.parent.name, "kind": "blend",
-                     "net": "blend of " + ", ".join(weights) if weights else "blend",
+                     "net": "blend", "pretrained": None,
                      "base": "members", "diffs": [f"{k}: {'?' if w is None else f'{w:.3g}'}" for k, w in weights.items()],
                      "scale": None, "runs": None, "seeds": [], "folds": [], "steps": None, "train_seconds": None, "best_val": None,
                      "cv": cv, "cv_std": std, "fold_std": None,
@@ -367,7 +365,7 @@ def plot_cv_lb(table: pd.DataFrame, corr: dict | None) -> str:
     """CV against public LB of every scored zip, with the y = x line."""
     plt = _pyplot()
     both = table.dropna(subset=["cv", "lb"])
-    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.scatter(both["cv"], both["lb"], s=28, color="#3d5a80", zorder=3)
     for r in both.itertuples():
         ax.annotate(r.experiments, (r.cv, r.lb), fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -376,6 +374,10 @@ def plot_cv_lb(table: pd.DataFrame, corr: dict | None) -> str:
     pad = max((hi - lo) * 0.1, 1e-3)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", ls="--", lw=0.8, label="LB = CV")
     ax.set(xlabel="CV (out of fold)", ylabel="public LB", xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad))
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    ax.set_aspect("equal")
     title = (f"Pearson {corr['pearson']:+.2f}, Spearman {corr['spearman']:+.2f} over {corr['n']} zips"
              if corr else f"{len(both)} zip(s) scored: correlation needs 3")
     ax.set_title(title)
@@ -546,10 +548,10 @@ def _duration(seconds: float | None) -> str:
         return "—"
     seconds = int(round(seconds))
     if seconds < 60:
-        return f"{seconds} s"
+        return f"{seconds}s"
     if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
 def _script_json(data: Any) -> str:

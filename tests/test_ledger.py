@@ -58,6 +58,18 @@ def test_lb_adds_a_zip_made_before_the_ledger(workdir):
     row, old = ledger.record_lb(str(z), 0.81)
     assert old is None and row["experiments"] == "aerial" and row["sha256"] == io.sha256_file(z)
     assert np.isnan(row["cv"]) and ledger.read_ledger()["zip"].tolist() == [z.name]
+    # its answers are stage 04's current predictions, scored by stage 03: the CV is known
+    pred = paths.predictions_dir("e")
+    pred.mkdir(parents=True)
+    (pred / "test_0_answer.tif").write_bytes(b"answer")
+    (pred / "ensemble.json").write_text(json.dumps({"answers": ["test_0_answer.tif"], "tta": 8,
+                                                    "checkpoints": [{"sha256": "a" * 64}]}))
+    paths.oof_dir("e").mkdir(parents=True)
+    (paths.oof_dir("e") / "summary.json").write_text(json.dumps(
+        {"checkpoints": [{"seed": 0, "fold": 0, "sha256": "a" * 64}], "cv": {"mean": 0.77},
+         "seed_ensemble": None, "inference": {"tta": 8}}))
+    assert ledger.record_lb(make_zip("e-20261130-100000.zip", b"answer").name, 0.8)[0]["cv"] == 0.77
+    assert np.isnan(ledger.record_lb(make_zip("e-20261130-110000.zip", b"other").name, 0.8)[0]["cv"])
 
 
 @pytest.mark.parametrize("args, message", [

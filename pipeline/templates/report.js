@@ -35,19 +35,16 @@
     });
   });
 
-  // --- heat colours: within a column, higher is greener ----------------------------------
+  // --- the best value of each figure column is marked (higher is better in all of them) -------
   document.querySelectorAll("table.sortable").forEach(function (table) {
     Array.from(table.tHead.rows[0].cells).forEach(function (th, index) {
       if (!th.classList.contains("heat")) return;
       const cells = Array.from(table.tBodies[0].rows).map(r => r.cells[index]);
-      const values = cells.map(c => parseFloat(c.getAttribute("data-v"))).filter(v => !isNaN(v));
-      if (values.length < 2) return;
-      const lo = Math.min.apply(null, values), hi = Math.max.apply(null, values);
-      if (hi <= lo) return;
-      cells.forEach(function (c) {
-        const v = parseFloat(c.getAttribute("data-v"));
-        if (!isNaN(v)) c.style.background = "rgba(42, 157, 143, " + (0.05 + 0.30 * (v - lo) / (hi - lo)).toFixed(3) + ")";
-      });
+      const values = cells.map(c => parseFloat(c.getAttribute("data-v")));
+      const finite = values.filter(v => !isNaN(v));
+      if (finite.length < 2) return;
+      const best = Math.max.apply(null, finite);
+      cells.forEach((c, i) => { if (values[i] === best) c.classList.add("best"); });
     });
   });
 
