@@ -23,7 +23,8 @@ rendered again from them without running a net.
 
 Figures that are not in the artifacts, and how they are derived:
 - TTA gain: stage 03's out-of-fold SSIM (with `infer.tta` views) minus the validation SSIM
-  stage 02 recorded in the same best.pt on the same held-out scenes (no TTA); mean over runs;
+  stage 02 recorded in the same best.pt on the same held-out scenes (no TTA; tiled by
+  `train.val_tile` rather than `infer.tile`, equal when both are 0); mean over scenes;
 - training time: last.pt's mtime minus config.yaml's (written when a run starts), summed
   over the runs: wall time, so a run resumed after a pause counts the pause too.
 """
@@ -268,7 +269,7 @@ def blend_rows() -> list[dict]:
                      "base": "members", "diffs": [f"{k}: {'?' if w is None else f'{w:.3g}'}" for k, w in weights.items()],
                      "scale": None, "runs": None, "seeds": [], "folds": [], "steps": None, "train_seconds": None, "best_val": None,
                      "cv": cv, "cv_std": std, "fold_std": None,
-                     "per_fold": {str(k): _number(v, "mean") for k, v in per_fold.items()},
+                     "per_fold": {int(k) if str(k).isdigit() else str(k): _number(v, "mean") for k, v in per_fold.items()},
                      "per_seed": {}, "seed_ensemble": None, "tta": None, "tta_gain": None,
                      "bicubic": _number(blend.get("bicubic"), "mean"), "gain_over_bicubic": gain,
                      "stale": None, "curves": []})
