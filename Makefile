@@ -180,6 +180,7 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	  '$(PIPE) train --exp {} --fold 0 && INPUTS=($(AERIAL_MODELS)/{}/seed0/fold0/best.pt) && \
 	   predict $(AERIAL_PRED)/{}-fold0 --checkpoint $(AERIAL_MODELS)/{}/seed0/fold0/best.pt --tta 1'
 	$(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP)
+	SR_WORKDIR=$(AERIAL_DIR) $(PIPE) report
 
 clean: ## remove generated artifacts (keeps .venv, data/raw and models/pretrained)
 	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip submissions/*-latest.txt bench reports/index.html reports/img reports/cache
