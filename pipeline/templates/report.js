@@ -159,7 +159,11 @@
     const hint = document.getElementById("compare-hint");
     if (!ticked.length) {
       compareBox.textContent = "";
-      hint.textContent = "Tick one or two experiments in the table.";
+      const p = document.createElement("p");
+      p.className = "empty";
+      p.textContent = boxes.some(b => !b.disabled) ? "Tick one or two experiments in the table." : "No training run yet.";
+      compareBox.appendChild(p);
+      hint.textContent = "";
       return;
     }
     hint.textContent = ticked.length === 2 ? "Comparing " + ticked.join(" and ") + " (every fold and seed)." :
