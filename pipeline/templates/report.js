@@ -52,8 +52,10 @@
   function niceTicks(lo, hi, count, integer) {
     const span = hi - lo || Math.abs(hi) || 1;
     const step0 = span / count, mag = Math.pow(10, Math.floor(Math.log10(step0)));
-    let step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => span / s <= count) || 10 * mag;
-    if (integer) step = Math.max(1, Math.round(step));   // steps are whole numbers
+    // whole-number axes (steps) take whole-number ticks: no 2.5 multiples, no step below 1
+    const multiples = integer ? [1, 2, 5, 10] : [1, 2, 2.5, 5, 10];
+    let step = multiples.map(m => m * mag).find(s => span / s <= count) || 10 * mag;
+    if (integer) step = Math.max(1, Math.round(step));
     const ticks = [];
     for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
     return {ticks: ticks, step: step};
@@ -98,7 +100,7 @@
     const svg = el("svg", {viewBox: "0 0 " + W + " " + H, role: "img"}, container);
     const grid = el("g", {"font-size": 12, fill: "#6b7280"}, svg);
     const yt = niceTicks(y0, y1, 6), xt = niceTicks(x0, x1, 8, true);
-    const ydigits = Math.max(0, -Math.floor(Math.log10(yt.step)));
+    const ydigits = (String(+yt.step.toPrecision(6)).split(".")[1] || "").length;  // as many as the step has
     yt.ticks.forEach(function (t) {
       el("line", {x1: m.l, x2: W - m.r, y1: Y(t), y2: Y(t), stroke: "#eceef2"}, grid);
       el("text", {x: m.l - 6, y: Y(t) + 4, "text-anchor": "end"}, grid).textContent = t.toFixed(ydigits);
