@@ -111,9 +111,10 @@ def build_submission(cfg: dict) -> Path:
             bad = zf.testzip()
             if bad is not None or sorted(zf.namelist()) != sorted(names):
                 raise PipelineError(f"{out}: zip did not read back correctly ({bad or 'member list'})")
+    # recorded before the pointer make tracks: a ledger that cannot be written leaves stage 05 to rerun
+    ledger.add_submission(out, [exp], ledger.submission_cv(exp, record))  # `python -m pipeline lb` adds the LB score
     with io.atomic_path(latest_pointer(exp)) as tmp:
         tmp.write_text(out.name + "\n")
-    ledger.add_submission(out, [exp], ledger.submission_cv(exp, record))  # `python -m pipeline lb` adds the LB score
     return out
 
 
