@@ -37,7 +37,7 @@ CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
 FOLD_LIST = $(shell $(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
 
 .PHONY: help setup demo demo-data unzip folds train train-all oof ensemble submission all \
-        predict score test test-all bench weights benchmark-aerial clean FORCE
+        predict score test test-all bench weights benchmark-aerial report lb clean FORCE
 
 help: ## list every target with one line each
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -129,6 +129,12 @@ all: ## stages 00-05 for EXP
 	$(MAKE) ensemble EXP=$(EXP)
 	$(MAKE) submission EXP=$(EXP)
 
+report: $(SETUP) ## static HTML report of every experiment, scene and submission -> reports/index.html (offline)
+	$(PIPE) report
+
+lb: $(SETUP) ## print the submissions ledger; `make lb ZIP=submissions/x.zip SCORE=0.81` records a public LB score
+	$(PIPE) lb $(ZIP) $(SCORE)
+
 weights: $(SETUP) ## find (SR_WEIGHTS_DIR, models/pretrained) or download and verify pretrained weights
 	$(PIPE) weights --fetch all
 
@@ -192,7 +198,8 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	  '$(PIPE) train --exp {} --fold 0 && INPUTS=($(AERIAL_MODELS)/{}/seed0/fold0/best.pt) && \
 	   predict $(AERIAL_PRED)/{}-fold0 --checkpoint $(AERIAL_MODELS)/{}/seed0/fold0/best.pt --tta 1'
 	$(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP)
+	SR_WORKDIR=$(AERIAL_DIR) $(PIPE) report
 
 clean: ## remove generated artifacts (keeps .venv, data/raw and models/pretrained)
-	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip submissions/*-latest.txt bench
+	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip submissions/*-latest.txt bench reports/index.html reports/img reports/cache
 	find models -mindepth 1 -maxdepth 1 -type d ! -name pretrained -exec rm -rf {} +

@@ -25,6 +25,8 @@ COMMANDS = {
     "benchmark-sr": ("pipeline.benchmark_sr", "Y-PSNR / Y-SSIM on standard SR test sets (paper protocol)"),
     "weights": ("pipeline.weights", "find, download and verify pretrained weights"),
     "bench": ("pipeline.bench", "speed and memory benchmarks"),
+    "report": ("pipeline.report", "static HTML report of the workdir -> reports/index.html"),
+    "lb": ("pipeline.ledger", "record a zip's public leaderboard score, or print the submissions ledger"),
 }
 
 

@@ -21,7 +21,7 @@ def set_workdir(workdir: str | Path) -> None:
     this takes effect everywhere.
     """
     global WORKDIR, DATA, RAW, TRAIN_ZIP, EVAL_ZIP, INTERIM, MANIFEST, FOLDS, PREDICTIONS
-    global DEMO, DEMO_ANSWERS, MODELS, PRETRAINED, SUBMISSIONS, BENCH
+    global DEMO, DEMO_ANSWERS, MODELS, PRETRAINED, SUBMISSIONS, BENCH, REPORTS
     WORKDIR = Path(workdir).resolve()
     DATA = WORKDIR / "data"
     RAW = DATA / "raw"                      # the organiser's zips
@@ -37,6 +37,7 @@ def set_workdir(workdir: str | Path) -> None:
     PRETRAINED = MODELS / "pretrained"
     SUBMISSIONS = WORKDIR / "submissions"   # <exp>-<timestamp>.zip
     BENCH = WORKDIR / "bench"               # make bench results
+    REPORTS = WORKDIR / "reports"           # make report: index.html + its images
 
 
 set_workdir(os.environ.get("SR_WORKDIR", ROOT))

@@ -9,7 +9,8 @@ scale x its low image. Predictions are refused when they are older than the chec
 that made them (a checkpoint listed in ensemble.json is gone, changed or newer than the
 predictions, or a checkpoint of the same seeds appeared since): rerun `make ensemble`.
 The zip is written atomically and read back; `<exp>-latest.txt` names it (the file make
-tracks, so a rerun of `make submission` with nothing new does no work).
+tracks, so a rerun of `make submission` with nothing new does no work), and
+`submissions/ledger.csv` records it (pipeline/ledger.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import tifffile
 
-from .. import io, paths
+from .. import io, ledger, paths
 from ..checkpoints import find_checkpoints
 from ..config import load_config
 from ..errors import PipelineError
@@ -110,6 +111,8 @@ def build_submission(cfg: dict) -> Path:
             bad = zf.testzip()
             if bad is not None or sorted(zf.namelist()) != sorted(names):
                 raise PipelineError(f"{out}: zip did not read back correctly ({bad or 'member list'})")
+    # recorded before the pointer make tracks: a ledger that cannot be written leaves stage 05 to rerun
+    ledger.add_submission(out, [exp], ledger.submission_cv(exp, record))  # `python -m pipeline lb` adds the LB score
     with io.atomic_path(latest_pointer(exp)) as tmp:
         tmp.write_text(out.name + "\n")
     return out
