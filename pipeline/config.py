@@ -25,6 +25,10 @@ DEFAULTS: dict[str, Any] = {
         "answer": "test_{i}_answer.tif",
         "n_folds": 5,
         "fold_seed": 0,
+        # Largest image accepted, checked from the TIFF header before decoding (a zip bomb is
+        # refused by name): 16x the competition's 1200x1500 scenes, 86 MB as uint8 RGB and
+        # ~350 MB as float32 during validation; raise it for genuinely larger scenes.
+        "max_pixels": 16 * 1200 * 1500,
     },
     "model": {
         "name": "rlfn",

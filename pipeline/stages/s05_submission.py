@@ -14,6 +14,7 @@ tracks, so a rerun of `make submission` with nothing new does no work).
 from __future__ import annotations
 
 import json
+import re
 import time
 import zipfile
 from datetime import datetime
@@ -99,20 +100,31 @@ def build_submission(cfg: dict) -> Path:
     record = read_ensemble_record(exp)
     answers = check_answers(cfg)
     check_fresh(exp, record, answers)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = paths.SUBMISSIONS / f"{exp}-{stamp}.zip"
-    names = [p.name for p in answers]
-    with io.atomic_path(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in answers:
-                zf.write(path, arcname=path.name)
-        with zipfile.ZipFile(tmp) as zf:  # read back: every member's CRC, nothing else inside
-            bad = zf.testzip()
-            if bad is not None or sorted(zf.namelist()) != sorted(names):
-                raise PipelineError(f"{out}: zip did not read back correctly ({bad or 'member list'})")
-    with io.atomic_path(latest_pointer(exp)) as tmp:
-        tmp.write_text(out.name + "\n")
+    with io.locked(latest_pointer(exp), what=f"{paths.SUBMISSIONS} ({exp}'s submissions)"):
+        remove_zip_temporaries(exp)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = paths.SUBMISSIONS / f"{exp}-{stamp}.zip"
+        names = [p.name for p in answers]
+        with io.atomic_path(out) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for path in answers:
+                    zf.write(path, arcname=path.name)
+            with zipfile.ZipFile(tmp) as zf:  # read back: every member's CRC, nothing else inside
+                bad = zf.testzip()
+                if bad is not None or sorted(zf.namelist()) != sorted(names):
+                    raise PipelineError(f"{out}: zip did not read back correctly ({bad or 'member list'})")
+        with io.atomic_path(latest_pointer(exp)) as tmp:
+            tmp.write_text(out.name + "\n")
     return out
+
+
+def remove_zip_temporaries(exp: str) -> None:
+    """Temporary zips of `exp` a killed run left (`.<exp>-<stamp>.zip.XXXXXXXX.tmp.zip`);
+    called under the lock, so none of them is being written."""
+    pattern = re.compile(rf"\.{re.escape(exp)}-\d{{8}}-\d{{6}}\.zip\.[a-z0-9_]{{8}}\.tmp\.zip")
+    for path in paths.SUBMISSIONS.glob(".*.tmp.zip"):
+        if pattern.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 def add_arguments(parser) -> None:
