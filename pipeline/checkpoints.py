@@ -32,8 +32,8 @@ def save_checkpoint(path: str | Path, *, net_name: str, net_args: dict, state_di
     payload = {"format": FORMAT, "net": {"name": net_name, "args": dict(net_args)},
                "state_dict": state_dict, **extra}
     # serialised in memory, then written by Python: a full disk is then an OSError with its
-    # errno (torch's own file writer only says "file write failed"), and the bytes do not
-    # depend on the temporary file's name (torch names the archive after the file)
+    # errno (torch's own file writer only says "unexpected pos"), and the archive inside is
+    # not named after the temporary file
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_path(path) as tmp:

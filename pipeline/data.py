@@ -188,8 +188,10 @@ class PairedPatches(Dataset):
 
 def batches(dataset: PairedPatches, start_step: int, num_workers: int = 0) -> DataLoader:
     """Batches of steps start_step .. steps-1 in order (workers prefetch ahead)."""
+    # a generator of its own: the loader's base seed would otherwise be drawn from the global
+    # RNG, one draw more in a resumed run than in an uninterrupted one (last.pt's RNG state)
     return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
-                      num_workers=num_workers, persistent_workers=False)
+                      num_workers=num_workers, persistent_workers=False, generator=torch.Generator())
 
 
 def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -112,17 +112,31 @@ def artifacts(stage: str, root: Path) -> dict:
         return {info.filename: zf.read(info) for info in zf.infolist()}
 
 
+def deep_equal(a, b) -> bool:
+    """Equal content: tensors and arrays element for element, containers recursively."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    return a == b or (a != a and b != b)   # NaN equals NaN here
+
+
 def assert_same_artifacts(stage: str, got: dict, expected: dict) -> None:
     assert sorted(got) == sorted(expected), stage
     for name, value in expected.items():
         if value == got[name]:
             continue
-        # training: byte-identical checkpoints are expected, but the resume test's bound is
-        # equal tensors and an equal log (pickled dicts may order equal content differently)
-        assert stage == "train" and name.endswith(".pt"), f"{stage}: {name} differs"
-        a, b = _checkpoint_state(got[name]), _checkpoint_state(value)
-        assert a["step"] == b["step"] and a["val_ssim"] == b["val_ssim"], name
-        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"]), name
+        # checkpoints: torch.save writes a random serialization id into every file, so equal
+        # content is never equal bytes; everything in them must be equal, the full training
+        # state of last.pt included (weights, EMA, optimizer, RNG states, log)
+        assert name.endswith(".pt"), f"{stage}: {name} differs"
+        assert deep_equal(_checkpoint_state(got[name]), _checkpoint_state(value)), f"{stage}: {name} differs"
 
 
 # --- the reference run and the kills ------------------------------------------------------
@@ -350,10 +364,10 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_of_several_takers(workdir):
 
 def test_two_concurrent_trainers_of_one_fold(workdir, cli):
     """Issue 15's first fault: the second trainer of models/<exp>/seed0/fold0 stops at once
-    with one line naming the first; killed, the first one's lock is taken over and the run
-    resumes to the same end as an uninterrupted one."""
+    (well before the first ends) with one line naming the first, whose log is one writer's;
+    once the first is killed, its lock is taken over with a warning."""
     config = workdir / f"{EXP}.yaml"
-    config.write_text(TINY_CONFIG.replace("steps: 8", "steps: 4000").replace("ckpt_every: 2", "ckpt_every: 50"))
+    config.write_text(TINY_CONFIG.replace("steps: 8", "steps: 4000").replace("ckpt_every: 2", "ckpt_every: 10"))
     paths.set_workdir(workdir)
     demo_data.build_demo(exp=str(config), n_train=4, n_test=2, tile=32)
     run_stage(stage_args(config)["unzip"])
@@ -378,11 +392,9 @@ def test_two_concurrent_trainers_of_one_fold(workdir, cli):
     log_before = pd.read_csv(run / "log.csv")
     assert list(log_before["step"]) == list(range(killed_at + 1))   # one writer's log, no interleaving
     assert time.perf_counter() - began < 60
-    # the dead trainer's lock is taken over (with a warning) and the run resumes
-    third = cli("train", "--exp", config, "--fold", 0, "--steps", str(killed_at + 50),
-                env={"SR_WORKDIR": str(workdir), "OMP_NUM_THREADS": "1"})
-    assert third.returncode == 0, third.stderr
-    assert f"took over the lock of pid {first.pid}" in third.stderr
+    # the dead trainer's lock is taken over (with a warning) and a (short) run goes through
+    with pytest.warns(UserWarning, match=f"took over the lock of pid {first.pid} on "):
+        assert cli_main(stage_args(config)["train"] + ["--steps", "10", "--force"]) == 0
     assert leftovers(workdir) == []
 
 
