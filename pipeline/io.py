@@ -225,13 +225,13 @@ def lock_path(target: str | Path) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
-def _proc_start(pid: int) -> str | None:
-    """Start time of a process (clock ticks since boot, /proc), None if unknown or a zombie."""
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a process from /proc; None if unknown."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
     except (OSError, IndexError):
         return None
-    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _holder_alive(holder: dict) -> bool:
@@ -247,9 +247,12 @@ def _holder_alive(holder: dict) -> bool:
         return False
     except PermissionError:
         pass
-    start = _proc_start(pid)
-    if Path("/proc/self/stat").exists() and start is None:
-        return False   # a zombie (killed, not yet reaped)
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True                      # it exists, and /proc tells no more
+    state, start = stat
+    if state in ("Z", "X"):
+        return False                     # killed, not yet reaped by its parent
     return holder.get("start") in (None, start)  # another start time: the pid was reused
 
 
@@ -298,7 +301,7 @@ def describe_holder(holder: dict) -> str:
 def _acquire(lock: Path, what: str) -> str:
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                        "since": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                       "start": _proc_start(os.getpid())})
+                       "start": (_proc_stat(os.getpid()) or (None, None))[1]})
     lock.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 4 * LOCK_WAIT_UNWRITTEN
     while time.time() < deadline:
