@@ -620,3 +620,16 @@ def test_enospc_inside_an_atomic_write_names_the_file_keeps_the_previous(workdir
             (tmp / "ensemble.json").write_text("{}")
     monkeypatch.undo()
     assert target.read_text() == "previous" and not folder.exists() and leftovers(workdir) == []
+
+
+def test_out_of_space_outside_the_atomic_writers_is_one_line_too(monkeypatch, capsys):
+    """The CLI's last resort: an ENOSPC from a write no atomic writer wrapped."""
+    import errno
+    from pipeline.stages import s01_folds
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/some.file")
+
+    monkeypatch.setattr(s01_folds, "main", full)
+    assert cli_main(["folds"]) == 1
+    assert capsys.readouterr().err == "error: /data/some.file: no space left on device\n"
