@@ -100,21 +100,19 @@ def build_submission(cfg: dict) -> Path:
     record = read_ensemble_record(exp)
     answers = check_answers(cfg)
     check_fresh(exp, record, answers)
-    with io.locked(latest_pointer(exp), what=f"{paths.SUBMISSIONS} ({exp}'s submissions)"):
-        remove_zip_temporaries(exp)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = paths.SUBMISSIONS / f"{exp}-{stamp}.zip"
-        names = [p.name for p in answers]
-        with io.atomic_path(out) as tmp:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for path in answers:
-                    zf.write(path, arcname=path.name)
-            with zipfile.ZipFile(tmp) as zf:  # read back: every member's CRC, nothing else inside
-                bad = zf.testzip()
-                if bad is not None or sorted(zf.namelist()) != sorted(names):
-                    raise PipelineError(f"{out}: zip did not read back correctly ({bad or 'member list'})")
-        with io.atomic_path(latest_pointer(exp)) as tmp:
-            tmp.write_text(out.name + "\n")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = paths.SUBMISSIONS / f"{exp}-{stamp}.zip"
+    names = [p.name for p in answers]
+    with io.atomic_path(out) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path in answers:
+                zf.write(path, arcname=path.name)
+        with zipfile.ZipFile(tmp) as zf:  # read back: every member's CRC, nothing else inside
+            bad = zf.testzip()
+            if bad is not None or sorted(zf.namelist()) != sorted(names):
+                raise PipelineError(f"{out}: zip did not read back correctly ({bad or 'member list'})")
+    with io.atomic_path(latest_pointer(exp)) as tmp:
+        tmp.write_text(out.name + "\n")
     return out
 
 
@@ -134,7 +132,9 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     start = time.time()
     cfg = load_config(args.exp)
-    out = build_submission(cfg)
+    with io.locked(latest_pointer(cfg["exp"]), what=f"{paths.SUBMISSIONS} ({cfg['exp']}'s submissions)"):
+        remove_zip_temporaries(cfg["exp"])
+        out = build_submission(cfg)
     with zipfile.ZipFile(out) as zf:
         n = len(zf.namelist())
     print(f"submission {cfg['exp']}: {n} answers checked and zipped ({out.stat().st_size / 1e6:.1f} MB, "
