@@ -329,6 +329,9 @@ def _acquire(lock: Path, what: str) -> str:
             continue
         try:
             os.write(fd, mine.encode())
+        except OSError as exc:   # a full disk: no empty lock may stay behind
+            lock.unlink(missing_ok=True)
+            raise no_space_error(exc, lock) or exc from None
         finally:
             os.close(fd)
         return mine
