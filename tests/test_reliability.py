@@ -220,7 +220,7 @@ def kill_and_rerun(reference, stage: str, trial: Path, crash_at=None, delay=None
 
 def spread(n_points: int, k: int) -> list[int]:
     """k crash points spread over 1..n_points, from early to the last one."""
-    return sorted({max(1, min(n_points, round(n_points * (j + 0.5) / k) + 1)) for j in range(k)})
+    return sorted({round(1 + (n_points - 1) * (j + 0.5) / k) for j in range(k)})
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -228,6 +228,7 @@ def test_stage_killed_at_three_points_reruns_to_the_same_artifacts(reference, st
     n = reference["points"][stage]
     assert n >= 3, f"{stage} passes only {n} crash points"
     chosen = spread(n, 3)
+    assert len(chosen) == 3
     for crash_at in chosen:
         assert kill_and_rerun(reference, stage, tmp_path / f"k{crash_at}", crash_at=crash_at), crash_at
 
