@@ -2,7 +2,8 @@
 
 Each command lives in its own module, which defines `add_arguments(parser)` and
 `main(args)`. Modules are imported only when their command runs, so `--help` is fast.
-A PipelineError (bad input) prints one line and exits 1; Ctrl-C exits 130.
+A PipelineError (bad input, a held lock, a full disk) prints one line and exits 1;
+Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # out of space outside the atomic writes (which say it themselves)
+        from .io import NO_SPACE
+        if exc.errno not in NO_SPACE:
+            raise
+        print(f"error: {exc.filename or 'writing a file'}: {NO_SPACE[exc.errno]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left; rerun to pick up", file=sys.stderr)

@@ -43,7 +43,7 @@ import torch
 
 from . import paths
 from .errors import PipelineError
-from .io import atomic_path
+from .io import atomic_path, locked
 from .speed import native_bf16
 
 SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
@@ -463,14 +463,15 @@ def main(args: argparse.Namespace) -> int:
         raise PipelineError("bench: --device cuda asked but no CUDA device is available")
     rows = select_rows(args.rows)
     began = time.perf_counter()
-    table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile)
-    seconds = time.perf_counter() - began
-    command = "python -m pipeline bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
-    paths.BENCH.mkdir(parents=True, exist_ok=True)
-    with atomic_path(paths.BENCH / "results.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_path(paths.BENCH / "results.md") as tmp:
-        tmp.write_text(markdown(table, machine(), command.strip(), seconds))
+    with locked(paths.BENCH / "results.csv", what=f"{paths.BENCH} (benchmark results)"):
+        table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile)
+        seconds = time.perf_counter() - began
+        command = "python -m pipeline bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+        paths.BENCH.mkdir(parents=True, exist_ok=True)
+        with atomic_path(paths.BENCH / "results.csv") as tmp:
+            table.to_csv(tmp, index=False, float_format="%.6g")
+        with atomic_path(paths.BENCH / "results.md") as tmp:
+            tmp.write_text(markdown(table, machine(), command.strip(), seconds))
     print_table(table)
     ok = int((table["status"] == "ok").sum())
     print(f"bench: {ok} of {len(table)} rows measured in {seconds / 60:.1f} min -> {paths.BENCH / 'results.csv'}")

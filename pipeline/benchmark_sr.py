@@ -26,7 +26,7 @@ from . import paths
 from .checkpoints import is_pipeline_checkpoint
 from .errors import PipelineError
 from .inference import predict_scene
-from .io import atomic_path, to_rgb_uint8
+from .io import atomic_path, locked, to_rgb_uint8
 from .metrics import y_psnr, y_ssim
 
 
@@ -145,11 +145,12 @@ def main(args: argparse.Namespace) -> int:
     summary.insert(3, "tta", args.tta)
     tag = (model if weights == "-" else f"{model}_{Path(weights).stem}") + (f"_tta{args.tta}" if args.tta > 1 else "")
     out = args.out or paths.BENCH / f"sr_{tag}_x{args.scale}.csv"
-    with atomic_path(out) as tmp:
-        summary.to_csv(tmp, index=False, float_format="%.6f")
     images_out = out.with_name(out.stem + "_images.csv")
-    with atomic_path(images_out) as tmp:
-        per_image.to_csv(tmp, index=False, float_format="%.6f")
+    with locked(out):
+        with atomic_path(out) as tmp:
+            summary.to_csv(tmp, index=False, float_format="%.6f")
+        with atomic_path(images_out) as tmp:
+            per_image.to_csv(tmp, index=False, float_format="%.6f")
     print(to_markdown(summary))
     print(f"{model} ({weights}) x{args.scale}, tta {args.tta}, on {', '.join(args.sets)}: table in {out}, "
           f"per image in {images_out.name}")

@@ -10,6 +10,7 @@ It is written atomically (temporary file, then rename).
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,13 @@ def save_checkpoint(path: str | Path, *, net_name: str, net_args: dict, state_di
                     **extra: Any) -> None:
     payload = {"format": FORMAT, "net": {"name": net_name, "args": dict(net_args)},
                "state_dict": state_dict, **extra}
+    # serialised in memory, then written by Python: a full disk is then an OSError with its
+    # errno (torch's own file writer only says "unexpected pos"), and the archive inside is
+    # not named after the temporary file
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -29,6 +29,10 @@ DEFAULTS: dict[str, Any] = {
         "answer": "test_{i}_answer.tif",
         "n_folds": 5,
         "fold_seed": 0,
+        # Largest image accepted, checked from the TIFF header before decoding (a zip bomb is
+        # refused by name): 16x the competition's 1200x1500 scenes, 86 MB as uint8 RGB and
+        # ~350 MB as float32 during validation; raise it for genuinely larger scenes.
+        "max_pixels": 16 * 1200 * 1500,
     },
     "model": {
         "name": "rlfn",
@@ -72,9 +76,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-# Keys that change how fast a run goes, never what it computes: a resume or a finished run
-# is not refused for them (the sample stream is the same with any number of workers).
-RUNTIME_KEYS = ("train.num_workers",)
+# Keys that never change what a run computes (how fast it goes, which inputs are accepted):
+# a resume or a finished run is not refused for them (the sample stream is the same with any
+# number of workers; the pixel bound only refuses inputs before anything is trained).
+RUNTIME_KEYS = ("train.num_workers", "data.max_pixels")
 
 
 class _Loader(yaml.SafeLoader):

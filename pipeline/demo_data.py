@@ -230,12 +230,13 @@ def build_demo(source: Path | None = None, exp: str = "demo", scale: int | None 
         train_members.append((data_cfg["train_high"].format(i=i), tif_bytes(high)))
     eval_members = [(data_cfg["test_low"].format(i=i), tif_bytes(downscale(high, scale, kernel)))
                     for i, (_, high) in enumerate(test_scenes)]
-    written = [write_if_changed(paths.TRAIN_ZIP, zip_bytes(train_members)),
-               write_if_changed(paths.EVAL_ZIP, zip_bytes(eval_members))]
     answer_name = answer_pattern(data_cfg["test_low"])
-    with io.atomic_dir(paths.DEMO_ANSWERS) as tmp:
-        for i, (_, high) in enumerate(test_scenes):
-            (tmp / answer_name.format(i=i)).write_bytes(tif_bytes(high))
+    with io.locked(paths.RAW, what=f"the demo competition ({paths.RAW}, {paths.DEMO_ANSWERS})"):
+        written = [write_if_changed(paths.TRAIN_ZIP, zip_bytes(train_members)),
+                   write_if_changed(paths.EVAL_ZIP, zip_bytes(eval_members))]
+        with io.atomic_dir(paths.DEMO_ANSWERS) as tmp:
+            for i, (_, high) in enumerate(test_scenes):
+                (tmp / answer_name.format(i=i)).write_bytes(tif_bytes(high))
     return {"n_train": n_train, "n_test": n_test, "scale": scale, "kernel": kernel, "tile": tile,
             "sources": len(sources), "written": written,
             "train_sources": [name for name, _ in train_scenes],

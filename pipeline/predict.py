@@ -122,9 +122,10 @@ def main(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(images, desc=f"predict ({len(nets)} net{'s' * (len(nets) > 1)} x {args.tta} views)",
                unit="image", disable=None)
-    for path in bar:
-        lr = io.read_image(path)
-        io.write_image(out_dir / path.name, predict_scene(nets, lr, **settings))
+    with io.locked(out_dir, what=f"{out_dir} (predict's output folder)"):
+        for path in bar:
+            lr = io.read_image(path)
+            io.write_image(out_dir / path.name, predict_scene(nets, lr, **settings))
     print(f"{len(images)} image(s) -> {out_dir} ({len(nets)} net(s), tta {args.tta}, "
           f"tile {args.tile or 'none'}, {args.precision}, {device}) in {time.time() - start:.1f}s")
     return 0

@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
     table = score_submission(args.submission, args.answers, data_cfg, jobs=args.jobs)
     print(table.to_string(index=False, formatters={"ssim": "{:.5f}".format}))
     if args.csv:
-        with io.atomic_path(args.csv) as tmp:
+        with io.locked(args.csv), io.atomic_path(args.csv) as tmp:
             table.to_csv(tmp, index=False, float_format="%.6f")
     mean = table["ssim"].mean()
     print(f"mean SSIM {mean:.5f} over {len(table)} images ({args.submission}) in {time.time() - start:.1f}s"

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import paths
 from .checkpoints import is_pipeline_checkpoint
 from .errors import PipelineError
-from .io import atomic_path, sha256_file
+from .io import atomic_path, locked, sha256_file
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _fetch(url: str, dest: Path) -> None:
 def download(known: KnownWeights) -> Path:
     """Download a known file into models/pretrained/, verified before it takes its name."""
     dest = paths.PRETRAINED / known.file
-    with atomic_path(dest) as tmp:
+    with locked(dest), atomic_path(dest) as tmp:
         try:
             _fetch(known.url, tmp)
         except (urllib.error.URLError, OSError, ValueError) as exc:

@@ -220,7 +220,8 @@ def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory):
     killed_at = read_checkpoint(last)["step"]
     assert 0 < killed_at < steps
 
-    resumed = s02_train.train(load_config(cfg, workers), fold=0, seed=0)
+    with pytest.warns(UserWarning, match="took over the lock of pid .* whose process is gone"):
+        resumed = s02_train.train(load_config(cfg, workers), fold=0, seed=0)
     assert resumed.steps_done == steps - killed_at
     assert not list(last.parent.glob(".*.tmp*"))              # temporaries of the kill removed
     assert_board_matches_log(last.parent)

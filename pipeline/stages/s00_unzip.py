@@ -25,7 +25,9 @@ import hashlib
 import io as bytes_io
 import json
 import logging
+import math
 import re
+import shutil
 import time
 import warnings
 import zipfile
@@ -130,8 +132,73 @@ class _TiffLog(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def read_member(zip_path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
-    """Decode one TIFF member as uint8 RGB (CRC checked by zipfile while reading)."""
+HEADER_BYTES = 1 << 20  # a TIFF's first directory is in its first MiB for tifffile, Pillow and libtiff
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def member_image_size(zf: zipfile.ZipFile, member: str, whole: bool) -> tuple[int, int] | None:
+    """(height, width) of a TIFF member's first image from its header alone: its first MiB,
+    or when the directory lies beyond (and `whole`) the member's bytes. None when no header
+    can be read (read_member then says why)."""
+    logged = _TiffLog()
+    tiff_logger = logging.getLogger("tifffile")
+    tiff_logger.addHandler(logged)
+    tiff_logger.propagate = False
+    try:
+        with zf.open(member) as fh:
+            head = fh.read(HEADER_BYTES)
+        for data in (head, zf.read(member) if whole and len(head) == HEADER_BYTES else None):
+            if data is None:
+                break
+            try:
+                with tifffile.TiffFile(bytes_io.BytesIO(data)) as tif:
+                    page = tif.pages.first
+                    return int(page.imagelength), int(page.imagewidth)
+            except Exception:  # truncated head or not a TIFF: try the whole member / let decoding tell
+                continue
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError):
+        return None
+    finally:
+        tiff_logger.removeHandler(logged)
+        tiff_logger.propagate = True
+    return None
+
+
+def check_bounds(jobs: list, data_cfg: dict) -> None:
+    """Before anything is decoded or written: every image within `data.max_pixels` (from
+    its TIFF header, and its uncompressed size from the zip's directory), and the extracted
+    total within the free space of the disk that will hold it. A zip bomb is refused by name."""
+    max_pixels = int(data_cfg["max_pixels"])
+    limit = f"data.max_pixels = {max_pixels} ({max_pixels / 1e6:.1f} Mpx)"
+    max_bytes = 8 * max_pixels + HEADER_BYTES  # RGBA at 16 bits, uncompressed, plus headers
+    total = 0
+    for _, zip_path, zf, _, members in jobs:
+        for member in members.values():
+            info = zf.getinfo(member)
+            hw = member_image_size(zf, member, whole=info.file_size <= max_bytes)
+            if (hw is not None and hw[0] * hw[1] > max_pixels) or info.file_size > max_bytes:
+                size = f"{_size(info.file_size)} uncompressed, {_size(info.compress_size)} in the zip"
+                what = (f"{hw[0]}x{hw[1]} image ({hw[0] * hw[1] / 1e6:.1f} Mpx, {size})" if hw is not None
+                        else f"{size}, more than an image within the limit takes")
+                raise PipelineError(f"{zip_path}:{member}: {what} exceeds {limit}; refused before decoding, "
+                                    "nothing extracted (raise data.max_pixels if the image is genuine)")
+            total += (hw[0] * hw[1] * 3 if hw is not None else info.file_size) + 4096
+    disk = next(p for p in (paths.INTERIM, *paths.INTERIM.parents) if p.exists())
+    free = shutil.disk_usage(disk).free
+    if total > free:
+        raise PipelineError(f"{paths.INTERIM}: extracting needs {_size(total)} but only {_size(free)} is free "
+                            f"on its disk ({disk}); nothing extracted: free some space")
+
+
+def read_member(zip_path: Path, zf: zipfile.ZipFile, member: str, max_pixels: int | None = None) -> np.ndarray:
+    """Decode one TIFF member as uint8 RGB (CRC checked by zipfile while reading); with
+    `max_pixels`, a stack of pages larger than that many RGBA pixels is refused undecoded."""
     where = f"{zip_path}:{member}"
     try:
         data = zf.read(member)
@@ -145,7 +212,13 @@ def read_member(zip_path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
         with tifffile.TiffFile(bytes_io.BytesIO(data)) as tif:
             if not tif.pages:  # a broken header decodes to an empty float array, not an error
                 raise ValueError("; ".join(logged.messages) or "no image in it")
+            shape = tif.series[0].shape
+            if max_pixels is not None and math.prod(shape) > 4 * max_pixels:
+                raise PipelineError(f"{where}: {'x'.join(map(str, shape))} image stack exceeds data.max_pixels = "
+                                    f"{max_pixels}; refused before decoding, nothing extracted")
             image = tif.asarray()
+    except PipelineError:
+        raise
     except Exception as exc:  # any decoder failure is the file's problem
         raise PipelineError(f"{where}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     finally:
@@ -223,7 +296,8 @@ def extract(data_cfg: dict) -> pd.DataFrame:
 
     rows, rgba = [], []
     try:
-        with io.atomic_dir(paths.INTERIM) as tmp:
+        check_bounds(jobs, data_cfg)
+        with io.locked(paths.INTERIM), io.atomic_dir(paths.INTERIM) as tmp:
             for folder in SPLIT_FOLDERS.values():
                 (tmp / folder).mkdir()
             for split, zip_path, zf, i, members in tqdm(jobs, desc="unzip", unit="scene", disable=None):
@@ -233,7 +307,7 @@ def extract(data_cfg: dict) -> pd.DataFrame:
                 for role, member in members.items():
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        images[role] = read_member(zip_path, zf, member)
+                        images[role] = read_member(zip_path, zf, member, int(data_cfg["max_pixels"]))
                     for w in caught:  # gathered into one warning; anything else passes through
                         if "alpha" in str(w.message):
                             rgba.append(f"{zip_path.name}:{member}")
@@ -300,11 +374,12 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     start = time.time()
     data_cfg = load_config(args.exp)["data"]
-    if not args.force and up_to_date(data_cfg):
-        print(f"unzip: {paths.INTERIM} is up to date with {paths.TRAIN_ZIP.name} and {paths.EVAL_ZIP.name}; "
-              "nothing to do")
-        return 0
-    manifest = extract(data_cfg)
+    with io.locked(paths.INTERIM):
+        if not args.force and up_to_date(data_cfg):
+            print(f"unzip: {paths.INTERIM} is up to date with {paths.TRAIN_ZIP.name} and {paths.EVAL_ZIP.name}; "
+                  "nothing to do")
+            return 0
+        manifest = extract(data_cfg)
     counts = manifest["split"].value_counts()
     print(f"unzip: {counts.get('train', 0)} train pairs + {counts.get('test', 0)} test scenes "
           f"(x{data_cfg['scale']}) -> {paths.INTERIM}, manifest {paths.MANIFEST.name} "

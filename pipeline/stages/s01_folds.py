@@ -90,12 +90,13 @@ def main(args) -> int:
     seed = int(args.seed if args.seed is not None else data_cfg["fold_seed"])
     folds = make_folds(n_folds, seed)
     text = folds.to_csv(index=False)
-    changed = not paths.FOLDS.exists() or paths.FOLDS.read_text() != text
-    if changed:
-        with io.atomic_path(paths.FOLDS) as tmp:
-            tmp.write_text(text)
-    else:
-        os.utime(paths.FOLDS)  # newer than the config that made make call us; no stage redoes on it
+    with io.locked(paths.FOLDS):
+        changed = not paths.FOLDS.exists() or paths.FOLDS.read_text() != text
+        if changed:
+            with io.atomic_path(paths.FOLDS) as tmp:
+                tmp.write_text(text)
+        else:
+            os.utime(paths.FOLDS)  # newer than the config that made make call us; no stage redoes on it
     per_fold = folds.groupby("fold")[STATISTIC].agg(["size", "mean"])
     spread = ", ".join(f"{f}: {int(r['size'])} scenes / {r['mean']:.4f}" for f, r in per_fold.iterrows())
     print(f"folds: {len(folds)} scenes in {n_folds} folds (seed {seed}; fold: size / mean {STATISTIC}: "

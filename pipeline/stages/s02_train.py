@@ -24,6 +24,7 @@ split between ranks, rank 0 alone writes files and shows progress.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import math
 import os
@@ -47,7 +48,7 @@ from .. import data, losses, paths, weights
 from ..checkpoints import read_checkpoint, save_checkpoint
 from ..config import RUNTIME_KEYS, add_set_argument, dump_config, load_config
 from ..errors import PipelineError
-from ..io import atomic_path
+from ..io import atomic_path, locked
 from ..metrics import ssim_torch
 from ..nets import build_net
 from ..tensorboard_log import TrainingBoard, remove_event_files
@@ -318,6 +319,25 @@ def clean_run_dir(run: Path) -> None:
     remove_stale_temporaries(run)
 
 
+def read_run_state(run: Path, resume: str, force: bool) -> dict | None:
+    """The last.pt of an earlier run of this folder (None: there is none). An unreadable
+    last.pt, or best.pt beside a last.pt that would be kept, stops with the remedy;
+    with --force or --resume never the run starts afresh over it (with a warning)."""
+    last_path, best_path = run / "last.pt", run / "best.pt"
+    afresh = "--force" if force else "--resume never" if resume == "never" else None
+    try:
+        state = read_checkpoint(last_path) if last_path.is_file() else None
+        if state is not None and not force and best_path.is_file():
+            read_checkpoint(best_path)  # kept by a skip or a resume: it must be readable
+    except PipelineError as exc:
+        if afresh is None:
+            raise PipelineError(f"{exc}; rerun with --force (or --resume never) to start this run afresh "
+                                "over it") from None
+        warnings.warn(f"{exc}; starting afresh ({afresh})")
+        return None
+    return state
+
+
 def remove_stale_temporaries(run: Path) -> None:
     for tmp in run.glob(".*.tmp*"):
         tmp.unlink(missing_ok=True)
@@ -342,7 +362,9 @@ def train(cfg: dict[str, Any], fold: int, seed: int, resume: str = "auto", force
     """Train (or resume, or skip if finished) one fold of one seed; see the module docstring."""
     d = init_distributed()
     try:
-        return _train(cfg, fold, seed, resume, force, d)
+        # one writer per run folder (rank 0 writes; another trainer of this fold stops at once)
+        with locked(paths.run_dir(cfg["exp"], seed, fold)) if d.main else contextlib.nullcontext():
+            return _train(cfg, fold, seed, resume, force, d)
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -359,7 +381,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
 
     # what is on disk decides: skip (finished), resume (unfinished) or start over
     split = data.split_digest(data.fold_ids(fold)[1])
-    state = d.from_main(read_checkpoint(last_path) if d.main and last_path.is_file() else None)
+    state = d.from_main(read_run_state(run, resume, force) if d.main else None)
     if state is not None and not force:
         changed = [k for k in config_diff(state["config"], cfg) if k not in RUNTIME_KEYS]
         finished = state["finished"]
@@ -441,11 +463,11 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "rng": rng_state(), "best_ssim": best_ssim, "best_step": best_step,
                        "bicubic_ssim": bicubic_ssim, "log": log}
+        write_log(log, run)  # before last.pt: a kill in between never leaves a finished run's log behind
         save_checkpoint(last_path, net_name=cfg["model"]["name"], net_args=cfg["model"]["args"],
                         state_dict=eval_net.state_dict(), exp=exp, seed=seed, fold=fold, step=step,
                         val_ssim=last_val, config=cfg, finished=step == t["steps"],
                         train_state=train_state, val_split=split)
-        write_log(log, run)
 
     if not resuming and d.main:
         save_best(0, last_val)
@@ -493,12 +515,13 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
             board.log_row(row)
             if row["val_ssim"] is not None:
                 board.log_crop(done, eval_net)
+            # the plot before last.pt: once last.pt says finished, every artifact is complete
+            if row["val_ssim"] is not None or done == t["steps"]:
+                plot_curves(log, bicubic_ssim, run, f"{name}: best {best_ssim:.4f} at step {best_step}")
             if done % t["ckpt_every"] == 0 or done == t["steps"]:
                 board.flush()   # the events of every step up to the checkpoint are on disk
                 save_last(done)
                 saved_step = done
-            if row["val_ssim"] is not None or done == t["steps"]:
-                plot_curves(log, bicubic_ssim, run, f"{name}: best {best_ssim:.4f} at step {best_step}")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}",
                             val=f"{last_val:.4f}", refresh=False)
             bar.update(1)

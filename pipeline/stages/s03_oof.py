@@ -197,7 +197,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
 
     rows, seed_rows = [], []
     out_dir = paths.oof_dir(exp)
-    with io.atomic_dir(out_dir) as tmp:
+    with io.locked(out_dir), io.atomic_dir(out_dir) as tmp:
         bar = tqdm(total=total, desc=f"oof {exp} (tta {settings['tta']})", unit="pred", disable=None)
         for fold in sorted(ckpts):
             scenes = load_scenes(held_out[fold], scale)

@@ -111,7 +111,7 @@ def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = No
     records = [checkpoint_record(p) for p in ckpt_paths]
     nets = load_nets(ckpt_paths, scale, device)
     out_dir = paths.predictions_dir(exp)
-    with io.atomic_dir(out_dir) as tmp:
+    with io.locked(out_dir), io.atomic_dir(out_dir) as tmp:
         bar = tqdm(scenes, desc=f"ensemble {exp} ({len(nets)} nets x {settings['tta']} views)",
                    unit="scene", disable=None)
         for scene in bar:

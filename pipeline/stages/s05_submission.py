@@ -15,6 +15,7 @@ tracks, so a rerun of `make submission` with nothing new does no work), and
 from __future__ import annotations
 
 import json
+import re
 import time
 import zipfile
 from datetime import datetime
@@ -118,6 +119,15 @@ def build_submission(cfg: dict) -> Path:
     return out
 
 
+def remove_zip_temporaries(exp: str) -> None:
+    """Temporary zips of `exp` a killed run left (`.<exp>-<stamp>.zip.XXXXXXXX.tmp.zip`);
+    called under the lock, so none of them is being written."""
+    pattern = re.compile(rf"\.{re.escape(exp)}-\d{{8}}-\d{{6}}\.zip\.[a-z0-9_]{{8}}\.tmp\.zip")
+    for path in paths.SUBMISSIONS.glob(".*.tmp.zip"):
+        if pattern.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--exp", default="demo", help="experiment name or YAML path")
 
@@ -125,7 +135,9 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     start = time.time()
     cfg = load_config(args.exp)
-    out = build_submission(cfg)
+    with io.locked(latest_pointer(cfg["exp"]), what=f"{paths.SUBMISSIONS} ({cfg['exp']}'s submissions)"):
+        remove_zip_temporaries(cfg["exp"])
+        out = build_submission(cfg)
     with zipfile.ZipFile(out) as zf:
         n = len(zf.namelist())
     print(f"submission {cfg['exp']}: {n} answers checked and zipped ({out.stat().st_size / 1e6:.1f} MB, "
