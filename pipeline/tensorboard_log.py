@@ -11,6 +11,7 @@ trains again) are dropped, not shown twice. Events are flushed with every checkp
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,16 @@ def remove_event_files(run: Path) -> None:
     """A run started over leaves no events of the run it replaces."""
     for path in Path(run).glob(EVENTS_GLOB):
         path.unlink(missing_ok=True)
+
+
+def _after_earlier_files(run: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the
+    second it was made, then host and pid: a resumed run's file made in the same second as
+    the killed run's could sort first, and its purge marker would then drop the wrong events.
+    Wait (at most a second, only then) until its name sorts after every earlier file."""
+    stamps = [int(p.name.split(".")[3]) for p in run.glob(EVENTS_GLOB) if p.name.split(".")[3].isdigit()]
+    if stamps and (wait := max(stamps) + 1 - time.time()) > 0:
+        time.sleep(wait)
 
 
 def _crop_box(scene: Scene) -> tuple[slice, slice]:
@@ -54,6 +65,8 @@ class TrainingBoard:
     def __init__(self, run: Path, start_step: int, scene: Scene, scale: int, device: torch.device):
         from torch.utils.tensorboard import SummaryWriter  # imported when a run trains, not to skip one
 
+        if start_step:
+            _after_earlier_files(Path(run))
         # purge_step: events of earlier files at steps >= it are discarded by TensorBoard;
         # the resumed run trains from start_step + 1 (start_step is in the checkpoint's log)
         self.writer = SummaryWriter(log_dir=str(run), purge_step=start_step + 1 if start_step else None)

@@ -90,6 +90,17 @@ def _checkpoint_state(data: bytes) -> dict:
     return torch.load(bytes_io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
+def _board(folder: Path) -> dict:
+    """The TensorBoard events of a run as TensorBoard shows them (a resumed run's purge marker
+    applied): event file names hold the clock and the pid, so files cannot be compared."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    board.Reload()
+    tags = board.Tags()
+    return {**{t: [(e.step, e.value) for e in board.Scalars(t)] for t in tags["scalars"]},
+            **{t: [(e.step, e.encoded_image_string) for e in board.Images(t)] for t in tags["images"]}}
+
+
 def artifacts(stage: str, root: Path) -> dict:
     """The stage's artifacts under work folder `root`: bytes where the stage is
     deterministic, the decoded content where a file holds a clock reading."""
@@ -98,7 +109,10 @@ def artifacts(stage: str, root: Path) -> dict:
     if stage == "folds":
         return {"folds.csv": (root / "data/folds.csv").read_bytes()}
     if stage == "train":
-        return _files(root / "models" / EXP / "seed0" / "fold0")
+        run = root / "models" / EXP / "seed0" / "fold0"
+        files = {k: v for k, v in _files(run).items() if not k.startswith("events.out.tfevents.")}
+        files["tensorboard"] = _board(run)
+        return files
     if stage == "oof":
         files = _files(root / "models" / EXP / "oof")
         files["summary.json"] = _json_without_clock(files["summary.json"])
