@@ -18,7 +18,7 @@ from pipeline.io import read_image
 from pipeline.metrics import competition_ssim
 from pipeline.nets import available_nets, build_net
 from pipeline.nets.swinir import SwinIR
-from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, make_fast, make_reference
+from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, _FusedAttention, make_fast, make_reference
 from pipeline.speed import Fp32Conv2d, edge_convs, prepare_for_inference
 from pipeline.weights import load_weights
 
@@ -142,6 +142,36 @@ def test_fast_path_trains_with_the_reference_gradients():
     x, y = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 64, 64)
     for net in (ref, fast):
         (net(x) - y).abs().mean().backward()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_fused_attention_gradients_are_exact():
+    """The fused attention's hand-written backward (q, k, v and the additive mask: the learnt
+    bias, broadcast over windows or one per window) against autograd's numerical check."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(3, 2, 16, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for windows in (1, 3):
+        mask = torch.randn(windows, 2, 16, 16, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *t: _FusedAttention.apply(*t, 0.5), (q, k, v, mask))
+
+
+def test_training_runs_the_fused_attention_with_the_reference_gradients():
+    """A training step of the fast path goes through the fused attention in every block
+    (interior and border windows of shifted blocks), with the reference's loss and gradients
+    (the bias tables' too), on an odd size (padded to the window) and a batch."""
+    torch.manual_seed(9)
+    ref = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.0).train()
+    fast = make_fast(copy.deepcopy(ref)).train()
+    x, y = torch.rand(2, 3, 21, 13), torch.rand(2, 3, 84, 52)
+    calls, forward = [], _FusedAttention.forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_FusedAttention, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))
+        losses = [(net(x) - y).abs().mean() for net in (ref, fast)]
+        for loss in losses:
+            loss.backward()
+    assert len(calls) == 2 * 3      # per layer: unshifted block + shifted block's interior and border windows
+    assert abs(losses[0].item() - losses[1].item()) < 1e-6
     for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
 
