@@ -55,15 +55,6 @@ def edge_convs(net: nn.Module) -> list[nn.Conv2d]:
     return found
 
 
-def native_bf16(device_type: str) -> bool:
-    """True where bf16 runs in hardware: CUDA with compute capability >= 8.0, or a CPU with
-    AVX512-BF16/AMX (pipeline.precision decides). Elsewhere autocast emulates it, measured
-    10x (SwinIR-S) to 90x (RLFN) slower than fp32 on an AVX2 CPU."""
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return False
-    return native("bf16", hardware(device_type))
-
-
 @functools.lru_cache(maxsize=None)
 def _warn_emulated(precision: str, device_type: str) -> None:
     warnings.warn(f"{precision} on this {device_type} is emulated (no native {precision}), "

@@ -18,6 +18,7 @@ from pipeline.io import read_image
 from pipeline.metrics import competition_ssim
 from pipeline.nets import available_nets, build_net
 from pipeline.nets.swinir import SwinIR
+from pipeline.precision import choose
 from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, _FusedAttention, make_fast, make_reference
 from pipeline.speed import Fp32Conv2d, edge_convs, prepare_for_inference
 from pipeline.weights import load_weights
@@ -281,7 +282,7 @@ def test_bf16_keeps_the_competition_ssim(swinir_fixture):
 # --- the benchmark command ---------------------------------------------------------------------
 
 def test_bench_quick_writes_the_table(workdir, cli):
-    rows = "rlfn-fast-fp32,rlfn-fast-bf16,rlfn-train-loader,ensemble-rlfn"
+    rows = "rlfn-fast-fp32,rlfn-fast-bf16,rlfn-train-ref,rlfn-train,rlfn-train-fp16,rlfn-train-loader,ensemble-rlfn"
     proc = cli("bench", "--quick", "--threads", "1", "--rows", rows)
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(workdir / "bench" / "results.csv")
@@ -292,11 +293,15 @@ def test_bench_quick_writes_the_table(workdir, cli):
     assert (done["median_s"] > 0).all() and (done["mpix_per_s"] > 0).all()
     assert (done["peak_rss_mb"] > 50).all()
     loader = done.set_index("row").loc["rlfn-train-loader"]
-    assert loader["baseline"] == "rlfn-train-ready"
+    assert loader["baseline"] == "rlfn-train"
     assert 0 < loader["loader_s"] < loader["median_s"]                 # the wait is part of the step
     assert loader["loader_share"] == pytest.approx(loader["loader_s"] / loader["median_s"], rel=1e-4)
     assert done.set_index("row")["loader_s"].drop("rlfn-train-loader").isna().all()
-    assert "| rlfn-fast-fp32 |" in (workdir / "bench" / "results.md").read_text()
+    rows = table.set_index("row")
+    assert rows.loc["rlfn-train", "baseline"] == "rlfn-train-ref" and rows.loc["rlfn-train-ref", "precision"] == "fp32"
+    assert rows.loc["rlfn-train", "precision"] == choose("auto", "cpu", build_net("rlfn")).name
+    assert rows.loc["rlfn-train-fp16", "status"].startswith("skipped: no native fp16")    # a CPU
+    assert "| rlfn-fast-fp32 | fp32 |" in (workdir / "bench" / "results.md").read_text()
     assert "rows measured" in proc.stdout
 
 
