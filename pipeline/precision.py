@@ -128,8 +128,8 @@ def choose(name: str, device: torch.device | str, net: nn.Module | None = None, 
     if native(name, hw):
         return Precision(name, name, f"asked; native on {where}")
     if name == "bf16" and training:
-        return Precision("fp32", name, f"bf16 asked but {where} has no native bf16 (emulated: "
-                                       "10-90x slower), so fp32")
+        return Precision("fp32", name, f"bf16 asked but {where} has no native bf16 (emulated: far "
+                                       "slower than fp32), so fp32")
     return Precision(name, name, f"asked; emulated on {where} (slow: use it to test, not to train)",
                      emulated=True)
 
@@ -137,21 +137,21 @@ def choose(name: str, device: torch.device | str, net: nn.Module | None = None, 
 def _auto(hw: Hardware, net: nn.Module | None, where: str) -> Precision:
     if hw.device_type == "cuda":
         if native("bf16", hw):
-            return Precision("bf16", "auto", f"auto: {where} has native bf16 (compute capability >= 8.0)")
+            return Precision("bf16", "auto", f"auto: {where}: native bf16 (compute capability >= 8.0)")
         if native("fp16", hw):
-            return Precision("fp16", "auto", f"auto: {where} has no bf16 (compute capability < 8.0): "
-                                             "fp16 with a gradient scaler")
-        return Precision("fp32", "auto", f"auto: {where} has neither bf16 nor fast fp16")
+            return Precision("fp16", "auto", f"auto: {where}: no bf16 below compute capability 8.0, "
+                                             "so fp16 (with a gradient scaler in training)")
+        return Precision("fp32", "auto", f"auto: {where}: neither bf16 nor fast fp16")
     if hw.device_type == "cpu":
         if hw.cpu_bf16 == "amx":
-            return Precision("bf16", "auto", f"auto: {where} has AMX (native bf16 matrix units)")
+            return Precision("bf16", "auto", "auto: this CPU has AMX (native bf16 matrix units)")
         if hw.cpu_bf16 == "avx512_bf16":
             if matmul_heavy(net):
-                return Precision("fp32", "auto", f"auto: {where} has AVX512-BF16 but no AMX; bf16 is slower "
-                                                 "than fp32 there for nets with attention/linear layers")
-            return Precision("bf16", "auto", f"auto: {where} has AVX512-BF16 (no AMX); bf16 convolutions "
-                                             "are faster than fp32 there")
-        return Precision("fp32", "auto", f"auto: {where} has no native bf16 (needs AVX512-BF16 or AMX)")
+                return Precision("fp32", "auto", "auto: this CPU has AVX512-BF16 but no AMX, where bf16 is "
+                                                 "slower than fp32 for nets with attention/linear layers")
+            return Precision("bf16", "auto", "auto: this CPU has AVX512-BF16 (no AMX), where bf16 "
+                                             "convolutions are faster than fp32")
+        return Precision("fp32", "auto", "auto: this CPU has no native bf16 (needs AVX512-BF16 or AMX)")
     return Precision("fp32", "auto", f"auto: no mixed precision on {where}")
 
 

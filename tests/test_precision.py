@@ -209,3 +209,17 @@ def test_channels_last_training_gives_the_nchw_outputs_and_gradients(name):
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
     for (key, a), b in zip(ref.named_parameters(), fast.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.filterwarnings("ignore:fp16 on this", "ignore:bf16 on this")
+def test_inference_takes_the_same_names():
+    """infer.precision / predict --precision: auto is what `choose` resolves for the net here;
+    fp16 runs under autocast (emulated on a CPU) close to fp32."""
+    from pipeline.inference import predict_float
+    torch.manual_seed(12)
+    net = build_net("espcn", channels=[8, 8])
+    x = torch.rand(1, 3, 12, 16)
+    resolved = choose("auto", "cpu", net, training=False).name
+    assert torch.equal(predict_float([net], x, precision="auto"), predict_float([net], x, precision=resolved))
+    fp16, fp32 = predict_float([net], x, precision="fp16"), predict_float([net], x, precision="fp32")
+    assert fp16.dtype == torch.float32 and 0 < (fp16 - fp32).abs().max().item() < 2e-2
