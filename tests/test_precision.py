@@ -223,3 +223,16 @@ def test_inference_takes_the_same_names():
     assert torch.equal(predict_float([net], x, precision="auto"), predict_float([net], x, precision=resolved))
     fp16, fp32 = predict_float([net], x, precision="fp16"), predict_float([net], x, precision="fp32")
     assert fp16.dtype == torch.float32 and 0 < (fp16 - fp32).abs().max().item() < 2e-2
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run(workdir):
+    """train.compile: true (torch.compile of the net) trains the same run as eager, within
+    float rounding (the compiled kernels fuse differently)."""
+    make_competition()
+    eager = run(write_config(workdir, train={"steps": 4, "precision": "fp32"}))
+    paths.set_workdir(workdir / "compiled")
+    make_competition()
+    compiled = run(write_config(workdir, name="tiny", train={"steps": 4, "precision": "fp32", "compile": True}))
+    losses_of = [pd.DataFrame(r.log)["loss"].dropna().to_numpy() for r in (eager, compiled)]
+    assert len(losses_of[0]) == 4 and abs(losses_of[0] - losses_of[1]).max() < 1e-4

@@ -436,8 +436,8 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     def save_last(step: int) -> None:
         train_state = {"net": net.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "scaler": scaler.state_dict() if prec.scaler else None, "rng": rng_state(), "best_ssim": best_ssim, "best_step": best_step,
-                       "bicubic_ssim": bicubic_ssim, "log": log}
+                       "scaler": scaler.state_dict() if prec.scaler else None, "rng": rng_state(),
+                       "best_ssim": best_ssim, "best_step": best_step, "bicubic_ssim": bicubic_ssim, "log": log}
         save_checkpoint(last_path, net_name=cfg["model"]["name"], net_args=cfg["model"]["args"],
                         state_dict=eval_net.state_dict(), exp=exp, seed=seed, fold=fold, step=step,
                         val_ssim=last_val, config=cfg, finished=step == t["steps"],
