@@ -11,11 +11,10 @@ prints and writes to log.csv.
   in training (fp16's range is too small for gradients without it).
 - CPU with AMX (`amx_bf16`: Xeon Sapphire Rapids and later): bf16; its tile unit runs bf16
   matrix products and convolutions several times faster than fp32.
-- CPU with AVX512-BF16 but no AMX (AMD Zen 4/5, Cooper Lake): bf16 for nets made of
-  convolutions only (oneDNN's bf16 convolutions: RLFN's training step measured x1.5-1.8 of
-  fp32), fp32 for nets with linear layers / attention (SwinIR, HAT): their bf16 matrix
-  products, layer norms and attention measured *slower* than fp32 there (SwinIR-S training
-  step x0.7-0.8 of fp32 on an AMD EPYC with avx512_bf16).
+- CPU with AVX512-BF16 but no AMX (AMD Zen 4/5, Cooper Lake): bf16 too. Measured on an AMD
+  EPYC with avx512_bf16 (2 cores, shared with other jobs, interleaved runs; BENCHMARKS.md):
+  RLFN's training step x1.6-2.6 of the same fast path in fp32, SwinIR-S's x1.6-3.4, their
+  inference x2.3 and x1.08 — faster everywhere, never slower, so no per-net rule.
 - any other CPU (AVX2 only, ...) and other devices: fp32 (bf16 would be emulated, 10-90x slower).
 An explicit name is honoured where the device runs it, with these exceptions and notes:
 `bf16` on a device without native bf16 trains in fp32 (emulated bf16 is 10-90x slower;
@@ -97,11 +96,6 @@ def hardware(device: torch.device | str) -> Hardware:
     return Hardware(device.type)
 
 
-def matmul_heavy(net: nn.Module | None) -> bool:
-    """A net with linear layers (attention, MLPs: SwinIR, HAT) rather than convolutions only."""
-    return net is not None and any(isinstance(m, nn.Linear) for m in net.modules())
-
-
 def native(name: str, hw: Hardware) -> bool:
     """Whether `hw` computes `name` in hardware."""
     if name == "fp32":
@@ -116,7 +110,9 @@ def native(name: str, hw: Hardware) -> bool:
 
 def choose(name: str, device: torch.device | str, net: nn.Module | None = None, *,
            training: bool = True, hw: Hardware | None = None) -> Precision:
-    """The precision `name` resolves to for `net` on `device` (see the module docstring)."""
+    """The precision `name` resolves to for `net` on `device` (see the module docstring).
+    `net` is not used by today's rules (bf16 paid for every net measured); it is there so a
+    rule that depends on the architecture stays in this one place."""
     if name not in NAMES:
         raise PipelineError(f"precision '{name}' unknown (choose {', '.join(NAMES)})")
     hw = hw or hardware(device)
@@ -146,11 +142,8 @@ def _auto(hw: Hardware, net: nn.Module | None, where: str) -> Precision:
         if hw.cpu_bf16 == "amx":
             return Precision("bf16", "auto", "auto: this CPU has AMX (native bf16 matrix units)")
         if hw.cpu_bf16 == "avx512_bf16":
-            if matmul_heavy(net):
-                return Precision("fp32", "auto", "auto: this CPU has AVX512-BF16 but no AMX, where bf16 is "
-                                                 "slower than fp32 for nets with attention/linear layers")
             return Precision("bf16", "auto", "auto: this CPU has AVX512-BF16 (no AMX), where bf16 "
-                                             "convolutions are faster than fp32")
+                                             "measured faster than fp32 (convolutions and attention)")
         return Precision("fp32", "auto", "auto: this CPU has no native bf16 (needs AVX512-BF16 or AMX)")
     return Precision("fp32", "auto", f"auto: no mixed precision on {where}")
 

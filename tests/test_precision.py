@@ -37,7 +37,7 @@ def _one_thread(torch_one_thread):
     (Hardware("cuda", cuda_capability=(6, 0)), "fp16", "fp16"),      # P100
     (Hardware("cuda", cuda_capability=(5, 2)), "fp32", "fp32"),      # Maxwell: no fast fp16
     (Hardware("cpu", cpu_bf16="amx"), "bf16", "bf16"),
-    (Hardware("cpu", cpu_bf16="avx512_bf16"), "bf16", "fp32"),       # measured: see precision.py
+    (Hardware("cpu", cpu_bf16="avx512_bf16"), "bf16", "bf16"),       # measured: see precision.py
     (Hardware("cpu", cpu_bf16="none"), "fp32", "fp32"),              # AVX2: bf16 emulated
     (Hardware("mps"), "fp32", "fp32"),
 ])
