@@ -13,8 +13,8 @@ prints and writes to log.csv.
   matrix products and convolutions several times faster than fp32.
 - CPU with AVX512-BF16 but no AMX (AMD Zen 4/5, Cooper Lake): bf16 too. Measured on an AMD
   EPYC with avx512_bf16 (2 cores, shared with other jobs, interleaved runs; BENCHMARKS.md):
-  RLFN's training step x1.6-2.6 of the same fast path in fp32, SwinIR-S's x1.6-3.4, their
-  inference x2.3 and x1.08 — faster everywhere, never slower, so no per-net rule.
+  RLFN's training step x1.95 of the same fast path in fp32, SwinIR-S's x1.77, their
+  inference x2.10 and x1.10: faster everywhere, never slower, so no per-net rule.
 - any other CPU (AVX2 only, ...) and other devices: fp32 (bf16 would be emulated, 10-90x slower).
 An explicit name is honoured where the device runs it, with these exceptions and notes:
 `bf16` on a device without native bf16 trains in fp32 (emulated bf16 is 10-90x slower;
