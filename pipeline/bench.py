@@ -287,10 +287,11 @@ def _profile(fn: Callable[[], Any], device: torch.device) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
 
 
-def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | None, profile: bool,
+def _worker(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None, profile: bool,
             conn) -> None:
-    """Child process: set up one row, warm up, time `repeats` runs (and profile one more on
-    request), send back the figures or the error."""
+    """Child process: set up the rows, warm each up, time `repeats` runs of each (several rows:
+    one run of each in turn, so a change of the machine's load hits them alike), profile one
+    more on request; send back one result (figures or the error) per row."""
     try:
         import warnings
         warnings.simplefilter("ignore")                   # e.g. the emulated-bf16 warning
@@ -300,40 +301,46 @@ def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | Non
             torch.set_num_threads(threads)
         dev = torch.device(device)
         with ExitStack() as stack:
-            setup = SETUPS[row.kind](row, quick, dev, stack)
-            began = time.perf_counter()
-            setup.warmup()
-            warmup_s = time.perf_counter() - began
-            if setup.loader_waits is not None:
-                setup.loader_waits.clear()                # the warm-up's batch
-            result = dict(setup.meta, warmup_s=warmup_s, times=_timed(setup.run, repeats, dev))
-            if setup.loader_waits:
-                result["loader_s"] = statistics.median(setup.loader_waits)
-            result["peak_rss_mb"] = peak_rss_mb()
-            if profile:
-                result["profile"] = _profile(setup.run, dev)
-        if dev.type == "cuda":
-            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-        conn.send(result)
+            setups, results = [], []
+            for row in rows:
+                setup = SETUPS[row.kind](row, quick, dev, stack)
+                began = time.perf_counter()
+                setup.warmup()
+                results.append(dict(setup.meta, warmup_s=time.perf_counter() - began, times=[]))
+                if setup.loader_waits is not None:
+                    setup.loader_waits.clear()            # the warm-up's batch
+                setups.append(setup)
+            for _ in range(repeats):
+                for setup, result in zip(setups, results):
+                    result["times"] += _timed(setup.run, 1, dev)
+            for setup, result in zip(setups, results):
+                if setup.loader_waits:
+                    result["loader_s"] = statistics.median(setup.loader_waits)
+                result["peak_rss_mb"] = peak_rss_mb()
+                if profile:
+                    result["profile"] = _profile(setup.run, dev)
+                if dev.type == "cuda":
+                    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        conn.send(results)
     except BaseException as exc:  # reported as the row's status; the parent carries on
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+        conn.send([{"error": f"{type(exc).__name__}: {exc}"}] * len(rows))
     finally:
         conn.close()
 
 
-def run_row(row: Row, quick: bool, repeats: int, device: str, threads: int | None,
-            profile: bool = False) -> dict:
-    """Run a row in a child process (fork on Linux CPU: torch stays imported; else spawn)."""
+def run_rows(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None,
+             profile: bool = False) -> list[dict]:
+    """Run rows in one child process (fork on Linux CPU: torch stays imported; else spawn)."""
     method = "fork" if sys.platform == "linux" and device == "cpu" else "spawn"
     ctx = multiprocessing.get_context(method)
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(row, quick, repeats, device, threads, profile, child))
+    proc = ctx.Process(target=_worker, args=(rows, quick, repeats, device, threads, profile, child))
     proc.start()
     child.close()
     try:
         result = parent.recv()
     except EOFError:
-        result = {"error": f"worker died (exit code {proc.join() or proc.exitcode})"}
+        result = [{"error": f"worker died (exit code {proc.join() or proc.exitcode})"}] * len(rows)
     proc.join()
     return result
 
@@ -347,9 +354,18 @@ def _skip_reason(row: Row, device: str) -> str | None:
 
 
 def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None,
-            profile: bool = False, progress: Callable[[str], None] = print) -> pd.DataFrame:
-    """One record per row (skipped rows say why); `profile`: bench/profiles/<row>.txt."""
+            profile: bool = False, progress: Callable[[str], None] = print,
+            interleave: bool = False) -> pd.DataFrame:
+    """One record per row (skipped rows say why); `profile`: bench/profiles/<row>.txt;
+    `interleave`: every row in one process, one run of each in turn (ratios that hold on a
+    machine whose load changes; the peak memory is then the whole process's)."""
     records = []
+    together = {}
+    if interleave:
+        runnable = [r for r in rows if not _skip_reason(r, device)]
+        n = 1 if quick else repeats
+        progress(f"bench: {len(runnable)} rows interleaved ({n} rounds) ...")
+        together = dict(zip([r.name for r in runnable], run_rows(runnable, quick, n, device, threads, profile)))
     for row in rows:
         record = {"row": row.name, "net": row.net, "path": row.path, "precision": row.precision,
                   "mode": row.mode, "baseline": row.baseline, "load_1min": _load()}
@@ -358,8 +374,11 @@ def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: in
         if skip:
             record["status"] = skip
         else:
-            progress(f"bench: {row.name} ({n} run{'s' * (n > 1)}) ...")
-            result = run_row(row, quick, n, device, threads, profile)
+            if row.name in together:
+                result = together[row.name]
+            else:
+                progress(f"bench: {row.name} ({n} run{'s' * (n > 1)}) ...")
+                result = run_rows([row], quick, n, device, threads, profile)[0]
             if "profile" in result:
                 folder = paths.BENCH / "profiles"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -466,6 +485,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="all rows in one process, one run of each in turn: ratios that hold when the "
+                             "machine's load changes (peak memory is then the process's)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one run per row: top operators in bench/profiles/<row>.txt")
 
@@ -489,7 +511,8 @@ def main(args: argparse.Namespace) -> int:
         raise PipelineError("bench: --device cuda asked but no CUDA device is available")
     rows = select_rows(args.rows)
     began = time.perf_counter()
-    table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile)
+    table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile,
+                    interleave=args.interleave)
     seconds = time.perf_counter() - began
     command = "python -m pipeline bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     paths.BENCH.mkdir(parents=True, exist_ok=True)

@@ -311,3 +311,15 @@ def test_bench_refuses_an_unknown_row(workdir, capsys):
     assert main(["bench", "--quick", "--rows", "rlfn-fast,no-such-row"]) == 1
     assert capsys.readouterr().err.strip().startswith("error: bench: no row 'no-such-row'")
     assert not (workdir / "bench").exists()
+
+
+def test_bench_interleaves_rows_in_one_process(workdir):
+    """--interleave: the rows run in one child process, one run of each in turn."""
+    from pipeline.bench import measure, select_rows
+    table = measure(select_rows("rlfn-train-ref,rlfn-train,rlfn-train-fp16"), quick=True, repeats=2,
+                    device="cpu", threads=1, progress=lambda _: None, interleave=True).set_index("row")
+    done = table[table["status"] == "ok"]
+    assert list(done.index) == ["rlfn-train-ref", "rlfn-train"] and (done["repeats"] == 1).all()  # --quick: 1 round
+    assert done["peak_rss_mb"].nunique() == 1                      # one process
+    assert table.loc["rlfn-train", "ratio"] == pytest.approx(done["median_s"].iloc[0] / done["median_s"].iloc[1])
+    assert table.loc["rlfn-train-fp16", "status"].startswith("skipped")
