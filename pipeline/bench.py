@@ -7,17 +7,24 @@ that ran it:
   `inference.predict_scene`: the reference path (`fast=False`, the equivalence
   reference) against the fast path, fp32 and bf16, whole scene and tiled, and 8-way TTA
   (views batched two whole scenes at a time, or eight tiles at a time);
-- one training step as stage 02 takes it (batch 24 of 32 -> 128 crops, the experiment's
-  loss, optimizer, EMA and precision) on ready tensors, and with the real sample stream
-  (`data.PairedPatches`: crops + augmentation through the DataLoader); the loader row
-  also times the wait for each batch on its own (`loader_s`, its share of the step), the
-  loader's overhead without the run-to-run noise of comparing two rows;
+- one training step as stage 02 takes it (the recipe's batch of 32 -> 128 crops: RLFN 16
+  (`aerial`), SwinIR-S 24 (`swinir_s`); its loss, optimizer, EMA, gradient clipping) on
+  ready tensors: `<net>-train-ref` the way it was before issue 11 (fp32, NCHW, SwinIR's
+  reference attention), `<net>-train` stage 02's default on this machine (`train.precision:
+  auto`, `train.fast`: fused attention, channels-last), `-fp32`/`-bf16`/`-fp16` the fast
+  path at one precision (bf16/fp16 only where the hardware runs them natively), `-compile`
+  with `train.compile` (its warm-up, `warmup_s`, is the compile time); and
+  `<net>-train-loader` with the real sample stream (`data.PairedPatches`: crops +
+  augmentation through the DataLoader), which also times the wait for each batch on its
+  own (`loader_s`, its share of the step);
 - stage 04 (`run_ensemble`) for one scene with 2 checkpoints and 8 TTA views, with the
   config's inference defaults (whole scene, 8 images per pass), no warm-up.
 Weights are random (speed does not depend on them). Every row runs in its own child
 process (forked where possible, so torch is imported once), so its peak memory is its
-own. bf16 rows run only where bf16 is native (a CUDA GPU or a CPU with AVX512-BF16/AMX):
-emulated bf16 is 10-90x slower than fp32 and says nothing about the hardware that has it.
+own (a training row's is the memory of a training step). bf16/fp16 rows run only where the
+precision is native (pipeline.precision: bf16 on CUDA >= 8.0 or a CPU with AVX512-BF16/AMX,
+fp16 on CUDA): emulated, they are 10-90x slower than fp32 and say nothing about the
+hardware that has them.
 
 Writes `bench/results.csv` and `bench/results.md` (the table, the machine, the command);
 BENCHMARKS.md keeps the latest full run. `--quick` is a smoke run on tiny inputs.
@@ -44,18 +51,18 @@ import torch
 from . import paths
 from .errors import PipelineError
 from .io import atomic_path, locked
-from .speed import native_bf16
+from .precision import choose, hardware, native
 
 SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
 QUICK_LR = (40, 48)
 TILE, OVERLAP = 160, 16        # LR pixels, tiled rows: 2 x 3 tiles cover 300x375 (1.37x its pixels)
 QUICK_TILE, QUICK_OVERLAP = 24, 4
-TRAIN_BATCH, TRAIN_PATCH = 24, 32
+TRAIN_PATCH = 32
 QUICK_BATCH = 2
 CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial"}   # experiment whose training recipe a row uses
 COLUMNS = ["row", "net", "path", "precision", "mode", "input", "tile", "tta", "batch", "repeats",
            "median_s", "min_s", "max_s", "mpix_per_s", "peak_rss_mb", "peak_gpu_mb", "baseline",
-           "ratio", "loader_s", "loader_share", "status", "load_1min"]
+           "ratio", "loader_s", "loader_share", "warmup_s", "status", "load_1min"]
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,9 @@ class Row:
     name: str
     kind: str                   # infer | train | ensemble
     net: str
-    path: str = "fast"          # fast | reference (inference); loader | ready (train)
+    path: str = "fast"          # fast | reference
     precision: str = "fp32"
-    mode: str = "whole"         # whole | tiled | tta8 | tta8-tiled | ready | loader | ensemble
+    mode: str = "whole"         # whole | tiled | tta8 | tta8-tiled | ready | loader | compile | ensemble
     baseline: str = ""          # the row this one is compared with (ratio = its time / ours)
     repeats: int | None = None  # overrides --repeats (long rows)
     args: dict = field(default_factory=dict)   # inference: tile (bool), batch
@@ -86,9 +93,15 @@ def _rows() -> list[Row]:
                 args={"tile": True, "batch": 8}),
         ]
     for net in ("swinir_s", "rlfn"):
-        rows += [Row(f"{net}-train-ready", "train", net, "ready", "train", "ready"),
-                 Row(f"{net}-train-loader", "train", net, "loader", "train", "loader",
-                     baseline=f"{net}-train-ready")]
+        ref = f"{net}-train-ref"
+        rows += [Row(ref, "train", net, "reference", "fp32", "ready"),
+                 Row(f"{net}-train", "train", net, precision="auto", mode="ready", baseline=ref)]
+        rows += [Row(f"{net}-train-{p}", "train", net, precision=p, mode="ready", baseline=ref)
+                 for p in ("fp32", "bf16", "fp16")]
+        rows += [Row(f"{net}-train-loader", "train", net, precision="auto", mode="loader",
+                     baseline=f"{net}-train")]
+    rows += [Row("rlfn-train-compile", "train", "rlfn", precision="auto", mode="compile",
+                 baseline="rlfn-train")]
     rows += [Row("ensemble-rlfn", "ensemble", "rlfn", mode="ensemble"),
              Row("ensemble-swinir_s", "ensemble", "swinir_s", mode="ensemble", repeats=1)]
     return rows
@@ -159,7 +172,7 @@ def _setup_infer(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
 
 
 def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
-    """Stage 02's pieces for one experiment (random init), batch 24 of 32 -> 128 crops."""
+    """Stage 02's pieces for one experiment (random init), the recipe's batch of 32 -> 128 crops."""
     from torch.optim.swa_utils import AveragedModel
 
     from . import data, losses
@@ -168,14 +181,18 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
 
     cfg = load_config(CONFIGS[row.net])
     t = cfg["train"]
-    t["batch_size"] = QUICK_BATCH if quick else TRAIN_BATCH
-    t["lr_patch"] = TRAIN_PATCH
+    if quick:
+        t["batch_size"] = QUICK_BATCH
+    t.update(lr_patch=TRAIN_PATCH, precision=row.precision, fast=row.path == "fast", compile=row.mode == "compile")
     s02.seed_everything(0)
     net = s02.build_model(cfg, pretrained=False, main=True).to(device).train()
+    forward_net = s02.training_net(net, t)
     ema = AveragedModel(net, multi_avg_fn=s02.ema_update(t["ema"]), use_buffers=True) if t["ema"] > 0 else None
     optimizer = s02.build_optimizer(net.parameters(), t)
     loss_fn = losses.build_loss(cfg["loss"]).to(device)
-    amp = s02.autocast_dtype(t["precision"], device)
+    prec = choose(t["precision"], device, net)
+    amp = prec.dtype
+    scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
     scale = cfg["data"]["scale"]
     lr_shape = QUICK_LR if quick else SCENE_LR
     scenes = [data.Scene(str(i), _scene(lr_shape, i), _scene((lr_shape[0] * scale, lr_shape[1] * scale), 100 + i))
@@ -187,19 +204,21 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
         """One optimisation step, as stage 02's loop takes it."""
         lr_img, hr_img = data.to_float(lr_u8, device), data.to_float(hr_u8, device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            sr = net(lr_img)
+            sr = forward_net(lr_img)
         loss = loss_fn(sr, hr_img)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         if t["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if ema is not None:
             ema.update_parameters(net)
 
     waits: list[float] = []   # loader row: seconds spent waiting for each batch
 
-    if row.path == "ready":
+    if row.mode != "loader":
         batch = stream[0]
         run = lambda: step(*batch)                        # noqa: E731
     else:   # the real stream: crops + augmentation through the DataLoader, as stage 02 reads it
@@ -213,9 +232,9 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     side = t["lr_patch"] * scale
     return Setup(warmup=run, run=run,   # warm-up: optimizer state, kernels
                  meta={"out_mpix": t["batch_size"] * side * side / 1e6,
-                       "precision": "bf16" if amp == torch.bfloat16 else "fp32",
+                       "precision": prec.name,
                        "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]},
-                 loader_waits=waits if row.path == "loader" else None)
+                 loader_waits=waits if row.mode == "loader" else None)
 
 
 def _setup_ensemble(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
@@ -268,10 +287,11 @@ def _profile(fn: Callable[[], Any], device: torch.device) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
 
 
-def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | None, profile: bool,
+def _worker(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None, profile: bool,
             conn) -> None:
-    """Child process: set up one row, warm up, time `repeats` runs (and profile one more on
-    request), send back the figures or the error."""
+    """Child process: set up the rows, warm each up, time `repeats` runs of each (several rows:
+    one run of each in turn, so a change of the machine's load hits them alike), profile one
+    more on request; send back one result (figures or the error) per row."""
     try:
         import warnings
         warnings.simplefilter("ignore")                   # e.g. the emulated-bf16 warning
@@ -281,38 +301,46 @@ def _worker(row: Row, quick: bool, repeats: int, device: str, threads: int | Non
             torch.set_num_threads(threads)
         dev = torch.device(device)
         with ExitStack() as stack:
-            setup = SETUPS[row.kind](row, quick, dev, stack)
-            setup.warmup()
-            if setup.loader_waits is not None:
-                setup.loader_waits.clear()                # the warm-up's batch
-            result = dict(setup.meta, times=_timed(setup.run, repeats, dev))
-            if setup.loader_waits:
-                result["loader_s"] = statistics.median(setup.loader_waits)
-            result["peak_rss_mb"] = peak_rss_mb()
-            if profile:
-                result["profile"] = _profile(setup.run, dev)
-        if dev.type == "cuda":
-            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-        conn.send(result)
+            setups, results = [], []
+            for row in rows:
+                setup = SETUPS[row.kind](row, quick, dev, stack)
+                began = time.perf_counter()
+                setup.warmup()
+                results.append(dict(setup.meta, warmup_s=time.perf_counter() - began, times=[]))
+                if setup.loader_waits is not None:
+                    setup.loader_waits.clear()            # the warm-up's batch
+                setups.append(setup)
+            for _ in range(repeats):
+                for setup, result in zip(setups, results):
+                    result["times"] += _timed(setup.run, 1, dev)
+            for setup, result in zip(setups, results):
+                if setup.loader_waits:
+                    result["loader_s"] = statistics.median(setup.loader_waits)
+                result["peak_rss_mb"] = peak_rss_mb()
+                if profile:
+                    result["profile"] = _profile(setup.run, dev)
+                if dev.type == "cuda":
+                    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        conn.send(results)
     except BaseException as exc:  # reported as the row's status; the parent carries on
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+        conn.send([{"error": f"{type(exc).__name__}: {exc}"}] * len(rows))
     finally:
         conn.close()
 
 
-def run_row(row: Row, quick: bool, repeats: int, device: str, threads: int | None,
-            profile: bool = False) -> dict:
-    """Run a row in a child process (fork on Linux CPU: torch stays imported; else spawn)."""
+def run_rows(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None,
+             profile: bool = False) -> list[dict]:
+    """Run rows in one child process (fork on Linux CPU: torch stays imported; else spawn)."""
     method = "fork" if sys.platform == "linux" and device == "cpu" else "spawn"
     ctx = multiprocessing.get_context(method)
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(row, quick, repeats, device, threads, profile, child))
+    proc = ctx.Process(target=_worker, args=(rows, quick, repeats, device, threads, profile, child))
     proc.start()
     child.close()
     try:
         result = parent.recv()
     except EOFError:
-        result = {"error": f"worker died (exit code {proc.join() or proc.exitcode})"}
+        result = [{"error": f"worker died (exit code {proc.join() or proc.exitcode})"}] * len(rows)
     proc.join()
     return result
 
@@ -320,15 +348,24 @@ def run_row(row: Row, quick: bool, repeats: int, device: str, threads: int | Non
 # --- the table ----------------------------------------------------------------------------
 
 def _skip_reason(row: Row, device: str) -> str | None:
-    if row.precision == "bf16" and not native_bf16(torch.device(device).type):
-        return "skipped: no native bf16 on this device (emulated: 10-90x slower than fp32)"
+    if row.precision in ("bf16", "fp16") and not native(row.precision, hardware(device)):
+        return f"skipped: no native {row.precision} on this device (emulated: 10-90x slower than fp32)"
     return None
 
 
 def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None,
-            profile: bool = False, progress: Callable[[str], None] = print) -> pd.DataFrame:
-    """One record per row (skipped rows say why); `profile`: bench/profiles/<row>.txt."""
+            profile: bool = False, progress: Callable[[str], None] = print,
+            interleave: bool = False) -> pd.DataFrame:
+    """One record per row (skipped rows say why); `profile`: bench/profiles/<row>.txt;
+    `interleave`: every row in one process, one run of each in turn (ratios that hold on a
+    machine whose load changes; the peak memory is then the whole process's)."""
     records = []
+    together = {}
+    if interleave:
+        runnable = [r for r in rows if not _skip_reason(r, device)]
+        n = 1 if quick else repeats
+        progress(f"bench: {len(runnable)} rows interleaved ({n} rounds) ...")
+        together = dict(zip([r.name for r in runnable], run_rows(runnable, quick, n, device, threads, profile)))
     for row in rows:
         record = {"row": row.name, "net": row.net, "path": row.path, "precision": row.precision,
                   "mode": row.mode, "baseline": row.baseline, "load_1min": _load()}
@@ -337,8 +374,11 @@ def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: in
         if skip:
             record["status"] = skip
         else:
-            progress(f"bench: {row.name} ({n} run{'s' * (n > 1)}) ...")
-            result = run_row(row, quick, n, device, threads, profile)
+            if row.name in together:
+                result = together[row.name]
+            else:
+                progress(f"bench: {row.name} ({n} run{'s' * (n > 1)}) ...")
+                result = run_rows([row], quick, n, device, threads, profile)[0]
             if "profile" in result:
                 folder = paths.BENCH / "profiles"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -384,9 +424,11 @@ def machine() -> dict:
         pass
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "simd": " ".join(simd) or "unknown", "native_bf16_cpu": native_bf16("cpu"),
+            "simd": " ".join(simd) or "unknown", "cpu_bf16": hardware("cpu").cpu_bf16,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+            "gpu": (f"{torch.cuda.get_device_name(0)} (compute capability "
+                    f"{'.'.join(map(str, torch.cuda.get_device_capability(0)))})" if torch.cuda.is_available() else "none")}
     return info
 
 
@@ -397,16 +439,17 @@ def _fmt(value, spec: str) -> str:
 def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float) -> str:
     lines = [f"Command: `{command}` ({seconds / 60:.1f} min)", "",
              f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
-             f"SIMD {info['simd']}, native bf16 on CPU: {info['native_bf16_cpu']}, GPU: {info['gpu']}; "
-             f"torch {info['torch']}, Python {info['python']}", "",
-             "| row | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB | vs baseline | 1-min load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"flags {info['simd']} (torch kernels {info['torch_cpu_capability']}), native bf16 on CPU: "
+             f"{info['cpu_bf16']}, GPU: {info['gpu']}; torch {info['torch']}, Python {info['python']}", "",
+             "| row | precision | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB | vs baseline "
+             "| 1-min load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         if r.status != "ok":
-            lines.append(f"| {r.row} | | | | {r.status} | | | | | {_fmt(r.load_1min, '.1f')} |")
+            lines.append(f"| {r.row} | | | | | {r.status} | | | | | {_fmt(r.load_1min, '.1f')} |")
             continue
         versus = _versus(r)
-        lines.append(f"| {r.row} | {r.input} | {_fmt(r.tile, 'g')} | {_fmt(r.tta, 'g')} | {r.median_s:.3f} | "
+        lines.append(f"| {r.row} | {r.precision} | {r.input} | {_fmt(r.tile, 'g')} | {_fmt(r.tta, 'g')} | {r.median_s:.3f} | "
                      f"{r.min_s:.3f}-{r.max_s:.3f} | {r.mpix_per_s:.3f} | {_fmt(r.peak_rss_mb, '.0f')} | "
                      f"{versus} | {_fmt(r.load_1min, '.1f')} |")
     return "\n".join(lines) + "\n"
@@ -415,19 +458,21 @@ def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float) -> s
 def _versus(r) -> str:
     """The ratio to the baseline row, and for a loader row the loader's own share of a step."""
     parts = [f"x{r.ratio:.2f} vs {r.baseline}"] if r.ratio == r.ratio and r.ratio else []
+    if r.mode == "compile" and r.warmup_s == r.warmup_s:
+        parts.append(f"compile (warm-up) {r.warmup_s:.0f} s")
     if r.loader_s == r.loader_s and r.loader_s is not None:
         parts.append(f"waits for the loader {r.loader_s * 1e3:.1f} ms ({r.loader_share:.1%} of the step)")
     return "; ".join(parts)
 
 
 def print_table(table: pd.DataFrame) -> None:
-    print(f"{'row':30} {'median s':>9} {'out MP/s':>9} {'peak MB':>8}  vs baseline")
+    print(f"{'row':30} {'prec':>5} {'median s':>9} {'out MP/s':>9} {'peak MB':>8}  vs baseline")
     for r in table.itertuples():
         if r.status != "ok":
             print(f"{r.row:30} {r.status}")
             continue
         versus = _versus(r)
-        print(f"{r.row:30} {r.median_s:9.3f} {r.mpix_per_s:9.3f} {_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
+        print(f"{r.row:30} {r.precision:>5} {r.median_s:9.3f} {r.mpix_per_s:9.3f} {_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
 
 
 # --- command line ----------------------------------------------------------------------
@@ -440,6 +485,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="all rows in one process, one run of each in turn: ratios that hold when the "
+                             "machine's load changes (peak memory is then the process's)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one run per row: top operators in bench/profiles/<row>.txt")
 
@@ -464,7 +512,8 @@ def main(args: argparse.Namespace) -> int:
     rows = select_rows(args.rows)
     began = time.perf_counter()
     with locked(paths.BENCH / "results.csv", what=f"{paths.BENCH} (benchmark results)"):
-        table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile)
+        table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile,
+                        interleave=args.interleave)
         seconds = time.perf_counter() - began
         command = "python -m pipeline bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
         paths.BENCH.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,9 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.0,
         "ema": 0.999,                # EMA decay of the weights; 0 disables
         "grad_clip": 1.0,            # max grad norm; 0 disables
-        "precision": "bf16",         # bf16 (autocast where supported) | fp32
+        "precision": "auto",         # auto (what the hardware runs best) | bf16 | fp16 | fp32; pipeline/precision.py
+        "fast": True,                # the nets' fast paths (SwinIR fused attention, channels-last convs); false: reference
+        "compile": False,            # torch.compile the net (pays on GPUs; on 2 CPU cores it did not, see BENCHMARKS.md)
         "val_every": 200,
         "ckpt_every": 100,
         "val_tile": 0,               # validation tile side in LR pixels; 0 = whole scene
@@ -70,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "tile": 0,                   # tile side in LR pixels; 0 = whole image
         "tile_overlap": 16,          # LR pixels shared by neighbouring tiles (feathered)
         "seeds": [0],                # seeds trained and ensembled
-        "precision": "fp32",
+        "precision": "fp32",         # fp32 | bf16 | fp16 | auto (bf16 moves the competition SSIM by up to ~5e-4)
         "batch": 8,                  # views/tiles per forward pass
     },
 }

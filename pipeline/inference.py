@@ -15,11 +15,10 @@ import torch
 import torch.nn as nn
 
 from .errors import PipelineError
+from .precision import NAMES as PRECISIONS, choose
 from .speed import prepare_for_inference
 from .tiling import tiled_forward
 from .tta import tta_forward, tta_views
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -31,14 +30,13 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 @contextlib.contextmanager
 def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
-    """bf16 autocast on CPU or GPU for "bf16"; plain float32 for "fp32"."""
-    if precision not in PRECISIONS:
-        raise PipelineError(f"precision '{precision}' unknown (choose {' or '.join(PRECISIONS)})")
-    device_type = torch.device(device).type
-    if precision == "bf16":
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-            yield
-    else:
+    """bf16 or fp16 autocast on CPU or GPU for "bf16"/"fp16"; plain float32 for "fp32"
+    (a resolved name: `precision.choose` turns "auto" into one of them)."""
+    if precision not in PRECISIONS or precision == "auto":
+        raise PipelineError(f"precision '{precision}' unknown (choose {', '.join(PRECISIONS)})")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype or torch.float32,
+                        enabled=dtype is not None):
         yield
 
 
@@ -78,11 +76,13 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
                   precision: str = "fp32", fast: bool = True) -> torch.Tensor:
     """Mean over nets x TTA views of the SR of float NCHW `x`, float32 on the CPU, not rounded.
 
-    The nets are moved to `device` and put in eval mode.
+    The nets are moved to `device` and put in eval mode; `precision` "auto" is resolved for
+    the nets on `device` (pipeline.precision).
     """
     scale = net_scale(nets)
     views = tta_views(tta)
     device = pick_device(device)
+    precision = choose(precision, device, nn.ModuleList(nets), training=False).name
     x = x.to(device)
     total = None
     with torch.inference_mode(), autocast(precision, device):
@@ -106,7 +106,7 @@ def predict_scene(nets: Sequence[nn.Module], lr: np.ndarray, *, tta: int = 1, ti
     Every net x TTA view is averaged in float32 before the one rounding (see
     tensor_to_image). `tta`: 1, 2, 4 or 8 dihedral views; `tile` > 0: LR tiles of that
     side with `overlap` (feathered blend); `batch`: views/tiles per forward pass;
-    `precision`: "fp32" or "bf16" (autocast, also on CPU); `fast`: the nets' optimised
+    `precision`: "fp32", "bf16", "fp16" (autocast, also on CPU) or "auto" (pipeline.precision); `fast`: the nets' optimised
     paths (speed.prepare_for_inference; False: their reference paths).
     """
     sr = predict_float(nets, image_to_tensor(lr), tta=tta, tile=tile, overlap=overlap, batch=batch,

@@ -23,6 +23,7 @@ from . import io
 from .checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
 from .errors import PipelineError
 from .inference import PRECISIONS, pick_device, predict_scene
+from .precision import choose
 from .tta import TTA_CHOICES
 
 LOSSY_SUFFIXES = {".jpg", ".jpeg"}
@@ -102,7 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, default=0, help="LR tile side for tiled inference (0 = whole image)")
     parser.add_argument("--overlap", type=int, default=16, help="LR pixels shared by neighbouring tiles")
     parser.add_argument("--batch", type=int, default=8, help="views/tiles per forward pass")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="fp32 (default), bf16, fp16, or auto: what the device runs natively (pipeline/precision.py)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -117,8 +119,9 @@ def main(args: argparse.Namespace) -> int:
     lossy = [p.name for p in images if p.suffix.lower() in LOSSY_SUFFIXES]
     if lossy:
         warnings.warn(f"{len(lossy)} JPEG input(s): their results are written as JPEG too (lossy)")
+    precision = choose(args.precision, device, nn.ModuleList(nets), training=False)
     settings = dict(tta=args.tta, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                    device=device, precision=args.precision)
+                    device=device, precision=precision.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(images, desc=f"predict ({len(nets)} net{'s' * (len(nets) > 1)} x {args.tta} views)",
                unit="image", disable=None)
@@ -127,5 +130,5 @@ def main(args: argparse.Namespace) -> int:
             lr = io.read_image(path)
             io.write_image(out_dir / path.name, predict_scene(nets, lr, **settings))
     print(f"{len(images)} image(s) -> {out_dir} ({len(nets)} net(s), tta {args.tta}, "
-          f"tile {args.tile or 'none'}, {args.precision}, {device}) in {time.time() - start:.1f}s")
+          f"tile {args.tile or 'none'}, {precision.name}, {device}) in {time.time() - start:.1f}s")
     return 0

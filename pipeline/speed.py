@@ -16,6 +16,7 @@ rounding, see tests/test_fast_paths.py) stay those of the reference path.
   few percent of the work. A CPU without native bf16 (AVX512-BF16 or AMX) gets a
   warning: it emulates bf16 far slower than fp32.
 `fast=False` puts a net back on the reference path (the benchmarks' reference rows).
+Training takes the same paths (`prepare_for_training`, stage 02's `train.fast`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.nn as nn
 from .nets.rlfn import RLFN
 from .nets.swinir import SwinIR
 from .nets.swinir_fast import make_fast, make_reference
+from .precision import hardware, native
 
 
 class Fp32Conv2d(nn.Conv2d):
@@ -54,21 +56,9 @@ def edge_convs(net: nn.Module) -> list[nn.Conv2d]:
 
 
 @functools.lru_cache(maxsize=None)
-def native_bf16(device_type: str) -> bool:
-    """True where bf16 runs in hardware: CUDA with bf16 support, or a CPU with
-    AVX512-BF16/AMX (oneDNN's test). Elsewhere autocast emulates it, measured 10x
-    (SwinIR-S) to 90x (RLFN) slower than fp32 on an AVX2 CPU."""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_emulated_bf16(device_type: str) -> None:
-    warnings.warn(f"bf16 on this {device_type} is emulated (no native bf16: AVX512-BF16/AMX on CPU), "
-                  "far slower than fp32; use precision fp32 here", stacklevel=3)
+def _warn_emulated(precision: str, device_type: str) -> None:
+    warnings.warn(f"{precision} on this {device_type} is emulated (no native {precision}), "
+                  "far slower than fp32; use precision fp32 or auto here", stacklevel=3)
 
 
 def prepare_for_inference(net: nn.Module, device: str | torch.device, precision: str = "fp32",
@@ -80,8 +70,20 @@ def prepare_for_inference(net: nn.Module, device: str | torch.device, precision:
     """
     device = torch.device(device)
     net = net.to(device).eval()
-    if precision == "bf16" and not native_bf16(device.type):
-        _warn_emulated_bf16(device.type)
+    if precision in ("bf16", "fp16") and not native(precision, hardware(device)):
+        _warn_emulated(precision, device.type)
+    return use_fast_path(net, fast)
+
+
+def prepare_for_training(net: nn.Module, fast: bool = True) -> nn.Module:
+    """The same fast paths for training (stage 02, `train.fast`), in place: SwinIR's fused
+    attention with autograd, channels-last convolutions (weights, so the gradients and the
+    optimizer state too), fp32 edge convolutions under autocast. Call it before the EMA copy
+    and the optimizer are made, so they share the layout."""
+    return use_fast_path(net, fast)
+
+
+def use_fast_path(net: nn.Module, fast: bool) -> nn.Module:
     for module in net.modules():   # a SwinIR may also sit inside a wrapper
         if isinstance(module, SwinIR):
             make_fast(module) if fast else make_reference(module)

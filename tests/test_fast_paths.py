@@ -18,7 +18,8 @@ from pipeline.io import read_image
 from pipeline.metrics import competition_ssim
 from pipeline.nets import available_nets, build_net
 from pipeline.nets.swinir import SwinIR
-from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, make_fast, make_reference
+from pipeline.precision import choose
+from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, _FusedAttention, make_fast, make_reference
 from pipeline.speed import Fp32Conv2d, edge_convs, prepare_for_inference
 from pipeline.weights import load_weights
 
@@ -146,6 +147,36 @@ def test_fast_path_trains_with_the_reference_gradients():
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
 
 
+def test_fused_attention_gradients_are_exact():
+    """The fused attention's hand-written backward (q, k, v and the additive mask: the learnt
+    bias, broadcast over windows or one per window) against autograd's numerical check."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(3, 2, 16, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for windows in (1, 3):
+        mask = torch.randn(windows, 2, 16, 16, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *t: _FusedAttention.apply(*t, 0.5), (q, k, v, mask))
+
+
+def test_training_runs_the_fused_attention_with_the_reference_gradients():
+    """A training step of the fast path goes through the fused attention in every block
+    (interior and border windows of shifted blocks), with the reference's loss and gradients
+    (the bias tables' too), on an odd size (padded to the window) and a batch."""
+    torch.manual_seed(9)
+    ref = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.0).train()
+    fast = make_fast(copy.deepcopy(ref)).train()
+    x, y = torch.rand(2, 3, 21, 13), torch.rand(2, 3, 84, 52)
+    calls, forward = [], _FusedAttention.forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_FusedAttention, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))
+        losses = [(net(x) - y).abs().mean() for net in (ref, fast)]
+        for loss in losses:
+            loss.backward()
+    assert len(calls) == 2 * 3      # per layer: unshifted block + shifted block's interior and border windows
+    assert abs(losses[0].item() - losses[1].item()) < 1e-6
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
+
+
 def test_drop_path_drops_whole_images():
     blk = build_net("swinir_s", drop_path_rate=0.5).layers[3].residual_group.blocks[5].train()
     torch.manual_seed(0)
@@ -251,7 +282,7 @@ def test_bf16_keeps_the_competition_ssim(swinir_fixture):
 # --- the benchmark command ---------------------------------------------------------------------
 
 def test_bench_quick_writes_the_table(workdir, cli):
-    rows = "rlfn-fast-fp32,rlfn-fast-bf16,rlfn-train-loader,ensemble-rlfn"
+    rows = "rlfn-fast-fp32,rlfn-fast-bf16,rlfn-train-ref,rlfn-train,rlfn-train-fp16,rlfn-train-loader,ensemble-rlfn"
     proc = cli("bench", "--quick", "--threads", "1", "--rows", rows)
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(workdir / "bench" / "results.csv")
@@ -262,11 +293,15 @@ def test_bench_quick_writes_the_table(workdir, cli):
     assert (done["median_s"] > 0).all() and (done["mpix_per_s"] > 0).all()
     assert (done["peak_rss_mb"] > 50).all()
     loader = done.set_index("row").loc["rlfn-train-loader"]
-    assert loader["baseline"] == "rlfn-train-ready"
+    assert loader["baseline"] == "rlfn-train"
     assert 0 < loader["loader_s"] < loader["median_s"]                 # the wait is part of the step
     assert loader["loader_share"] == pytest.approx(loader["loader_s"] / loader["median_s"], rel=1e-4)
     assert done.set_index("row")["loader_s"].drop("rlfn-train-loader").isna().all()
-    assert "| rlfn-fast-fp32 |" in (workdir / "bench" / "results.md").read_text()
+    rows = table.set_index("row")
+    assert rows.loc["rlfn-train", "baseline"] == "rlfn-train-ref" and rows.loc["rlfn-train-ref", "precision"] == "fp32"
+    assert rows.loc["rlfn-train", "precision"] == choose("auto", "cpu", build_net("rlfn")).name
+    assert rows.loc["rlfn-train-fp16", "status"].startswith("skipped: no native fp16")    # a CPU
+    assert "| rlfn-fast-fp32 | fp32 |" in (workdir / "bench" / "results.md").read_text()
     assert "rows measured" in proc.stdout
 
 
@@ -276,3 +311,15 @@ def test_bench_refuses_an_unknown_row(workdir, capsys):
     assert main(["bench", "--quick", "--rows", "rlfn-fast,no-such-row"]) == 1
     assert capsys.readouterr().err.strip().startswith("error: bench: no row 'no-such-row'")
     assert not (workdir / "bench").exists()
+
+
+def test_bench_interleaves_rows_in_one_process(workdir):
+    """--interleave: the rows run in one child process, one run of each in turn."""
+    from pipeline.bench import measure, select_rows
+    table = measure(select_rows("rlfn-train-ref,rlfn-train,rlfn-train-fp16"), quick=True, repeats=2,
+                    device="cpu", threads=1, progress=lambda _: None, interleave=True).set_index("row")
+    done = table[table["status"] == "ok"]
+    assert list(done.index) == ["rlfn-train-ref", "rlfn-train"] and (done["repeats"] == 1).all()  # --quick: 1 round
+    assert done["peak_rss_mb"].nunique() == 1                      # one process
+    assert table.loc["rlfn-train", "ratio"] == pytest.approx(done["median_s"].iloc[0] / done["median_s"].iloc[1])
+    assert table.loc["rlfn-train-fp16", "status"].startswith("skipped")

@@ -6,8 +6,11 @@
 
 Everything comes from the experiment config: the net (optionally pretrained), paired
 random crops with augmentation (pipeline.data), MADGRAD or Adam with a step schedule,
-the weighted loss (pipeline.losses), EMA of the weights, gradient clipping, bf16
-autocast where the device supports it. Every `val_every` steps the held-out fold's
+the weighted loss (pipeline.losses), EMA of the weights, gradient clipping, the
+precision the hardware runs best (`train.precision`, pipeline.precision: bf16, fp16 with a
+gradient scaler that skips inf/NaN steps, or fp32), the nets' fast paths (`train.fast`:
+SwinIR's fused attention, channels-last convolutions; pipeline.speed), optionally
+torch.compile (`train.compile`). Every `val_every` steps the held-out fold's
 full scenes are scored with the competition SSIM (outputs rounded to uint8 levels, EMA
 weights when EMA is on); `best.pt` keeps the best of them.
 
@@ -44,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .. import data, losses, paths, weights
+from .. import data, losses, paths, precision, weights
 from ..checkpoints import read_checkpoint, save_checkpoint
 from ..config import RUNTIME_KEYS, add_set_argument, dump_config, load_config
 from ..errors import PipelineError
@@ -52,10 +55,12 @@ from ..io import atomic_path, locked
 from ..metrics import ssim_torch
 from ..nets import build_net
 from ..tensorboard_log import TrainingBoard, remove_event_files
+from ..speed import prepare_for_training
 from ..tiling import tiled_forward
 
 OPTIMIZERS = ("madgrad", "adam")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = precision.NAMES
+MAX_SKIPPED_STEPS = 25   # fp16: consecutive inf/NaN steps (scale / 2**25) before the run stops
 ARTIFACTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.yaml")
 
 
@@ -131,7 +136,10 @@ def check_train_config(cfg: dict[str, Any]) -> None:
     if t["optimizer"] not in OPTIMIZERS:
         raise bad("optimizer", f"'{t['optimizer']}' unknown ({' or '.join(OPTIMIZERS)})")
     if t["precision"] not in PRECISIONS:
-        raise bad("precision", f"'{t['precision']}' unknown ({' or '.join(PRECISIONS)})")
+        raise bad("precision", f"'{t['precision']}' unknown ({', '.join(PRECISIONS)})")
+    for key in ("fast", "compile"):
+        if not isinstance(t[key], bool):
+            raise bad(key, f"must be true or false, got {t[key]!r}")
     ms, fs = list(t["milestones"]), list(t["lr_factors"])
     if ms != sorted(ms) or any(not 0 < m < 1 for m in ms):
         raise bad("milestones", f"must be increasing fractions of the steps in (0, 1), got {ms}")
@@ -176,19 +184,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the device computes it natively, else None (fp32).
-
-    On a CPU without native bf16 (no AVX512-BF16/AMX) autocast emulates it: measured
-    40x slower than fp32 for RLFN on this project's AVX2 machine, so it is not used.
-    """
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if supported else None
+def training_net(net: nn.Module, t: dict[str, Any]) -> nn.Module:
+    """The module the loop calls: `net` on its fast path (`train.fast`, in place: weights,
+    gradients and optimizer state channels-last), compiled when `train.compile`
+    (parameters shared, so checkpoints and the EMA see the same tensors)."""
+    prepare_for_training(net, fast=t["fast"])
+    return torch.compile(net) if t["compile"] else net
 
 
 # --- the pieces of a run --------------------------------------------------------------
@@ -409,14 +410,18 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                                 seed=seed, fold=fold, rank=d.rank, world_size=d.world)
 
     net = build_model(cfg, pretrained=not resuming, main=d.main).to(d.device)
+    forward_net = training_net(net, t)
     ema = (AveragedModel(net, multi_avg_fn=ema_update(t["ema"]), use_buffers=True)
            if t["ema"] > 0 else None)
     optimizer = build_optimizer(net.parameters(), t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor_at(s, t))
     loss_fn = losses.build_loss(cfg["loss"]).to(d.device)
-    amp_dtype = autocast_dtype(t["precision"], d.device)
-    if t["precision"] == "bf16" and amp_dtype is None and d.main:
-        print(f"train: {d.device.type} has no native bf16; training in fp32")
+    prec = precision.choose(t["precision"], d.device, net)
+    amp_dtype = prec.dtype
+    # fp16: loss scaled up for the backward, inf/NaN steps skipped (never reach the weights)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=prec.scaler)
+    if d.main:
+        print(f"train {name}: precision {prec.name} ({prec.reason})")
     overlap = cfg["infer"]["tile_overlap"]
 
     if resuming:
@@ -426,6 +431,8 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
             ema.load_state_dict(ts["ema"])
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
+        if prec.scaler and ts.get("scaler"):
+            scaler.load_state_dict(ts["scaler"])
         set_rng_state(ts["rng"])
         start, log = state["step"], ts["log"]
         saved_step = start
@@ -446,7 +453,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     if d.main:
         remove_stale_temporaries(run)
 
-    model = DistributedDataParallel(net) if d.world > 1 else net
+    model = DistributedDataParallel(forward_net) if d.world > 1 else forward_net
     eval_net = ema.module if ema is not None else net
     board = TrainingBoard(run, start, val_scenes[0], scale, d.device) if d.main else None
     if board is not None and not resuming:
@@ -461,8 +468,8 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     def save_last(step: int) -> None:
         train_state = {"net": net.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng_state(), "best_ssim": best_ssim, "best_step": best_step,
-                       "bicubic_ssim": bicubic_ssim, "log": log}
+                       "scaler": scaler.state_dict() if prec.scaler else None, "rng": rng_state(),
+                       "best_ssim": best_ssim, "best_step": best_step, "bicubic_ssim": bicubic_ssim, "log": log}
         write_log(log, run)  # before last.pt: a kill in between never leaves a finished run's log behind
         save_checkpoint(last_path, net_name=cfg["model"]["name"], net_args=cfg["model"]["args"],
                         state_dict=eval_net.state_dict(), exp=exp, seed=seed, fold=fold, step=step,
@@ -476,6 +483,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     bar = tqdm(total=t["steps"], initial=start, desc=f"train {name}", unit="step",
                disable=not d.main or None, dynamic_ncols=True)
     model.train()
+    skipped_in_a_row = 0
     for step, (lr_u8, hr_u8) in zip(range(start, t["steps"]), data.batches(stream, start, t["num_workers"], d.device)):
         lr_img, hr_img = data.to_float(lr_u8, d.device), data.to_float(hr_u8, d.device)
         with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -486,21 +494,36 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
         reported = d.all_mean(torch.tensor([float(loss.detach())] + terms, dtype=torch.float64))
         loss_value = float(reported[0])
         done = step + 1
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value) and not prec.scaler:
             _stop_non_finite(f"loss is {loss_value}", done, saved_step, run, log, d)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)              # true gradients for clipping (no-op without fp16)
         if t["grad_clip"] > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"]))
-            if not math.isfinite(norm):
+            if not math.isfinite(norm) and not prec.scaler:
                 _stop_non_finite(f"gradient norm is {norm}", done, saved_step, run, log, d)
         lr_now = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
+        scale_before = scaler.get_scale() if prec.scaler else None
+        scaler.step(optimizer)                  # fp16: skipped when a gradient is inf/NaN
+        scaler.update()                         # ... and the scale halved
+        skipped = prec.scaler and scaler.get_scale() < scale_before
+        with warnings.catch_warnings():         # a skipped first step makes the scheduler warn
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            scheduler.step()
+        if ema is not None and not skipped:     # a skipped step changed nothing to average
             ema.update_parameters(net)
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if skipped_in_a_row > MAX_SKIPPED_STEPS:
+            _stop_non_finite(f"{skipped_in_a_row} fp16 steps in a row had inf/NaN values (loss {loss_value})",
+                             done, saved_step, run, log, d)
 
-        row = {"step": done, "loss": loss_value, "lr": lr_now, "val_ssim": None, "bicubic_ssim": None}
+        row = {"step": done, "loss": loss_value, "lr": lr_now, "val_ssim": None, "bicubic_ssim": None,
+               "precision": prec.name}
+        if done == start + 1:                   # why, once per start or resume
+            row["precision_reason"] = prec.reason
+        if prec.scaler:
+            row.update(skipped=int(skipped), grad_scale=scaler.get_scale())
         if len(terms) > 1:
             row.update({f"loss_{k}": float(v) for k, v in zip(loss_fn.last_terms, reported[1:])})
         if done % t["val_every"] == 0 or done == t["steps"]:

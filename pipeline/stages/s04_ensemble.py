@@ -30,6 +30,7 @@ from ..checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
 from ..config import add_set_argument, load_config
 from ..errors import PipelineError
 from ..inference import pick_device, predict_scene
+from ..precision import choose
 from ..tta import TTA_CHOICES
 from ..io import sha256_file
 from .s00_unzip import load_manifest
@@ -110,6 +111,8 @@ def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = No
     ckpt_paths = select_checkpoints(exp, seeds)
     records = [checkpoint_record(p) for p in ckpt_paths]
     nets = load_nets(ckpt_paths, scale, device)
+    # "auto" resolved here, so ensemble.json records what ran
+    settings["precision"] = choose(settings["precision"], device, torch.nn.ModuleList(nets), training=False).name
     out_dir = paths.predictions_dir(exp)
     with io.locked(out_dir), io.atomic_dir(out_dir) as tmp:
         bar = tqdm(scenes, desc=f"ensemble {exp} ({len(nets)} nets x {settings['tta']} views)",
