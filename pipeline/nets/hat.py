@@ -10,11 +10,13 @@ queries from each window, keys and values from a larger window around it
 the same as SwinIR's (window partition, shifted-window mask, window attention, MLP, patch
 embedding, upsampler, padding to the window) are imported from `swinir.py`.
 
-`build_net("hat", **kwargs)` takes the official constructor arguments (upscale, in_chans,
-img_size, window_size, compress_ratio, squeeze_factor, conv_scale, overlap_ratio,
-img_range, depths, embed_dim, num_heads, mlp_ratio, upsampler, resi_connection, and the
-drop rates, qkv_bias, qk_scale, ape, patch_norm, use_checkpoint) with the official
-defaults. Presets from the official option files: `hat_s` (HAT-S), `hat`, `hat_l` (HAT-L).
+Presets from the official option files, x4 unless a scale is given: `hat_s` (HAT-S),
+`hat` (HAT) and `hat_l` (HAT-L). Each takes every official constructor argument (upscale,
+in_chans, img_size, window_size, compress_ratio, squeeze_factor, conv_scale,
+overlap_ratio, img_range, depths, embed_dim, num_heads, mlp_ratio, upsampler,
+resi_connection, and the drop rates, qkv_bias, qk_scale, ape, patch_norm,
+use_checkpoint) over its settings, so `build_net("hat", **official_args)` builds exactly
+the official configuration given (the fixture's, for one).
 
 Any input size works: the image is reflect-padded on the right and bottom to a multiple
 of the window and the output cropped back, as the official `HATModel.test` does. The
@@ -322,8 +324,6 @@ class HAT(nn.Module):
         x = x / self.img_range + self.mean
         return x[..., : h * self.scale, : w * self.scale]
 
-
-register("hat")(HAT)
 
 # the official option files' settings (options/test/HAT-S_SRx4.yml, HAT_SRx4.yml, HAT-L_SRx4_*.yml)
 _HAT_COMMON = dict(in_chans=3, img_size=64, window_size=16, conv_scale=0.01, overlap_ratio=0.5,
