@@ -40,15 +40,20 @@ class KnownWeights:
     name: str                    # short name used in configs: `pretrained: rlfn_x4`
     file: str                    # the authors' file name
     net: str                     # registry name for build_net
-    url: str                     # the authors' published download address
-    sha256: str | None           # None: not published; the size is checked instead
+    url: str | None              # the authors' published download address; None: no script can fetch it
+    sha256: str | None           # None: not published; the size is checked instead (if known)
     size: int | None = None
     net_args: dict = field(default_factory=dict)
     note: str = ""
+    get_it: str = ""             # where a person downloads it when no url serves a script
 
 
 _RLFN_URL = "https://github.com/bytedance/RLFN/raw/main/model_zoo/"
 _SWINIR_URL = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
+# XPixelGroup/HAT's README: the release files are on a cloud drive (no direct file address)
+_HAT_DRIVE = ("the HAT authors' Google Drive folder https://drive.google.com/drive/folders/"
+              "1HpmReFfoUqUbnAOQ7rvOeNU3uf_m69w0 (or Baidu Netdisk https://pan.baidu.com/s/"
+              "1u2r4Lc2_EEeQqra2-w85Xg, access code qyrl), linked from github.com/XPixelGroup/HAT")
 
 KNOWN_WEIGHTS: dict[str, KnownWeights] = {w.name: w for w in [
     KnownWeights("rlfn_x4", "rlfn_x4.pth", "rlfn", _RLFN_URL + "rlfn_x4.pth",
@@ -70,6 +75,13 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {w.name: w for w in [
                  _SWINIR_URL + "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth",
                  None, size=17_225_941,
                  note="SwinIR-S x4 (lightweight), Apache-2.0; no published sha256, size checked"),
+    # no sha256 or size published: accepted by the strict layout check on loading; a run
+    # records the file's sha256 in its config.yaml (pretrained_loaded)
+    KnownWeights("hat_s_x4", "HAT-S_SRx4.pth", "hat_s", None, None, get_it=_HAT_DRIVE,
+                 note="HAT-S x4 (options/test/HAT-S_SRx4.yml), Apache-2.0; from a cloud drive, no sha256 published"),
+    KnownWeights("hat_x4", "HAT_SRx4_ImageNet-pretrain.pth", "hat", None, None, get_it=_HAT_DRIVE,
+                 note="HAT x4, ImageNet-pretrained (options/test/HAT_SRx4_ImageNet-pretrain.yml), Apache-2.0; "
+                      "from a cloud drive, no sha256 published"),
 ]}
 
 
@@ -108,6 +120,10 @@ def _fetch(url: str, dest: Path) -> None:
 
 def download(known: KnownWeights) -> Path:
     """Download a known file into models/pretrained/, verified before it takes its name."""
+    if known.url is None:
+        raise PipelineError(f"{known.file}: not found in {_where_searched()}; no script can download it: "
+                            f"get it by hand from {known.get_it} and put it in {paths.PRETRAINED} "
+                            "or a folder on SR_WEIGHTS_DIR")
     dest = paths.PRETRAINED / known.file
     with atomic_path(dest) as tmp:
         try:
@@ -154,7 +170,7 @@ def resolve_weights(name_or_path: str | Path, download_missing: bool = True) -> 
             if known is None:
                 raise PipelineError(f"{text}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)}) "
                                     f"and no such file in {_where_searched()}")
-            if not download_missing:
+            if not download_missing and known.url is not None:
                 raise PipelineError(f"{known.file}: not found in {_where_searched()}; download it "
                                     f"from {known.url} into {paths.PRETRAINED} or a folder on SR_WEIGHTS_DIR")
             return download(known)
@@ -320,7 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _status(known: KnownWeights) -> tuple[str, str]:
     found = find_local(known.name)
     if found is None:
-        return "missing", known.url
+        return "missing", known.url or f"by hand: {known.get_it}"
     try:
         verify(found, known)
     except PipelineError:
@@ -331,7 +347,8 @@ def _status(known: KnownWeights) -> tuple[str, str]:
 def main(args: argparse.Namespace) -> int:
     failed = 0
     if args.fetch:
-        names = list(KNOWN_WEIGHTS) if args.fetch == ["all"] else args.fetch
+        # all: every file a script can download (the cloud-drive ones are listed as by hand)
+        names = [w.name for w in KNOWN_WEIGHTS.values() if w.url] if args.fetch == ["all"] else args.fetch
         unknown = [n for n in names if known_weights(n) is None]
         if unknown:
             raise PipelineError(f"{unknown[0]}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")
