@@ -44,7 +44,7 @@ import torch
 from . import paths
 from .errors import PipelineError
 from .io import atomic_path
-from .speed import native_bf16
+from .speed import native_bf16, use_fast_path
 
 SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
 QUICK_LR = (40, 48)
@@ -52,7 +52,7 @@ TILE, OVERLAP = 160, 16        # LR pixels, tiled rows: 2 x 3 tiles cover 300x37
 QUICK_TILE, QUICK_OVERLAP = 24, 4
 TRAIN_BATCH, TRAIN_PATCH = 24, 32
 QUICK_BATCH = 2
-CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial"}   # experiment whose training recipe a row uses
+CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial", "hat_s": "hat_s"}   # experiment whose training recipe a row uses
 COLUMNS = ["row", "net", "path", "precision", "mode", "input", "tile", "tta", "batch", "repeats",
            "median_s", "min_s", "max_s", "mpix_per_s", "peak_rss_mb", "peak_gpu_mb", "baseline",
            "ratio", "loader_s", "loader_share", "status", "load_1min"]
@@ -91,6 +91,16 @@ def _rows() -> list[Row]:
                      baseline=f"{net}-train-ready")]
     rows += [Row("ensemble-rlfn", "ensemble", "rlfn", mode="ensemble"),
              Row("ensemble-swinir_s", "ensemble", "swinir_s", mode="ensemble", repeats=1)]
+    # HAT-S (issue 14): ~10x SwinIR-S's work per pixel, so one timed run per row; training
+    # on the recipe's 64 -> 256 crops (batch 2 here, 8 in hat_s.yaml), reference and fast path
+    rows += [Row("hat_s-ref-fp32", "infer", "hat_s", "reference", repeats=1),
+             Row("hat_s-fast-fp32", "infer", "hat_s", baseline="hat_s-ref-fp32", repeats=1),
+             Row("hat_s-fast-bf16", "infer", "hat_s", precision="bf16", baseline="hat_s-fast-fp32", repeats=1),
+             Row("hat_s-fast-fp32-tiled", "infer", "hat_s", mode="tiled", baseline="hat_s-fast-fp32", repeats=1),
+             Row("hat_s-train-ready", "train", "hat_s", "ready", mode="ready", repeats=1,
+                 args={"batch": 2, "patch": 64}),
+             Row("hat_s-fast-train-ready", "train", "hat_s", "ready", mode="ready", repeats=1,
+                 baseline="hat_s-train-ready", args={"batch": 2, "patch": 64, "fast": True})]
     return rows
 
 
@@ -168,10 +178,12 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
 
     cfg = load_config(CONFIGS[row.net])
     t = cfg["train"]
-    t["batch_size"] = QUICK_BATCH if quick else TRAIN_BATCH
-    t["lr_patch"] = TRAIN_PATCH
+    t["batch_size"] = QUICK_BATCH if quick else row.args.get("batch", TRAIN_BATCH)
+    t["lr_patch"] = TRAIN_PATCH if quick else row.args.get("patch", TRAIN_PATCH)
     s02.seed_everything(0)
     net = s02.build_model(cfg, pretrained=False, main=True).to(device).train()
+    if row.args.get("fast"):
+        use_fast_path(net)
     ema = AveragedModel(net, multi_avg_fn=s02.ema_update(t["ema"]), use_buffers=True) if t["ema"] > 0 else None
     optimizer = s02.build_optimizer(net.parameters(), t)
     loss_fn = losses.build_loss(cfg["loss"]).to(device)

@@ -76,6 +76,17 @@ def _warn_emulated_bf16(device_type: str) -> None:
                   "far slower than fp32; use precision fp32 here", stacklevel=3)
 
 
+def use_fast_path(net: nn.Module, fast: bool = True) -> nn.Module:
+    """Switch every SwinIR and HAT inside `net` to its fast path (or back), in place; the
+    fast paths train too (autograd), so this serves training as well as inference."""
+    for module in net.modules():   # a SwinIR may also sit inside a wrapper
+        if isinstance(module, SwinIR):
+            make_fast(module) if fast else make_reference(module)
+        elif isinstance(module, HAT):
+            hat_fast.make_fast(module) if fast else hat_fast.make_reference(module)
+    return net
+
+
 def prepare_for_inference(net: nn.Module, device: str | torch.device, precision: str = "fp32",
                           fast: bool = True) -> nn.Module:
     """Move `net` to `device` in eval mode, on its fast path (`fast`) or the reference one.
@@ -87,11 +98,7 @@ def prepare_for_inference(net: nn.Module, device: str | torch.device, precision:
     net = net.to(device).eval()
     if precision == "bf16" and not native_bf16(device.type):
         _warn_emulated_bf16(device.type)
-    for module in net.modules():   # a SwinIR may also sit inside a wrapper
-        if isinstance(module, SwinIR):
-            make_fast(module) if fast else make_reference(module)
-        elif isinstance(module, HAT):
-            hat_fast.make_fast(module) if fast else hat_fast.make_reference(module)
+    use_fast_path(net, fast)
     for conv in edge_convs(net):
         conv.__class__ = Fp32Conv2d if fast else nn.Conv2d
     layout = torch.channels_last if fast else torch.contiguous_format
