@@ -271,7 +271,8 @@ def test_hat_drop_path_drops_whole_images():
 
 # --- every net through prepare_for_inference ------------------------------------------------
 
-@pytest.mark.parametrize("name", [n for n in available_nets() if n not in ("hat", "hat_l")])   # hat_s's code, 2-4x its size
+# hat and hat_l: hat_s's code at 2-4x its size
+@pytest.mark.parametrize("name", [n for n in available_nets() if n not in ("hat", "hat_l")])
 def test_prepared_net_equals_its_reference(name):
     torch.manual_seed(4)
     net = build_net(name).eval()

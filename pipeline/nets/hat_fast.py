@@ -98,7 +98,7 @@ def _drop_path(blk: HAB, y: torch.Tensor, b: int) -> torch.Tensor:
     return (y.view(b, -1, y.shape[-1]) * mask).view(y.shape)
 
 
-def _in_jobs(n_windows: int, out: torch.Tensor, cells: int, attend, device: torch.device,
+def _in_jobs(out: torch.Tensor, cells: int, attend, device: torch.device,
              segments: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
     """out[window rows] = attend(first, stop, mask) for chunks of windows: in one call where
     gradients flow (training), else in jobs on the worker threads (inference)."""
@@ -131,7 +131,7 @@ def _hab(blk: HAB, t: torch.Tensor, orders: _HatOrders, b: int, h: int, w: int) 
     def attend(a: int, e: int, mask: torch.Tensor) -> torch.Tensor:
         return _window_attention(blk.attn, windows[a * n:e * n], n, mask)
 
-    y = _in_jobs(windows.shape[0] // n, torch.empty_like(windows), n, attend, t.device, segments)
+    y = _in_jobs(torch.empty_like(windows), n, attend, t.device, segments)
     t = t + _drop_path(blk, y.index_select(0, orders.index(order, "img")), b) + conv_x * blk.conv_scale
     return t + _drop_path(blk, _mlp(blk.mlp, blk.norm2(t)), b)
 
@@ -153,7 +153,7 @@ def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> 
         return _linear(out.transpose(1, 2).reshape((e - a) * nq, c), oca.proj.weight, oca.proj.bias)
 
     n_windows = q.shape[0] // nq
-    y = _in_jobs(n_windows, torch.empty_like(q), nq, attend, t.device, [(0, n_windows, bias)])
+    y = _in_jobs(torch.empty_like(q), nq, attend, t.device, [(0, n_windows, bias)])
     t = t + y.index_select(0, orders.index("U", "img"))
     return t + _mlp(oca.mlp, oca.norm2(t))
 
