@@ -37,7 +37,7 @@ CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
 FOLD_LIST = $(shell $(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
 
 .PHONY: help setup demo demo-data unzip folds train train-all oof ensemble submission all \
-        predict score test test-all bench weights benchmark-aerial report lb clean FORCE
+        predict score test test-all bench weights benchmark-aerial benchmark-aerial-x5 report lb clean FORCE
 
 help: ## list every target with one line each
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -159,7 +159,8 @@ AERIAL_SOURCE ?= $(abspath ../shared/data/ucmerced_urban)
 AERIAL_DIR := $(abspath data/benchmarks/aerial)
 AERIAL_EXP ?= aerial
 AERIAL_JOBS ?= 2
-ABLATIONS ?= $(sort $(basename $(notdir $(wildcard pipeline/configs/$(AERIAL_EXP)_*.yaml))))
+# (<exp>_x5*: the x5 experiment, another scale and competition: benchmark-aerial-x5)
+ABLATIONS ?= $(filter-out $(AERIAL_EXP)_x5%,$(sort $(basename $(notdir $(wildcard pipeline/configs/$(AERIAL_EXP)_*.yaml)))))
 AERIAL_MODELS := $(AERIAL_DIR)/models
 AERIAL_TEST_LOW := $(AERIAL_DIR)/data/interim/evaluation
 AERIAL_PRED := $(AERIAL_DIR)/data/predictions
@@ -199,6 +200,21 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	   predict $(AERIAL_PRED)/{}-fold0 --checkpoint $(AERIAL_MODELS)/{}/seed0/fold0/best.pt --tta 1'
 	$(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP)
 	SR_WORKDIR=$(AERIAL_DIR) $(PIPE) report
+
+# x5 (issue 14): the same tiles built at x5 (255x255 -> 51x51), fold 0 of aerial_x5 (rlfn_x4
+# carried to x5, upsampler re-initialised) and aerial_x5_scratch (the same net from a
+# random init, same steps), both scored on the 120 test answers with bicubic x5.
+AERIAL_X5_DIR := $(abspath data/benchmarks/aerial_x5)
+benchmark-aerial-x5: $(SETUP) ## x5 on the real aerial tiles: rlfn_x4 carried to x5 vs the same net from scratch vs bicubic (fold 0, ~15 min)
+	@test -d "$(AERIAL_SOURCE)" || { echo "benchmark-aerial-x5: $(AERIAL_SOURCE) not found" >&2; exit 1; }
+	export SR_WORKDIR=$(AERIAL_X5_DIR) && set -e && \
+	  $(PIPE) demo-data --source $(AERIAL_SOURCE) --exp aerial_x5 --n-train 420 --n-test 120 --seed 0 --workdir $(AERIAL_X5_DIR) && \
+	  $(PIPE) unzip --exp aerial_x5 && $(PIPE) folds --exp aerial_x5 && \
+	  printf '%s\n' aerial_x5 aerial_x5_scratch | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -I{} $(PIPE) train --exp {} --fold 0 && \
+	  $(PIPE) predict --model bicubic --scale 5 --tta 1 --input $(AERIAL_X5_DIR)/data/interim/evaluation --output $(AERIAL_X5_DIR)/data/predictions/bicubic && \
+	  for e in aerial_x5 aerial_x5_scratch; do $(PIPE) predict --checkpoint $(AERIAL_X5_DIR)/models/$$e/seed0/fold0/best.pt \
+	    --tta 1 --input $(AERIAL_X5_DIR)/data/interim/evaluation --output $(AERIAL_X5_DIR)/data/predictions/$$e-fold0; done && \
+	  $(PY) -m pipeline.ablation --workdir $(AERIAL_X5_DIR) --exp aerial_x5
 
 clean: ## remove generated artifacts (keeps .venv, data/raw and models/pretrained)
 	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip submissions/*-latest.txt bench reports/index.html reports/img reports/cache

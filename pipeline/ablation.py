@@ -116,6 +116,8 @@ def collect_rows(exp: str) -> list[Row]:
                             "stage 03, all folds, seed ensemble"))
     for path in sorted(paths.CONFIGS.glob(f"{exp}_*.yaml")):
         variant = path.stem
+        if load_config(variant)["data"]["scale"] != cfg["data"]["scale"]:
+            continue   # another competition (aerial_x5), not a variant of this one
         description = next((line.lstrip("# ").split(":", 1)[-1].strip().rstrip(".") for line in path.read_text().splitlines()
                             if line.startswith("#")), variant)
         rows.append(Row(f"ablation `{variant}`: {description}", f"{variant}-fold{ABLATION_FOLD}",

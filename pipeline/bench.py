@@ -59,7 +59,7 @@ TILE, OVERLAP = 160, 16        # LR pixels, tiled rows: 2 x 3 tiles cover 300x37
 QUICK_TILE, QUICK_OVERLAP = 24, 4
 TRAIN_PATCH = 32
 QUICK_BATCH = 2
-CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial"}   # experiment whose training recipe a row uses
+CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial", "hat_s": "hat_s"}   # experiment whose training recipe a row uses
 COLUMNS = ["row", "net", "path", "precision", "mode", "input", "tile", "tta", "batch", "repeats",
            "median_s", "min_s", "max_s", "mpix_per_s", "peak_rss_mb", "peak_gpu_mb", "baseline",
            "ratio", "loader_s", "loader_share", "warmup_s", "status", "load_1min"]
@@ -104,6 +104,16 @@ def _rows() -> list[Row]:
                  baseline="rlfn-train")]
     rows += [Row("ensemble-rlfn", "ensemble", "rlfn", mode="ensemble"),
              Row("ensemble-swinir_s", "ensemble", "swinir_s", mode="ensemble", repeats=1)]
+    # HAT-S (issue 14): ~10x SwinIR-S's work per pixel, so one timed run per row; training
+    # on the recipe's 64 -> 256 crops (batch 2 here, 8 in hat_s.yaml), reference and fast path
+    rows += [Row("hat_s-ref-fp32", "infer", "hat_s", "reference", repeats=1),
+             Row("hat_s-fast-fp32", "infer", "hat_s", baseline="hat_s-ref-fp32", repeats=1),
+             Row("hat_s-fast-bf16", "infer", "hat_s", precision="bf16", baseline="hat_s-fast-fp32", repeats=1),
+             Row("hat_s-fast-fp32-tiled", "infer", "hat_s", mode="tiled", baseline="hat_s-fast-fp32", repeats=1),
+             Row("hat_s-train-ready", "train", "hat_s", "ready", mode="ready", repeats=1,
+                 args={"batch": 2, "patch": 64}),
+             Row("hat_s-fast-train-ready", "train", "hat_s", "ready", mode="ready", repeats=1,
+                 baseline="hat_s-train-ready", args={"batch": 2, "patch": 64, "fast": True})]
     return rows
 
 
@@ -183,7 +193,10 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     t = cfg["train"]
     if quick:
         t["batch_size"] = QUICK_BATCH
-    t.update(lr_patch=TRAIN_PATCH, precision=row.precision, fast=row.path == "fast", compile=row.mode == "compile")
+    elif "batch" in row.args:      # a row's own batch (HAT-S: 2 here, the recipe's 8 on a GPU)
+        t["batch_size"] = row.args["batch"]
+    t.update(lr_patch=TRAIN_PATCH if quick else row.args.get("patch", TRAIN_PATCH),
+             precision=row.precision, fast=row.path == "fast", compile=row.mode == "compile")
     s02.seed_everything(0)
     net = s02.build_model(cfg, pretrained=False, main=True).to(device).train()
     forward_net = s02.training_net(net, t)

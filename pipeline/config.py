@@ -19,6 +19,9 @@ import yaml
 from . import paths
 from .errors import PipelineError
 
+# the key of a run's config.yaml recording what model.pretrained loaded (file, sha256, counts)
+PRETRAINED_RECORD = "pretrained_loaded"
+
 DEFAULTS: dict[str, Any] = {
     # Competition format: file patterns and scale (the 2023 Solafune contest used x5).
     "data": {
@@ -39,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "args": {},                  # constructor kwargs for build_net(name, **args)
         "pretrained": None,          # weight file name (resolved via SR_WEIGHTS_DIR) or path
         "pretrained_required": True,  # missing file stops the run, never silently from scratch
+        "reinit": [],                # module prefixes initialised afresh, not loaded (another scale's upsampler)
     },
     "train": {
         "steps": 2000,               # bounded: training always ends
@@ -184,6 +188,7 @@ def load_config(exp_or_path: str | Path, overrides: list[str] | None = None,
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: top level must be a mapping")
     raw.pop("exp", None)  # a resolved config.yaml written by a run names its experiment
+    raw.pop(PRETRAINED_RECORD, None)  # ... and what it loaded from model.pretrained
     start = DEFAULTS
     base = raw.pop("base", None)
     if base is not None:

@@ -5,6 +5,7 @@
 computes, never what: the weights, the state_dict keys and the outputs (within float
 rounding, see tests/test_fast_paths.py) stay those of the reference path.
 - SwinIR: switched to the optimised `FastSwinIR` (pipeline/nets/swinir_fast.py).
+- HAT: switched to the optimised `FastHAT` (pipeline/nets/hat_fast.py).
 - every net: convolution weights in channels-last layout, which oneDNN (CPU) and cuDNN
   (GPU) run faster; a conv given a channels-last weight returns channels-last
   activations, so the layout carries through the net without copies.
@@ -29,6 +30,8 @@ import torch.nn as nn
 from .nets.rlfn import RLFN
 from .nets.swinir import SwinIR
 from .nets.swinir_fast import make_fast, make_reference
+from .nets.hat import HAT
+from .nets import hat_fast
 from .precision import hardware, native
 
 
@@ -52,6 +55,8 @@ def edge_convs(net: nn.Module) -> list[nn.Conv2d]:
         elif isinstance(m, SwinIR):  # shallow features, the conv after the body, the image's conv
             last = m.upsample if m.upsampler == "pixelshuffledirect" else getattr(m, "conv_last", None)
             found += convs(m.conv_first, m.conv_after_body, last)
+        elif isinstance(m, HAT):     # the same three places
+            found += convs(m.conv_first, m.conv_after_body, m.conv_last)
     return found
 
 
@@ -83,10 +88,14 @@ def prepare_for_training(net: nn.Module, fast: bool = True) -> nn.Module:
     return use_fast_path(net, fast)
 
 
-def use_fast_path(net: nn.Module, fast: bool) -> nn.Module:
-    for module in net.modules():   # a SwinIR may also sit inside a wrapper
+def use_fast_path(net: nn.Module, fast: bool = True) -> nn.Module:
+    """Every SwinIR and HAT inside `net` on its fast path (or back), in place, with channels-last
+    convolutions and fp32 edge convolutions; the fast paths train too (autograd)."""
+    for module in net.modules():   # a SwinIR or HAT may also sit inside a wrapper
         if isinstance(module, SwinIR):
             make_fast(module) if fast else make_reference(module)
+        elif isinstance(module, HAT):
+            hat_fast.make_fast(module) if fast else hat_fast.make_reference(module)
     for conv in edge_convs(net):
         conv.__class__ = Fp32Conv2d if fast else nn.Conv2d
     layout = torch.channels_last if fast else torch.contiguous_format

@@ -40,15 +40,20 @@ class KnownWeights:
     name: str                    # short name used in configs: `pretrained: rlfn_x4`
     file: str                    # the authors' file name
     net: str                     # registry name for build_net
-    url: str                     # the authors' published download address
-    sha256: str | None           # None: not published; the size is checked instead
+    url: str | None              # the authors' published download address; None: no script can fetch it
+    sha256: str | None           # None: not published; the size is checked instead (if known)
     size: int | None = None
     net_args: dict = field(default_factory=dict)
     note: str = ""
+    get_it: str = ""             # where a person downloads it when no url serves a script
 
 
 _RLFN_URL = "https://github.com/bytedance/RLFN/raw/main/model_zoo/"
 _SWINIR_URL = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
+# XPixelGroup/HAT's README: the release files are on a cloud drive (no direct file address)
+_HAT_DRIVE = ("the HAT authors' Google Drive folder https://drive.google.com/drive/folders/"
+              "1HpmReFfoUqUbnAOQ7rvOeNU3uf_m69w0 (or Baidu Netdisk https://pan.baidu.com/s/"
+              "1u2r4Lc2_EEeQqra2-w85Xg, access code qyrl), linked from github.com/XPixelGroup/HAT")
 
 KNOWN_WEIGHTS: dict[str, KnownWeights] = {w.name: w for w in [
     KnownWeights("rlfn_x4", "rlfn_x4.pth", "rlfn", _RLFN_URL + "rlfn_x4.pth",
@@ -70,6 +75,13 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {w.name: w for w in [
                  _SWINIR_URL + "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth",
                  None, size=17_225_941,
                  note="SwinIR-S x4 (lightweight), Apache-2.0; no published sha256, size checked"),
+    # no sha256 or size published: accepted by the strict layout check on loading; a run
+    # records the file's sha256 in its config.yaml (pretrained_loaded)
+    KnownWeights("hat_s_x4", "HAT-S_SRx4.pth", "hat_s", None, None, get_it=_HAT_DRIVE,
+                 note="HAT-S x4 (options/test/HAT-S_SRx4.yml), Apache-2.0; from a cloud drive, no sha256 published"),
+    KnownWeights("hat_x4", "HAT_SRx4_ImageNet-pretrain.pth", "hat", None, None, get_it=_HAT_DRIVE,
+                 note="HAT x4, ImageNet-pretrained (options/test/HAT_SRx4_ImageNet-pretrain.yml), Apache-2.0; "
+                      "from a cloud drive, no sha256 published"),
 ]}
 
 
@@ -108,6 +120,10 @@ def _fetch(url: str, dest: Path) -> None:
 
 def download(known: KnownWeights) -> Path:
     """Download a known file into models/pretrained/, verified before it takes its name."""
+    if known.url is None:
+        raise PipelineError(f"{known.file}: not found in {_where_searched()}; no script can download it: "
+                            f"get it by hand from {known.get_it} and put it in {paths.PRETRAINED} "
+                            "or a folder on SR_WEIGHTS_DIR")
     dest = paths.PRETRAINED / known.file
     with locked(dest), atomic_path(dest) as tmp:
         try:
@@ -154,7 +170,7 @@ def resolve_weights(name_or_path: str | Path, download_missing: bool = True) -> 
             if known is None:
                 raise PipelineError(f"{text}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)}) "
                                     f"and no such file in {_where_searched()}")
-            if not download_missing:
+            if not download_missing and known.url is not None:
                 raise PipelineError(f"{known.file}: not found in {_where_searched()}; download it "
                                     f"from {known.url} into {paths.PRETRAINED} or a folder on SR_WEIGHTS_DIR")
             return download(known)
@@ -205,39 +221,98 @@ def _short(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+@dataclass
+class LoadReport:
+    """What a load did: for the run's printout and its config.yaml."""
+    source: str
+    sha256: str | None           # of the file (None for an in-memory dict)
+    loaded: int                  # the net's tensors that came from the file
+    reinitialised: list[str]     # modules left as built (model.reinit)
+    unused: int                  # the file's tensors inside those modules, not used
+
+    def summary(self) -> str:
+        line = f"{self.loaded} tensors loaded from {Path(self.source).name}"
+        if self.reinitialised:
+            line += (f"; re-initialised: {', '.join(self.reinitialised)} "
+                     f"({self.unused} tensors of the file not used)")
+        return line
+
+    def record(self) -> dict:
+        return {"file": self.source, "sha256": self.sha256, "tensors_loaded": self.loaded,
+                "reinitialised": list(self.reinitialised), "file_tensors_not_used": self.unused}
+
+
+def _inside(key: str, prefixes: list[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _check_reinit(net: nn.Module, reinit: list[str]) -> None:
+    """Every prefix must name a module of the net: a typo would otherwise load nothing new."""
+    modules = [n for n, _ in net.named_modules() if n]
+    for prefix in reinit:
+        if not isinstance(prefix, str) or not any(_inside(n, [prefix]) for n in modules):
+            top = sorted({n.split(".")[0] for n in modules})
+            raise PipelineError(f"model.reinit: '{prefix}' matches no module of {type(net).__name__} "
+                                f"(its modules: {_short(top, 8)})")
+
+
 def load_weights(net: nn.Module, path_or_name: str | Path | Mapping, strict: bool = True,
-                 param_key: str | None = None) -> nn.Module:
+                 param_key: str | None = None, reinit: list[str] | tuple = ()) -> nn.Module:
     """Load weights into `net` in place (strictly by default) and return it.
 
     `path_or_name`: a file path, a known name (resolved as `resolve_weights` does) or an
     already loaded checkpoint dict. Any mismatch raises PipelineError naming the source
-    and the keys concerned.
+    and the keys concerned. `reinit`: module prefixes (`upsampler`, `layers.3`) left as
+    built, i.e. freshly initialised; only their tensors may be missing from the file or
+    not fit it (e.g. an upsampler for another scale); see `load_pretrained`.
     """
+    _load(net, path_or_name, strict, param_key, reinit, hash_file=False)
+    return net
+
+
+def load_pretrained(net: nn.Module, path_or_name: str | Path | Mapping,
+                    reinit: list[str] | tuple = ()) -> LoadReport:
+    """`load_weights` (strict), returning what was loaded and the file's sha256, for a
+    run to record. Every tensor of the file outside the `reinit` modules must fit by name
+    and shape; the `reinit` modules are initialised afresh as a whole (none of their file
+    tensors is used, fitting or not), so a module is never half pretrained."""
+    return _load(net, path_or_name, True, None, reinit, hash_file=True)
+
+
+def _load(net: nn.Module, path_or_name: str | Path | Mapping, strict: bool, param_key: str | None,
+          reinit: list[str] | tuple, hash_file: bool) -> LoadReport:
+    reinit = list(reinit or [])
+    _check_reinit(net, reinit)
     if isinstance(path_or_name, Mapping):
-        source, obj = "weights", path_or_name
+        source, obj, digest = "weights", path_or_name, None
     else:
         path = resolve_weights(path_or_name)
         source, obj = str(path), read_weight_file(path)
+        digest = sha256_file(path) if hash_file else None
     state = extract_state_dict(obj, source, param_key)
+    kept = {k: v for k, v in state.items() if not _inside(k, reinit)}
     own = net.state_dict()
-    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    wrong_shape = [k for k, v in kept.items() if k in own and own[k].shape != v.shape]
     if wrong_shape:
         k = wrong_shape[0]
+        hint = "" if reinit else " (model.reinit: [module] initialises a module afresh instead)"
         raise PipelineError(f"{source}: {len(wrong_shape)} tensors do not fit {type(net).__name__}, "
-                            f"e.g. {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}")
+                            f"e.g. {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}{hint}")
     try:
         # strict is checked below, to name the keys in one line (torch loads the rest either way)
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # e.g. a net's own check of derived buffers (swinir)
+        result = net.load_state_dict(kept, strict=False)
+    except RuntimeError as exc:  # e.g. a net's own check of derived buffers (swinir, hat)
         raise PipelineError(f"{source}: does not fit {type(net).__name__}: "
                             f"{' '.join(str(exc).split())[:400]}") from None
-    if result.missing_keys or result.unexpected_keys:
-        message = (f"{source}: does not fit {type(net).__name__}: missing {_short(result.missing_keys) or '-'}; "
+    missing = [k for k in result.missing_keys if not _inside(k, reinit)]
+    if missing or result.unexpected_keys:
+        message = (f"{source}: does not fit {type(net).__name__}: missing {_short(missing) or '-'}; "
                    f"unexpected {_short(result.unexpected_keys) or '-'}")
         if strict:
             raise PipelineError(message)
         warnings.warn(message + " (loaded non-strictly)", stacklevel=2)
-    return net
+    return LoadReport(source, digest, loaded=len(own) - len(result.missing_keys), reinitialised=reinit,
+                      unused=len(state) - len(kept))
 
 
 def build_pretrained(name: str, **overrides) -> nn.Module:
@@ -261,7 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _status(known: KnownWeights) -> tuple[str, str]:
     found = find_local(known.name)
     if found is None:
-        return "missing", known.url
+        return "missing", known.url or f"by hand: {known.get_it}"
     try:
         verify(found, known)
     except PipelineError:
@@ -272,7 +347,8 @@ def _status(known: KnownWeights) -> tuple[str, str]:
 def main(args: argparse.Namespace) -> int:
     failed = 0
     if args.fetch:
-        names = list(KNOWN_WEIGHTS) if args.fetch == ["all"] else args.fetch
+        # all: every file a script can download (the cloud-drive ones are listed as by hand)
+        names = [w.name for w in KNOWN_WEIGHTS.values() if w.url] if args.fetch == ["all"] else args.fetch
         unknown = [n for n in names if known_weights(n) is None]
         if unknown:
             raise PipelineError(f"{unknown[0]}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")

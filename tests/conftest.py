@@ -81,3 +81,16 @@ def swinir_fixture():
     if not (ckpt.is_file() and io.is_file()):
         pytest.skip(f"{paths.SHARED_FIXTURES}: SwinIR fixtures absent")
     return ckpt, torch.load(io, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def hat_fixture():
+    """The HAT checkpoint (HAT-S settings, 2 groups) in the official release layout and the
+    reference inputs and outputs the official implementation produced (../shared/fixtures)."""
+    import torch
+
+    ckpt = paths.SHARED_FIXTURES / "hat_s2g_x4_official_layout.pth"
+    io = paths.SHARED_FIXTURES / "hat_s2g_x4_official_layout_io.pt"
+    if not (ckpt.is_file() and io.is_file()):
+        pytest.skip(f"{paths.SHARED_FIXTURES}: HAT fixtures absent")
+    return ckpt, torch.load(io, map_location="cpu", weights_only=False)

@@ -18,6 +18,8 @@ from pipeline.io import read_image
 from pipeline.metrics import competition_ssim
 from pipeline.nets import available_nets, build_net
 from pipeline.nets.swinir import SwinIR
+from pipeline.nets import hat_fast
+from pipeline.nets.hat import HAT
 from pipeline.precision import choose
 from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, _FusedAttention, make_fast, make_reference
 from pipeline.speed import Fp32Conv2d, edge_convs, prepare_for_inference
@@ -190,9 +192,118 @@ def test_drop_path_drops_whole_images():
     assert 0 < (per_image[:, 0] == 0).sum() < b
 
 
+# --- HAT ---------------------------------------------------------------------------------
+
+# a small HAT with every part of the real one (2 groups, shifted blocks, OCAB, CAB)
+SMALL_HAT = {"embed_dim": 24, "depths": [2, 2], "num_heads": [2, 2], "window_size": 4, "img_size": 16,
+             "compress_ratio": 3, "squeeze_factor": 4, "mlp_ratio": 2, "upscale": 4}
+
+
+def _hat_pair(**args) -> tuple[HAT, HAT]:
+    torch.manual_seed(11)
+    ref = build_net("hat", **{**SMALL_HAT, **args})
+    with torch.no_grad():   # off the init: position biases and conv_scale'd CAB matter
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return hat_fast.make_reference(ref).eval(), hat_fast.make_fast(copy.deepcopy(ref)).eval()
+
+
+@pytest.mark.shared
+def test_hat_fast_path_equals_the_official_fixture(hat_fixture):
+    ckpt, io = hat_fixture
+    net = hat_fast.make_fast(build_net("hat", **io["config"]))
+    load_weights(net, ckpt)      # the release layout loads into the fast net unchanged
+    assert type(net) is hat_fast.FastHAT
+    ref = hat_fast.make_reference(copy.deepcopy(net)).eval()
+    net.eval()
+    with torch.no_grad():
+        for x, official in zip(io["inputs"], io["outputs"]):   # 32x48, 27x41, batch 2, 51x17
+            fast = net(x)
+            assert fast.shape == official.shape
+            assert (fast - official).abs().max().item() < FP32_BOUND
+            assert (fast - ref(x)).abs().max().item() < FP32_BOUND
+
+
+def test_hat_fast_path_keeps_keys_and_switches_back_exactly():
+    ref, fast = _hat_pair()
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    x = torch.rand(1, 3, 13, 18)
+    with torch.no_grad():
+        before = ref(x)
+        assert (fast(x) - before).abs().max().item() < FP32_BOUND
+        assert torch.equal(hat_fast.make_reference(fast)(x), before)
+    with pytest.raises(TypeError):
+        hat_fast.make_fast(build_net("swinir_s"))
+
+
+def test_hat_caches_follow_input_size_batch_and_weights():
+    ref, fast = _hat_pair()
+    sizes = [(1, 16, 24), (2, 16, 24), (1, 40, 16), (1, 16, 24), (3, 8, 8), (1, 24, 40), (1, 17, 9), (1, 4, 4)]
+    for b, h, w in sizes:   # more sizes than the cache keeps; 4x4: one window, all of it border
+        assert _max_diff(ref, fast, torch.rand(b, 3, h, w)) < FP32_BOUND, (b, h, w)
+    assert len(fast._fast_orders) == 4
+    new = {k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()}
+    ref.load_state_dict(new)
+    fast.load_state_dict(new)    # cached biases follow the new weights
+    assert _max_diff(ref, fast, torch.rand(1, 3, 16, 24)) < FP32_BOUND
+
+
+def test_hat_inference_uses_the_fused_attention_kernel():
+    _, net = _hat_pair(depths=[2], num_heads=[2])
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                   lambda *a, **k: calls.append(1) or original(*a, **k))
+        with torch.inference_mode():
+            net(torch.rand(1, 3, 16, 16))
+    assert len(calls) == 4      # unshifted block; shifted: interior + border windows; OCAB
+    net.train()(torch.rand(1, 3, 16, 16)).mean().backward()   # caches built in inference mode train too
+    oca = net.layers[0].residual_group.overlap_attn
+    assert oca.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_hat_fast_path_trains_with_the_reference_gradients():
+    ref, fast = _hat_pair(drop_path_rate=0.0)
+    x, y = torch.rand(2, 3, 10, 14), torch.rand(2, 3, 40, 56)   # padded to 12x16
+    for net in (ref.train(), fast.train()):
+        (net(x) - y).abs().mean().backward()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
+
+
+@pytest.mark.filterwarnings("ignore:bf16 on this")
+def test_hat_worker_threads_give_the_single_thread_results():
+    _, net = _hat_pair(depths=[2], num_heads=[2])
+    x = torch.rand(1, 3, 40, 48)               # 120 windows: several jobs per attention
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            results[threads, "fp32"] = net(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                results[threads, "bf16"] = net(x)
+    torch.set_num_threads(1)
+    assert torch.equal(results[1, "fp32"], results[2, "fp32"])
+    assert torch.equal(results[1, "bf16"], results[2, "bf16"])
+    assert not torch.equal(results[2, "fp32"], results[2, "bf16"])
+
+
+def test_hat_drop_path_drops_whole_images():
+    blk = build_net("hat", **{**SMALL_HAT, "drop_path_rate": 0.5}).layers[1].residual_group.blocks[1].train()
+    torch.manual_seed(0)
+    b = 8
+    out = hat_fast._drop_path(blk, torch.ones(b * 30, 24), b).view(b, -1)
+    keep = 1 - blk.drop_path.drop_prob
+    for image in out:
+        assert image.unique().tolist() in ([0.0], [1 / keep])
+    assert 0 < (out[:, 0] == 0).sum() < b
+
+
 # --- every net through prepare_for_inference ------------------------------------------------
 
-@pytest.mark.parametrize("name", [n for n in available_nets()])
+# hat and hat_l: hat_s's code at 2-4x its size
+@pytest.mark.parametrize("name", [n for n in available_nets() if n not in ("hat", "hat_l")])
 def test_prepared_net_equals_its_reference(name):
     torch.manual_seed(4)
     net = build_net(name).eval()
@@ -210,7 +321,7 @@ def test_prepared_net_equals_its_reference(name):
 @pytest.mark.filterwarnings("ignore:bf16 on this")
 def test_edge_convolutions_stay_float32_under_bf16():
     torch.manual_seed(6)
-    for name, n_edges in (("rlfn", 3), ("swinir_s", 3)):
+    for name, n_edges in (("rlfn", 3), ("swinir_s", 3), ("hat_s", 3)):
         net = build_net(name).eval()
         assert len(edge_convs(net)) == n_edges
         x = torch.rand(1, 3, 16, 16)

@@ -17,6 +17,10 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 # small configurations keep the big nets fast; every other net is built with defaults
 SMALL_SWINIR = dict(embed_dim=12, depths=[2, 2], num_heads=[2, 2], window_size=4, img_size=16, mlp_ratio=2)
 SMALL_ARGS = {"swinir": dict(SMALL_SWINIR, upsampler="pixelshuffle")}
+# the HAT presets at 10-40M parameters: every part kept (groups, shifted blocks, CAB, OCAB), small
+SMALL_HAT = dict(embed_dim=12, depths=[2], num_heads=[2], window_size=4, img_size=16, compress_ratio=3,
+                 squeeze_factor=4)
+SMALL_ARGS.update({name: SMALL_HAT for name in ("hat_s", "hat", "hat_l")})
 # release files of the pretrained nets, in ../shared/weights
 RELEASE_FILES = {"rlfn": "rlfn_x4.pth", "rlfn_s": "rlfn_s_x4.pth", "rfdn": "RFDN_AIM.pth",
                  "safmn": "team15_SAFMN.pth"}
@@ -27,7 +31,8 @@ def small_net(name: str, **kwargs):
 
 
 def test_registry_lists_the_designed_nets():
-    assert {"bicubic", "espcn", "srcnn", "rlfn", "rlfn_s", "swinir", "swinir_s"} <= set(available_nets())
+    assert {"bicubic", "espcn", "srcnn", "rlfn", "rlfn_s", "swinir", "swinir_s", "hat_s", "hat", "hat_l"} \
+        <= set(available_nets())
     with pytest.raises(PipelineError, match="unknown net 'nope'"):
         build_net("nope")
 

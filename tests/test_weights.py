@@ -175,6 +175,9 @@ def test_registry_entries_build_their_nets():
     for w in weights.KNOWN_WEIGHTS.values():
         net = build_net(w.net, **w.net_args)
         assert net.scale == 4, w.name
+        if w.url is None:   # a cloud drive (HAT): a person fetches it; checked by its layout on load
+            assert "drive.google.com" in w.get_it and w.sha256 is None and w.size is None, w.name
+            continue
         assert w.url.startswith("https://github.com/") and w.url.endswith(w.file)
         assert (w.sha256 and len(w.sha256) == 64) or w.size  # every file is checked somehow
     assert weights.KNOWN_WEIGHTS["swinir_s_x4"].size == 17_225_941
@@ -208,5 +211,37 @@ def test_fetch_all_reports_every_failure_and_fails(search_dirs, monkeypatch, cap
     assert weights.main(argparse.Namespace(fetch=["all"])) == 1
     out, err = capsys.readouterr()
     errors = err.strip().splitlines()
-    assert len(errors) == len(weights.KNOWN_WEIGHTS) and all(e.startswith("error: ") for e in errors)
+    fetchable = [w for w in weights.KNOWN_WEIGHTS.values() if w.url]   # `all` leaves the cloud-drive files out
+    assert len(errors) == len(fetchable) and all(e.startswith("error: ") for e in errors)
     assert out.count(" missing ") == len(weights.KNOWN_WEIGHTS)
+
+
+@pytest.mark.parametrize("name,file,net", [("hat_s_x4", "HAT-S_SRx4.pth", "hat_s"),
+                                           ("hat_x4", "HAT_SRx4_ImageNet-pretrain.pth", "hat")])
+def test_cloud_drive_weights_say_where_to_get_them(name, file, net, workdir, monkeypatch):
+    """No script can fetch the HAT releases: the message names the authors' drive and the
+    folders to put the file in, and nothing is attempted over the network."""
+    monkeypatch.setattr(weights, "_fetch", lambda *a: pytest.fail("a cloud drive was fetched"))
+    assert weights.known_weights(file).name == name and weights.known_weights(name).net == net
+    with pytest.raises(PipelineError, match=rf"{file}: not found in .*no script can download it: get it by "
+                                            r"hand from the HAT authors' Google Drive folder https://drive"
+                                            r".*and put it in .*models/pretrained or a folder on SR_WEIGHTS_DIR"):
+        weights.resolve_weights(name)
+
+
+def test_a_file_without_published_checksum_is_accepted_by_layout_and_its_sha256_reported(workdir, tmp_path,
+                                                                                         monkeypatch):
+    """HAT-S_SRx4.pth has no published sha256: any file of that name that loads strictly
+    is used, and load_pretrained reports its sha256 (the run records it)."""
+    from pipeline.io import sha256_file
+    from pipeline.nets import build_net
+
+    small = {"embed_dim": 24, "depths": [2], "num_heads": [2], "window_size": 4, "img_size": 16}
+    folder = tmp_path / "w"
+    folder.mkdir()
+    torch.save({"params_ema": build_net("hat_s", **small).state_dict()}, folder / "HAT-S_SRx4.pth")
+    monkeypatch.setenv("SR_WEIGHTS_DIR", str(folder))
+    report = weights.load_pretrained(build_net("hat_s", **small), "hat_s_x4")
+    assert report.sha256 == sha256_file(folder / "HAT-S_SRx4.pth") and report.reinitialised == []
+    with pytest.raises(PipelineError, match="do not fit HAT"):   # a file of that name for another net: refused
+        weights.load_pretrained(build_net("hat_s", **{**small, "embed_dim": 12}), "hat_s_x4")

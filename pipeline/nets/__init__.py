@@ -16,7 +16,7 @@ from ..errors import PipelineError
 NETS: dict[str, Callable[..., nn.Module]] = {}
 
 # modules whose import registers nets; imported lazily on first use
-_NET_MODULES = ["bicubic", "espcn", "srcnn", "rlfn", "swinir", "rfdn", "safmn"]
+_NET_MODULES = ["bicubic", "espcn", "srcnn", "rlfn", "swinir", "hat", "rfdn", "safmn"]
 
 
 def register(name: str):

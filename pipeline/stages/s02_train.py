@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from .. import data, losses, paths, precision, weights
 from ..checkpoints import read_checkpoint, save_checkpoint
-from ..config import RUNTIME_KEYS, add_set_argument, dump_config, load_config
+from ..config import PRETRAINED_RECORD, RUNTIME_KEYS, add_set_argument, dump_config, load_config
 from ..errors import PipelineError
 from ..io import atomic_path, locked
 from ..metrics import ssim_torch
@@ -202,16 +202,32 @@ def build_model(cfg: dict[str, Any], pretrained: bool, main: bool) -> nn.Module:
     if getattr(net, "scale", None) != scale:
         raise PipelineError(f"config '{cfg['exp']}': net '{m['name']}' upscales x{getattr(net, 'scale', '?')} "
                             f"but data.scale is {scale}; set the scale in model.args")
-    if pretrained and m["pretrained"]:
-        try:
-            weights.load_weights(net, m["pretrained"])
-        except PipelineError as exc:
-            if m["pretrained_required"]:
-                raise
-            if main:
-                warnings.warn(f"{exc}; model.pretrained_required is false, so '{m['name']}' "
-                              "trains from scratch (expect a lower score)")
+    if pretrained:
+        load_pretrained(cfg, net, main)
     return net
+
+
+def load_pretrained(cfg: dict[str, Any], net: nn.Module, main: bool) -> dict | None:
+    """model.pretrained into the net, the model.reinit modules left freshly initialised
+    (e.g. an upsampler for another scale); what was loaded (recorded in config.yaml), or
+    None when training from scratch."""
+    m = cfg["model"]
+    if m["reinit"] and not m["pretrained"]:
+        raise PipelineError(f"config '{cfg['exp']}': model.reinit {m['reinit']} needs model.pretrained")
+    if not m["pretrained"]:
+        return None
+    try:
+        report = weights.load_pretrained(net, m["pretrained"], reinit=m["reinit"])
+    except PipelineError as exc:
+        if m["pretrained_required"]:
+            raise
+        if main:
+            warnings.warn(f"{exc}; model.pretrained_required is false, so '{m['name']}' "
+                          "trains from scratch (expect a lower score)")
+        return None
+    if main:
+        print(f"train: pretrained {m['pretrained']}: {report.summary()} (sha256 {report.sha256[:16]}...)")
+    return report.record()
 
 
 def build_optimizer(params, t: dict[str, Any]) -> torch.optim.Optimizer:
@@ -409,7 +425,9 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                                 batch_size=t["batch_size"], steps=t["steps"], augment=t["augment"],
                                 seed=seed, fold=fold, rank=d.rank, world_size=d.world)
 
-    net = build_model(cfg, pretrained=not resuming, main=d.main).to(d.device)
+    net = build_model(cfg, pretrained=False, main=d.main)
+    loaded = None if resuming else load_pretrained(cfg, net, d.main)
+    net = net.to(d.device)
     forward_net = training_net(net, t)
     ema = (AveragedModel(net, multi_avg_fn=ema_update(t["ema"]), use_buffers=True)
            if t["ema"] > 0 else None)
@@ -443,7 +461,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
             clean_run_dir(run)
             run.mkdir(parents=True, exist_ok=True)
             with atomic_path(run / "config.yaml") as tmp:
-                tmp.write_text(dump_config(cfg))
+                tmp.write_text(dump_config(cfg) + (dump_config({PRETRAINED_RECORD: loaded}) if loaded else ""))
         bicubic_ssim = validate(build_net("bicubic", scale=scale).to(d.device), val_scenes, d,
                                 t["val_tile"], overlap)
         # the starting point counts as a candidate: a pretrained net may already be the best
