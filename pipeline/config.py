@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
         "answer": "test_{i}_answer.tif",
         "n_folds": 5,
         "fold_seed": 0,
+        "groups": "groups.csv",      # id,group CSV in data/raw/: a group's scenes share a fold; null = off
     },
     "model": {
         "name": "rlfn",
