@@ -64,7 +64,7 @@ $(MANIFEST): data/raw/train.zip data/raw/evaluation.zip $(wildcard $(CONFIG)) | 
 
 data/raw/train.zip data/raw/evaluation.zip: ;
 
-folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds
+folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds (data/raw/groups.csv: groups kept whole)
 
 $(FOLDS_CSV): $(MANIFEST) $(wildcard $(CONFIG)) $(wildcard data/raw/groups.csv) | $(SETUP)
 	$(PIPE) folds --exp $(EXP)
