@@ -144,7 +144,7 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 
 # Out-of-fold float predictions (stage 03 -> blend): what the ensemble averages, before the
 # one clip-and-round, in 2 bytes a value: fixed point over [-0.25, 1.25] (uint16), steps of
-# 1/174 grey level, so a blend rounds like the float32 ensemble on all but ~0.2 % of
+# 1/171 grey level, so a blend rounds like the float32 ensemble on all but ~0.2 % of
 # pixels (float16 has steps of 1/8 grey level near white and flips ~3 % of them), with
 # headroom for the out-of-range values a weighted mean can pull back.
 FLOAT_PREDICTION_RANGE = (-0.25, 1.25)

@@ -136,7 +136,7 @@ def test_oof_float_predictions_are_what_the_ensemble_averages(two_seeds):
         low = io.read_image(row.low_path)
         expected = expected_float([ckpts[(0, folds[scene_id])], ckpts[(1, folds[scene_id])]], low)
         got = np.clip(decoded.astype(np.float64).transpose(1, 2, 0), 0, 1) * 255
-        assert np.abs(got - expected).max() < 0.004                       # half a step of 1/174 grey level
+        assert np.abs(got - expected).max() < 0.004                       # half a step of 1/171 grey level
         rounded = np.round(got).astype(np.uint8)
         scored = io.read_image(out / "pred_seeds" / f"{scene_id}.tif")
         assert (rounded != scored).mean() < 0.005 and np.abs(rounded.astype(int) - scored).max() <= 1

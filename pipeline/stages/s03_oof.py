@@ -22,7 +22,7 @@ stage 04 submits.
 - `pred_float/<scene>.npy`: each scene's prediction as the ensemble uses it, before the
   one clip-and-round: the float mean over the fold's seeds x TTA views, 3xHxW in [0, 1]
   units, 2 bytes a value (io.write_float_prediction: uint16 fixed point over [-0.25, 1.25],
-  1/174 grey level). A blend (`python -m pipeline blend`) fits its weights on these;
+  1/171 grey level). A blend (`python -m pipeline blend`) fits its weights on these;
   60 scenes of 1200x1500 take 648 MB (10.8 MB each).
 The folder is written in a temporary folder renamed into place at the end.
 """
