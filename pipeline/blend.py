@@ -23,9 +23,10 @@ Honest figures: each member's CV, the equal-weight CV (nothing fitted), and the 
 CV measured out of fold: for each fold k, weights fitted on the other folds' scenes only,
 scored on fold k's (`nested_cv`). When that fitted CV does not beat equal weights, the
 scenes are too few for a fit to pay off out of fold: the blend says so and keeps equal
-weights. The search scores with `ssim_torch` on the rounded images (the competition
-formula in torch, within 1e-5 of it, 10-20x faster); the reported figures with
-`competition_ssim` itself.
+weights. Every score, in the search and in the report, is `competition_ssim` of the
+rounded blend, cached per (mix, scene). Cost: one SSIM per scene and mix tried; a fit
+stops after `PATIENCE` additions without a new best, and the folds' fits mostly walk the
+same mixes, so a 3-member blend scores some tens of mixes.
 """
 from __future__ import annotations
 
@@ -37,17 +38,17 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from . import io, paths
 from .checkpoints import find_checkpoints
 from .config import config_path, load_config
 from .errors import PipelineError
-from .metrics import competition_ssim, ssim_torch
+from .metrics import competition_ssim
 
 BLEND_JSON = "blend.json"
 MAX_STEPS = 20       # additions of the greedy selection: weights in steps of at least 1/20
+PATIENCE = 5         # ... and it stops after this many additions without a new best
 FORMAT = "sr-pipeline-blend/1"
 
 # A score function: (member counts, scene positions) -> SSIM of each of those scenes.
@@ -62,20 +63,24 @@ def greedy_selection(score: ScoreFn, n_members: int, scenes: np.ndarray,
 
     As Caruana et al. run it: `max_steps` additions, each the best one even when it scores
     lower than the step before (weights like 0.6/0.3/0.1 are only reached through coarser
-    points that may score less), and the best ensemble along the way is returned."""
+    points that may score less), stopping after `PATIENCE` additions without a new best;
+    the best ensemble along the way is returned."""
     def mean(counts: tuple) -> float:
         return float(np.mean(score(counts, scenes)))
 
     singles = [tuple(int(i == m) for i in range(n_members)) for m in range(n_members)]
     counts = max(singles, key=mean)                      # first best on ties
-    best, best_counts = mean(counts), counts
+    best, best_counts, since_best = mean(counts), counts, 0
     for _ in range(max_steps - 1):
+        if since_best >= PATIENCE:
+            break
         candidates = [tuple(c + (i == m) for i, c in enumerate(counts)) for m in range(n_members)]
         values = [mean(c) for c in candidates]
         pick = int(np.argmax(values))                    # first best on ties
         counts = candidates[pick]
+        since_best += 1
         if values[pick] > best:
-            best, best_counts = values[pick], counts
+            best, best_counts, since_best = values[pick], counts, 0
     return reduced(best_counts)
 
 
@@ -121,8 +126,7 @@ class OOFPredictions:
                     raise PipelineError(f"{paths.oof_predictions_dir(exp) / f'{scene_id}.npy'}: shape "
                                         f"{pred.shape}, but scene {scene_id}'s truth is {truth.shape}")
         self.truths = truths
-        self.truth_tensors = [torch.from_numpy(t).permute(2, 0, 1)[None].double() / 255 for t in truths]
-        self._fast: dict[tuple, float] = {}
+        self._scores: dict[tuple, float] = {}
 
     def blended(self, counts: tuple, pos: int) -> np.ndarray:
         """uint8 HxWx3 of scene `pos`: the counts-weighted float mean, clipped, x255, rounded once."""
@@ -130,20 +134,16 @@ class OOFPredictions:
         total = sum(float(wm) * self.floats[m][pos] for m, wm in enumerate(w) if wm > 0)
         return (np.clip(total, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
 
-    def fast_score(self, counts: tuple, scenes: np.ndarray) -> np.ndarray:
-        """Per-scene SSIM of the blend on `scenes` (ssim_torch on the rounded image), cached."""
+    def score(self, counts: tuple, scenes: np.ndarray) -> np.ndarray:
+        """Per-scene competition SSIM (the organiser's scorer) of the blend on `scenes`, cached
+        per (reduced counts, scene): the folds' fits and the report share every evaluation."""
         out, counts = [], reduced(counts)
         for pos in map(int, scenes):
             key = (counts, pos)
-            if key not in self._fast:
-                x = torch.from_numpy(self.blended(counts, pos)).permute(2, 0, 1)[None].double() / 255
-                self._fast[key] = float(ssim_torch(x, self.truth_tensors[pos])[0])
-            out.append(self._fast[key])
+            if key not in self._scores:
+                self._scores[key] = competition_ssim(self.blended(counts, pos), self.truths[pos])
+            out.append(self._scores[key])
         return np.asarray(out)
-
-    def exact_score(self, counts: tuple, scenes: np.ndarray) -> np.ndarray:
-        """Per-scene competition SSIM (the organiser's scorer) of the blend on `scenes`."""
-        return np.asarray([competition_ssim(self.blended(counts, int(p)), self.truths[int(p)]) for p in scenes])
 
 
 def _oof_summary(exp: str) -> dict:
@@ -210,22 +210,17 @@ def fit_blend(exps: list[str], name: str) -> dict:
             counts = greedy_selection(score, n_members, scenes)
             bar.update(1)
             return counts
-        nested = nested_cv(oof.fast_score, n, fold_of, fit=fit)
-        fitted_counts = fit(oof.fast_score, n, everything)
+        nested = nested_cv(oof.score, n, fold_of, fit=fit)
+        fitted_counts = fit(oof.score, n, everything)
 
-    # the reported figures: the organiser's scorer, on every scene
     equal = tuple([1] * n)
-    members_cv = {e: float(oof.exact_score(tuple(int(i == m) for i in range(n)), everything).mean())
+    members_cv = {e: float(oof.score(tuple(int(i == m) for i in range(n)), everything).mean())
                   for m, e in enumerate(exps)}
-    equal_cv = float(oof.exact_score(equal, everything).mean())
-    nested_exact = np.empty(len(ids))
+    equal_cv = float(oof.score(equal, everything).mean())
     for k, detail in nested["per_fold"].items():
-        held_out = np.flatnonzero(fold_of == int(k))
-        nested_exact[held_out] = oof.exact_score(tuple(detail["counts"]), held_out)
-        detail["fitted"] = float(nested_exact[held_out].mean())
-        detail["equal"] = float(oof.exact_score(equal, held_out).mean())
-    fitted_cv = float(nested_exact.mean())
-    in_sample = float(oof.exact_score(fitted_counts, everything).mean())
+        detail["equal"] = float(oof.score(equal, np.flatnonzero(fold_of == int(k))).mean())
+    fitted_cv = nested["cv"]
+    in_sample = float(oof.score(fitted_counts, everything).mean())
     keep_fitted = fitted_cv > equal_cv
     weights = weights_of(fitted_counts if keep_fitted else equal)
     if keep_fitted:
