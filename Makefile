@@ -37,7 +37,8 @@ CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
 FOLD_LIST = $(shell $(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
 
 .PHONY: help setup demo demo-data unzip folds train train-all oof ensemble submission all \
-        predict score test test-all bench weights benchmark-aerial benchmark-aerial-x5 report lb clean FORCE
+        predict score test test-all bench weights benchmark-aerial benchmark-aerial-x5 report lb clean FORCE \
+        blend blend-submission
 
 help: ## list every target with one line each
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,9 +70,9 @@ $(MANIFEST): data/raw/train.zip data/raw/evaluation.zip $(wildcard $(CONFIG)) | 
 
 data/raw/train.zip data/raw/evaluation.zip: ;
 
-folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds
+folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds (data/raw/groups.csv: groups kept whole)
 
-$(FOLDS_CSV): $(MANIFEST) $(wildcard $(CONFIG)) | $(SETUP)
+$(FOLDS_CSV): $(MANIFEST) $(wildcard $(CONFIG)) $(wildcard data/raw/groups.csv) | $(SETUP)
 	$(PIPE) folds --exp $(EXP)
 
 # With GPUS, a training job first claims NPROC free GPUs of them (waiting while none is
@@ -121,6 +122,17 @@ submission: $(SUBMISSION_LATEST) ## stage 05: check and zip the predictions -> s
 $(SUBMISSION_LATEST): $(PRED_DIR)/ensemble.json | $(SETUP)
 	$(PIPE) submission --exp $(EXP)
 
+# A blend of experiments (pipeline/blend.py): weights fitted on their stage-03 out-of-fold
+# predictions, then stages 04-05 from every member's checkpoints, weighted.
+EXPS ?= aerial aerial_rfdn aerial_safmn
+BLEND ?= blend
+blend: | $(SETUP) ## fit blend weights on EXPS' out-of-fold predictions -> models/blends/BLEND/blend.json
+	$(PIPE) blend --exps $(EXPS) --name $(BLEND)
+
+blend-submission: | $(SETUP) ## stages 04-05 from the blend BLEND -> submissions/BLEND-<time>.zip
+	$(PIPE) ensemble --blend $(BLEND)
+	$(PIPE) submission --blend $(BLEND)
+
 all: ## stages 00-05 for EXP
 	$(MAKE) unzip EXP=$(EXP)
 	$(MAKE) folds EXP=$(EXP)
@@ -148,7 +160,8 @@ bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (BENCH_ARGS=
 	$(PIPE) bench $(BENCH_ARGS)
 
 # The aerial benchmark: a competition in the organiser's format built from the real
-# 0.3 m tiles in ../shared (seeded 420/120 split, Pillow bicubic x4) in its own work
+# 0.3 m tiles in ../shared (held out by place: tile numbers 00-29 of every class train,
+# 30-44 test; data/raw/groups.csv keeps places in one fold; Pillow bicubic x4) in its own work
 # folder; the recipe AERIAL_EXP end to end for every seed of SEEDS, the reference rows
 # (bicubic, pretrained RLFN, + TTA), fold 0 alone, then each of ABLATIONS (default: every
 # pipeline/configs/AERIAL_EXP_*.yaml) on fold 0, then the ablation table. Runs and
@@ -175,7 +188,7 @@ AERIAL_RUN := export SR_WORKDIR=$(AERIAL_DIR) && set -e && \
 
 benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train AERIAL_EXP, score every row, print the ablation table
 	@test -d "$(AERIAL_SOURCE)" || { echo "benchmark-aerial: $(AERIAL_SOURCE) not found: the real tiles live in ../shared/data/ucmerced_urban beside the checkout (not in the repository)" >&2; exit 1; }
-	$(PIPE) demo-data --source $(AERIAL_SOURCE) --exp $(AERIAL_EXP) --n-train 420 --n-test 120 --seed 0 --workdir $(AERIAL_DIR)
+	$(PIPE) demo-data --source $(AERIAL_SOURCE) --exp $(AERIAL_EXP) --test-numbers 30-44 --seed 0 --workdir $(AERIAL_DIR)
 	$(AERIAL_RUN); $(PIPE) unzip --exp $(AERIAL_EXP); $(PIPE) folds --exp $(AERIAL_EXP); \
 	  folds=$$($(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))"); \
 	  for s in $(SEEDS); do for f in $$folds; do echo "$$s $$f"; done; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -n 2 \

@@ -21,6 +21,7 @@ COMMANDS = {
     "oof": ("pipeline.stages.s03_oof", "stage 03: out-of-fold competition SSIM"),
     "ensemble": ("pipeline.stages.s04_ensemble", "stage 04: fold x seed ensemble with TTA on the test set"),
     "submission": ("pipeline.stages.s05_submission", "stage 05: check and zip the predictions"),
+    "blend": ("pipeline.blend", "fit blend weights over experiments' out-of-fold predictions"),
     "predict": ("pipeline.predict", "super-resolve images with a net, weights or checkpoints"),
     "score": ("pipeline.score", "competition SSIM of a submission against answers"),
     "benchmark-sr": ("pipeline.benchmark_sr", "Y-PSNR / Y-SSIM on standard SR test sets (paper protocol)"),

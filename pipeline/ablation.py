@@ -114,6 +114,11 @@ def collect_rows(exp: str) -> list[Row]:
             cv = oof["seed_ensemble"]["cv"]["mean"] if oof.get("seed_ensemble") else None
             rows.append(Row(f"{folds_label} x seeds {' '.join(map(str, seeds))} + {tta}-way TTA (stage 04)", exp, cv,
                             "stage 03, all folds, seed ensemble"))
+    for path in sorted(paths.MODELS.glob("blends/*/blend.json")):   # pipeline/blend.py
+        record = json.loads(path.read_text())
+        mix = " + ".join(f"{m['weight']:.2f} `{m['exp']}`" for m in record["members"] if m["weight"] > 0)
+        rows.append(Row(f"blend `{record['name']}` ({record['kept']} weights): {mix}", record["name"],
+                        record["cv"]["blend"], "stage 03 floats; fitted weights scored out of fold"))
     for path in sorted(paths.CONFIGS.glob(f"{exp}_*.yaml")):
         variant = path.stem
         if load_config(variant)["data"]["scale"] != cfg["data"]["scale"]:

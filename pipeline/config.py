@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
         # refused by name): 16x the competition's 1200x1500 scenes, 86 MB as uint8 RGB and
         # ~350 MB as float32 during validation; raise it for genuinely larger scenes.
         "max_pixels": 16 * 1200 * 1500,
+        "groups": "groups.csv",      # id,group CSV in data/raw/: a group's scenes share a fold; null = off
     },
     "model": {
         "name": "rlfn",

@@ -14,6 +14,11 @@ another. Without `--source`, the sources are the RGB photographs bundled inside
 scikit-image, so the demo builds offline on any machine. The same arguments and seed give
 byte-identical zips, and a zip whose content did not change is not rewritten (its date
 stays, so `make` does not redo the stages after it).
+
+With `--source`, `data/raw/groups.csv` (id,group of the training scenes) says which
+scenes come from one place, for stage 01's grouped folds (pipeline/groups.py: folder plus
+a block of tile numbers); `--test-numbers 30-44` makes those tile numbers of every
+folder the test set, so the test holds places the training never saw.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from PIL import Image
 from . import io, paths
 from .config import load_config
 from .errors import PipelineError
+from .groups import source_group, tile_number
 
 # The competition's high-res scenes are 1200 (rows) x 1500 (columns).
 MAX_HIGH_SIZE = (1200, 1500)
@@ -200,9 +206,52 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+def split_by_number(scenes: list[tuple[str, np.ndarray]], numbers: tuple[int, int], n_train: int | None,
+                    n_test: int | None) -> tuple[list, list]:
+    """(train, test): test = scenes whose source's tile number is in `numbers` (inclusive),
+    train = the rest; each side cut to its count when one is given."""
+    low, high = numbers
+    test = [s for s in scenes if tile_number(s[0]) is not None and low <= tile_number(s[0]) <= high]
+    train = [s for s in scenes if not (tile_number(s[0]) is not None and low <= tile_number(s[0]) <= high)]
+    for side, count, name in ((train, n_train, "train"), (test, n_test, "test")):
+        if count is not None and count > len(side):
+            raise PipelineError(f"--n-{name} {count}: --test-numbers {low}-{high} leaves only {len(side)} {name} scenes")
+    train, test = train[:n_train], test[:n_test]
+    if not train or not test:
+        raise PipelineError(f"--test-numbers {low}-{high}: {len(train)} train / {len(test)} test scenes; "
+                            "the sources' file names need tile numbers on both sides of that range")
+    return train, test
+
+
+def parse_numbers(text: str) -> tuple[int, int]:
+    """`30-44` -> (30, 44), for --test-numbers."""
+    low, sep, high = text.partition("-")
+    try:
+        numbers = (int(low), int(high if sep else low))
+    except ValueError:
+        raise PipelineError(f"--test-numbers '{text}': expected a range like 30-44") from None
+    if numbers[0] > numbers[1]:
+        raise PipelineError(f"--test-numbers '{text}': the range is empty")
+    return numbers
+
+
+def write_groups(train_scenes: list[tuple[str, np.ndarray]] | None) -> int | None:
+    """data/raw/groups.csv for the training scenes (None: no groups, an old file removed
+    so stage 01 cannot apply it to other scenes); returns the number of groups."""
+    target = paths.RAW / "groups.csv"
+    if train_scenes is None:
+        target.unlink(missing_ok=True)
+        return None
+    groups = [source_group(name) for name, _ in train_scenes]
+    text = "id,group\n" + "".join(f"{i},{g}\n" for i, g in enumerate(groups))
+    write_if_changed(target, text.encode())
+    return len(set(groups))
+
+
 def build_demo(source: Path | None = None, exp: str = "demo", scale: int | None = None,
                n_train: int | None = None, n_test: int | None = None, test_fraction: float = 0.25,
-               tile: int | None = None, kernel: str = "pil-bicubic", seed: int = 0) -> dict:
+               tile: int | None = None, kernel: str = "pil-bicubic", seed: int = 0,
+               test_numbers: tuple[int, int] | None = None) -> dict:
     """Build the demo competition under the current work folder; returns a summary dict."""
     data_cfg = load_config(exp)["data"]
     scale = int(scale or data_cfg["scale"])
@@ -220,9 +269,13 @@ def build_demo(source: Path | None = None, exp: str = "demo", scale: int | None 
         sources = folder_sources(source)
         tile = 0 if tile is None else tile
     scenes = make_scenes(sources, scale, tile, rng)
-    n_train, n_test = split_counts(len(scenes), n_train, n_test, test_fraction)
-    chosen = [scenes[k] for k in rng.permutation(n_train + n_test)]
-    test_scenes, train_scenes = chosen[:n_test], chosen[n_test:]
+    if test_numbers is not None:
+        train_scenes, test_scenes = split_by_number(scenes, test_numbers, n_train, n_test)
+        n_train, n_test = len(train_scenes), len(test_scenes)
+    else:
+        n_train, n_test = split_counts(len(scenes), n_train, n_test, test_fraction)
+        chosen = [scenes[k] for k in rng.permutation(n_train + n_test)]
+        test_scenes, train_scenes = chosen[:n_test], chosen[n_test:]
 
     train_members = []
     for i, (_, high) in enumerate(train_scenes):
@@ -237,8 +290,9 @@ def build_demo(source: Path | None = None, exp: str = "demo", scale: int | None 
         with io.atomic_dir(paths.DEMO_ANSWERS) as tmp:
             for i, (_, high) in enumerate(test_scenes):
                 (tmp / answer_name.format(i=i)).write_bytes(tif_bytes(high))
+        n_groups = write_groups(train_scenes if source is not None else None)
     return {"n_train": n_train, "n_test": n_test, "scale": scale, "kernel": kernel, "tile": tile,
-            "sources": len(sources), "written": written,
+            "sources": len(sources), "written": written, "groups": n_groups,
             "train_sources": [name for name, _ in train_scenes],
             "test_sources": [name for name, _ in test_scenes]}
 
@@ -263,6 +317,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kernel", choices=sorted(KERNELS), default="pil-bicubic",
                         help="downscale kernel (default pil-bicubic: Pillow bicubic, antialiased)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tile choice and split (default 0)")
+    parser.add_argument("--test-numbers", default=None, metavar="A-B",
+                        help="with --source: sources whose file name ends in a number A..B are the test set, "
+                             "the rest train (a split by place for numbered tiles, e.g. UC Merced 30-44)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="build under this work folder instead of the project's (same as SR_WORKDIR): "
                              "a second competition, e.g. a benchmark, lives beside the demo")
@@ -274,10 +331,13 @@ def main(args) -> int:
     start = time.time()
     summary = build_demo(source=args.source, exp=args.exp, scale=args.scale, n_train=args.n_train,
                          n_test=args.n_test, test_fraction=args.test_fraction, tile=args.tile,
-                         kernel=args.kernel, seed=args.seed)
+                         kernel=args.kernel, seed=args.seed,
+                         test_numbers=parse_numbers(args.test_numbers) if args.test_numbers else None)
     state = "written" if any(summary["written"]) else "unchanged"
     print(f"demo-data: {summary['n_train']} train + {summary['n_test']} test scenes from "
           f"{summary['sources']} source image(s), x{summary['scale']} {summary['kernel']}, "
           f"tile {summary['tile'] or 'whole image'} -> {paths.RAW} ({state}), answers in "
           f"{paths.DEMO_ANSWERS} ({time.time() - start:.1f} s)")
+    if summary["groups"]:
+        print(f"demo-data: {summary['groups']} groups of related training scenes -> {paths.RAW / 'groups.csv'}")
     return 0

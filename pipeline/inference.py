@@ -73,20 +73,24 @@ def net_scale(nets: Sequence[nn.Module]) -> int:
 
 def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, tile: int = 0,
                   overlap: int = 16, batch: int = 8, device: str | torch.device | None = None,
-                  precision: str = "fp32", fast: bool = True) -> torch.Tensor:
+                  precision: str = "fp32", fast: bool = True,
+                  weights: Sequence[float] | None = None) -> torch.Tensor:
     """Mean over nets x TTA views of the SR of float NCHW `x`, float32 on the CPU, not rounded.
 
     The nets are moved to `device` and put in eval mode; `precision` "auto" is resolved for
-    the nets on `device` (pipeline.precision).
+    the nets on `device` (pipeline.precision). `weights` (one per net, >= 0): a weighted mean
+    over the nets instead (a blend of experiments); None: equal weights.
     """
     scale = net_scale(nets)
+    if weights is not None and (len(weights) != len(nets) or min(weights) < 0 or sum(weights) <= 0):
+        raise PipelineError(f"inference: {len(nets)} nets need as many non-negative weights, got {list(weights)}")
     views = tta_views(tta)
     device = pick_device(device)
     precision = choose(precision, device, nn.ModuleList(nets), training=False).name
     x = x.to(device)
     total = None
     with torch.inference_mode(), autocast(precision, device):
-        for net in nets:
+        for k, net in enumerate(nets):
             # on `device`, eval mode, fast path (fast=False: the reference path); see speed.py
             prepare_for_inference(net, device, precision, fast=fast)
 
@@ -94,21 +98,25 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
                 return tta_forward(net, t, views, batch)
 
             out = tiled_forward(views_of_net, x, scale, tile, overlap, batch).float()
+            if weights is not None:
+                out = out * float(weights[k])
             total = out if total is None else total + out
-    return (total / len(nets)).cpu()
+    return (total / (len(nets) if weights is None else float(sum(weights)))).cpu()
 
 
 def predict_scene(nets: Sequence[nn.Module], lr: np.ndarray, *, tta: int = 1, tile: int = 0,
                   overlap: int = 16, batch: int = 8, device: str | torch.device | None = None,
-                  precision: str = "fp32", fast: bool = True) -> np.ndarray:
+                  precision: str = "fp32", fast: bool = True,
+                  weights: Sequence[float] | None = None) -> np.ndarray:
     """Super-resolve one uint8 HxWx3 scene with an ensemble of nets: uint8 (H*s)x(W*s)x3.
 
     Every net x TTA view is averaged in float32 before the one rounding (see
     tensor_to_image). `tta`: 1, 2, 4 or 8 dihedral views; `tile` > 0: LR tiles of that
     side with `overlap` (feathered blend); `batch`: views/tiles per forward pass;
     `precision`: "fp32", "bf16", "fp16" (autocast, also on CPU) or "auto" (pipeline.precision); `fast`: the nets' optimised
-    paths (speed.prepare_for_inference; False: their reference paths).
+    paths (speed.prepare_for_inference; False: their reference paths); `weights`: one per
+    net for a weighted mean (a blend), None for equal weights.
     """
     sr = predict_float(nets, image_to_tensor(lr), tta=tta, tile=tile, overlap=overlap, batch=batch,
-                       device=device, precision=precision, fast=fast)
+                       device=device, precision=precision, fast=fast, weights=weights)
     return tensor_to_image(sr)

@@ -410,6 +410,38 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
             Image.fromarray(image).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
 
 
+# Out-of-fold float predictions (stage 03 -> blend): what the ensemble averages, before the
+# one clip-and-round, in 2 bytes a value: fixed point over [-0.25, 1.25] (uint16), steps of
+# 1/171 grey level, so a blend rounds like the float32 ensemble on all but ~0.2 % of
+# pixels (float16 has steps of 1/8 grey level near white and flips ~3 % of them), with
+# headroom for the out-of-range values a weighted mean can pull back.
+FLOAT_PREDICTION_RANGE = (-0.25, 1.25)
+_Q = 65535 / (FLOAT_PREDICTION_RANGE[1] - FLOAT_PREDICTION_RANGE[0])
+
+
+def write_float_prediction(path: str | Path, image) -> None:
+    """A float 3xHxW prediction in [0, 1] units (not clipped, not rounded) as a uint16 .npy, atomically."""
+    array = np.asarray(image, dtype=np.float64)
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise PipelineError(f"{path}: a 3xHxW float prediction expected, got shape {array.shape}")
+    coded = np.rint((np.clip(array, *FLOAT_PREDICTION_RANGE) - FLOAT_PREDICTION_RANGE[0]) * _Q).astype(np.uint16)
+    with atomic_path(path) as tmp:
+        np.save(tmp, coded, allow_pickle=False)
+
+
+def read_float_prediction(path: str | Path) -> np.ndarray:
+    """A prediction written by write_float_prediction, decoded to float32 3xHxW."""
+    try:
+        coded = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: out-of-fold prediction missing; rerun stage 03 (`make oof`)") from None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: not a readable .npy prediction ({type(exc).__name__})") from None
+    if coded.dtype != np.uint16 or coded.ndim != 3 or coded.shape[0] != 3:
+        raise PipelineError(f"{path}: {coded.dtype} {coded.shape}, a uint16 3xHxW prediction expected")
+    return (coded.astype(np.float32) / np.float32(_Q) + np.float32(FLOAT_PREDICTION_RANGE[0])).astype(np.float32)
+
+
 def sha256_file(path: str | Path) -> str:
     """sha256 of a file, read in 1 MiB blocks (zips, checkpoints, weight files)."""
     digest = hashlib.sha256()

@@ -62,6 +62,15 @@ def oof_dir(exp: str) -> Path:
     return MODELS / exp / "oof"
 
 
+def oof_predictions_dir(exp: str) -> Path:
+    """Stage 03's float out-of-fold predictions, one <scene id>.npy each (what a blend fits on)."""
+    return oof_dir(exp) / "pred_float"
+
+
+def blend_dir(name: str) -> Path:
+    return MODELS / "blends" / name
+
+
 def predictions_dir(exp: str) -> Path:
     return PREDICTIONS / exp
 

@@ -7,7 +7,9 @@ Every input image (tif/png/jpg, any size, RGB) gives `<output>/<same file name>`
 RGB, scale x larger. `--checkpoint` takes one pipeline checkpoint, an experiment folder
 whose `seed*/fold*/best.pt` are all ensembled exactly as stage 04 does (the same
 `inference.predict_scene`: every net x TTA view averaged in float, rounded once), or one
-seed's folder (`models/aerial/seed0`: its `fold*/best.pt`).
+seed's folder (`models/aerial/seed0`: its `fold*/best.pt`), or a blend file
+(`models/blends/<name>/blend.json`: every member's checkpoints, weighted as stage 04 does;
+its TTA unless `--tta` is given).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import io
+from .blend import is_blend_file, read_blend, weighted_checkpoints
 from .checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
 from .errors import PipelineError
 from .inference import PRECISIONS, pick_device, predict_scene
@@ -43,8 +46,9 @@ def checkpoint_paths(checkpoint: Path) -> list[Path]:
 
 
 def load_nets(model: str | None = None, weights: str | None = None, checkpoint: str | Path | None = None,
-              scale: int | None = None) -> list[nn.Module]:
-    """The nets to run: from checkpoint(s), or `model` built by name with `weights` loaded.
+              scale: int | None = None) -> tuple[list[nn.Module], list[float] | None]:
+    """The nets to run and their weights in the mean (None: equal): from checkpoint(s) or a
+    blend file, or `model` built by name with `weights` loaded.
 
     A net with parameters and no weights is refused (its output would be noise);
     `scale`, when given, must match (and is passed to build_net for a named model).
@@ -52,11 +56,18 @@ def load_nets(model: str | None = None, weights: str | None = None, checkpoint: 
     from .nets import build_net
     from .weights import load_weights
 
+    net_weights = None
     if checkpoint is not None:
         if weights is not None:
             raise PipelineError("--weights and --checkpoint exclude each other (a checkpoint holds its weights)")
         nets = []
-        for path in checkpoint_paths(Path(checkpoint)):
+        if is_blend_file(checkpoint):
+            path, record = read_blend(checkpoint)
+            weighted = weighted_checkpoints(record, path)
+            found, net_weights = [p for p, _ in weighted], [w for _, w in weighted]
+        else:
+            found = checkpoint_paths(Path(checkpoint))
+        for path in found:
             trained_as = read_checkpoint(path)["net"]["name"]
             if model is not None and trained_as != model:
                 raise PipelineError(f"{path}: holds a '{trained_as}' net, not the --model '{model}'")
@@ -74,7 +85,7 @@ def load_nets(model: str | None = None, weights: str | None = None, checkpoint: 
     for net in nets:
         if scale is not None and getattr(net, "scale", None) != scale:
             raise PipelineError(f"the net upscales x{getattr(net, 'scale', '?')}, but --scale is {scale}")
-    return nets
+    return nets, net_weights
 
 
 def input_images(path: Path) -> list[Path]:
@@ -94,12 +105,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="net name (see pipeline/nets), e.g. rlfn, swinir_s, bicubic")
     parser.add_argument("--weights", help="weight file or known name (rlfn_x4, ...) for --model")
     parser.add_argument("--checkpoint", type=Path,
-                        help="a pipeline checkpoint, or models/<exp> to ensemble its seed*/fold*/best.pt")
+                        help="a pipeline checkpoint, models/<exp> to ensemble its seed*/fold*/best.pt, "
+                             "or models/blends/<name>/blend.json (a weighted blend of experiments)")
     parser.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
     parser.add_argument("--output", required=True, type=Path, help="folder for the results (same file names)")
     parser.add_argument("--scale", type=int, default=None, help="upscaling factor (checked against the net)")
-    parser.add_argument("--tta", type=int, default=1, choices=TTA_CHOICES,
-                        help="dihedral views averaged per net (default 1; 8 = all flips/rotations)")
+    parser.add_argument("--tta", type=int, default=None, choices=TTA_CHOICES,
+                        help="dihedral views averaged per net (default 1, a blend's own for a blend; "
+                             "8 = all flips/rotations)")
     parser.add_argument("--tile", type=int, default=0, help="LR tile side for tiled inference (0 = whole image)")
     parser.add_argument("--overlap", type=int, default=16, help="LR pixels shared by neighbouring tiles")
     parser.add_argument("--batch", type=int, default=8, help="views/tiles per forward pass")
@@ -114,14 +127,17 @@ def main(args: argparse.Namespace) -> int:
     out_dir = args.output
     if out_dir.resolve() in {p.parent.resolve() for p in images}:
         raise PipelineError(f"{out_dir}: the output folder holds the inputs; results would overwrite them")
-    nets = load_nets(args.model, args.weights, args.checkpoint, args.scale)
+    nets, net_weights = load_nets(args.model, args.weights, args.checkpoint, args.scale)
+    if args.tta is None:
+        blend = args.checkpoint is not None and is_blend_file(args.checkpoint)
+        args.tta = read_blend(args.checkpoint)[1]["tta"] if blend else 1
     device = pick_device(args.device)
     lossy = [p.name for p in images if p.suffix.lower() in LOSSY_SUFFIXES]
     if lossy:
         warnings.warn(f"{len(lossy)} JPEG input(s): their results are written as JPEG too (lossy)")
     precision = choose(args.precision, device, nn.ModuleList(nets), training=False)
     settings = dict(tta=args.tta, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                    device=device, precision=precision.name)
+                    device=device, precision=precision.name, weights=net_weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(images, desc=f"predict ({len(nets)} net{'s' * (len(nets) > 1)} x {args.tta} views)",
                unit="image", disable=None)

@@ -135,3 +135,34 @@ def test_cli_workdir_x5_then_unzip_accepts_it(workdir, config_file, cli, tmp_pat
     proc = cli("demo-data", "--exp", config, "--tile", 96)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: --tile 96 must be a multiple of scale 5 and at most 1200"
+
+
+def test_source_groups_and_split_by_tile_number(workdir, tmp_path):
+    """--source writes groups.csv (folder + block of 15 tile numbers); --test-numbers puts
+    those numbers of every folder in the test set; the built-in demo removes the file."""
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.groups import source_group
+
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for cls in ("harbor", "runway"):
+        (src / cls).mkdir(parents=True)
+        for n in range(0, 45, 4):
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(src / cls / f"{cls}{n:02d}.png")
+    assert source_group("harbor/harbor07.png#0") == "harbor/00-14"
+    assert source_group("harbor/harbor30.png#0") == "harbor/30-44"
+    assert source_group("photo.png#3") == "photo.png"
+    summary = demo_data.build_demo(source=src, exp="demo", test_numbers=demo_data.parse_numbers("30-44"))
+    numbers = lambda names: sorted({int(n.split("#")[0][-6:-4]) for n in names})
+    assert numbers(summary["test_sources"]) == [32, 36, 40, 44]
+    assert max(numbers(summary["train_sources"])) == 28
+    table = pd.read_csv(paths.RAW / "groups.csv")
+    assert list(table.columns) == ["id", "group"] and list(table["id"]) == list(range(summary["n_train"]))
+    assert table["group"].tolist() == [source_group(n) for n in summary["train_sources"]]
+    assert set(table["group"]) == {"harbor/00-14", "harbor/15-29", "runway/00-14", "runway/15-29"}
+    with pytest.raises(PipelineError, match="expected a range like 30-44"):
+        demo_data.parse_numbers("thirty")
+    demo_data.build_demo(exp="demo", n_train=4, n_test=2, tile=32)
+    assert not (paths.RAW / "groups.csv").exists()

@@ -9,6 +9,7 @@ from scipy.ndimage import gaussian_filter
 from pipeline import demo_data, paths
 from pipeline.errors import PipelineError
 from pipeline.stages import s01_folds
+from pipeline.groups import assign_group_folds
 
 
 def tiny_competition(n_train: int, seed: int = 0) -> list[float]:
@@ -89,3 +90,50 @@ def test_folds_stage_end_to_end(workdir, config_file, cli):
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"error: {paths.MANIFEST}: 14 folds requested but only 13 training "
                                    "scene(s); use --n-folds 13 or fewer")
+
+
+# --- grouped folds (data/raw/groups.csv) ------------------------------------------------
+
+def test_assign_group_folds_keeps_groups_whole_and_balanced():
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 8, 40)                      # 40 groups of 1-7 scenes
+    groups = np.repeat([f"g{k}" for k in range(40)], sizes)
+    stat = np.repeat(rng.uniform(0, 1, 40), sizes) + rng.normal(0, 0.01, len(groups))
+    folds = assign_group_folds(stat, groups, 5, seed=0)
+    # a group never straddles two folds
+    per_group = pd.DataFrame({"g": groups, "f": folds}).groupby("g")["f"].nunique()
+    assert (per_group == 1).all()
+    counts = np.bincount(folds, minlength=5)
+    assert counts.min() > 0 and counts.max() - counts.min() <= sizes.max(), counts
+    means = [stat[folds == f].mean() for f in range(5)]
+    assert max(means) - min(means) < 0.15, means          # stratified on the group means
+    np.testing.assert_array_equal(folds, assign_group_folds(stat, groups, 5, seed=0))
+    with pytest.raises(PipelineError, match="3 group\\(s\\) cannot fill 5 folds"):
+        assign_group_folds(stat[:6], np.array(list("aabbcc")), 5, seed=0)
+
+
+def test_folds_stage_with_groups_csv(workdir, config_file, cli):
+    config = config_file(data=dict(n_folds=3))
+    tiny_competition(13)
+    cli("unzip", "--exp", config, check=True)
+    out = cli("folds", "--exp", config, check=True).stdout
+    assert out.count("scenes are split one by one") == 1
+    assert "group" not in pd.read_csv(paths.FOLDS).columns
+    groups = [f"place{i // 3}" for i in range(13)]              # 5 groups: 3,3,3,3,1 scenes
+    (paths.RAW / "groups.csv").write_text("id,group\n" + "".join(f"{i},{g}\n" for i, g in enumerate(groups)))
+    out = cli("folds", "--exp", config, check=True).stdout
+    assert "5 groups kept whole" in out and "split one by one" not in out
+    folds = pd.read_csv(paths.FOLDS)
+    assert list(folds.columns) == ["id", "scene", "fold", "edge_density", "group"]
+    assert (folds.groupby("group")["fold"].nunique() == 1).all()
+    assert folds.set_index("id").loc[list(range(13)), "group"].tolist() == groups
+    # a scene without a group is refused by name; data.groups: null switches groups off
+    (paths.RAW / "groups.csv").write_text("id,group\n" + "".join(f"{i},{g}\n" for i, g in enumerate(groups[:12])))
+    proc = cli("folds", "--exp", config)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: {paths.RAW / 'groups.csv'}: no group for 1 training scene(s) (ids [12]); "
+        "list every scene or remove the file")
+    off = config_file("off", data=dict(n_folds=3, groups=None))
+    out = cli("folds", "--exp", off, check=True).stdout
+    assert "kept whole" not in out and "one by one" not in out
+    assert "group" not in pd.read_csv(paths.FOLDS).columns

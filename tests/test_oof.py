@@ -116,6 +116,32 @@ def test_oof_seed_ensemble_averages_both_seeds(two_seeds):
     assert len(single) == 12
 
 
+def test_oof_float_predictions_are_what_the_ensemble_averages(two_seeds):
+    """pred_float/<id>.npy: uint16 fixed point 3xHxW, the float mean of the fold's seeds x
+    views before clipping and rounding; rounded, it is the scored seed-ensemble prediction."""
+    _, ckpts, summary = two_seeds
+    out = paths.oof_dir("tiny")
+    assert summary["float_predictions"] == {"folder": "pred_float", "dtype": "uint16",
+                                            "layout": "3xHxW, (value + 0.25) / 1.5 * 65535, not clipped to [0, 1] or rounded",
+                                            "seeds": [0, 1]}
+    train = load_manifest("train").set_index("id")
+    assert sorted(p.name for p in (out / "pred_float").iterdir()) == sorted(f"{i}.npy" for i in train.index)
+    folds = pd.read_csv(paths.FOLDS).set_index("id")["fold"]
+    for scene_id, row in train.iterrows():
+        raw = np.load(out / "pred_float" / f"{scene_id}.npy")
+        assert raw.dtype == np.uint16 and raw.shape == (3, row.low_height * 4, row.low_width * 4)
+        decoded = io.read_float_prediction(out / "pred_float" / f"{scene_id}.npy")
+        assert decoded.dtype == np.float32
+        np.testing.assert_allclose(decoded, raw / (65535 / 1.5) - 0.25, atol=1e-7)
+        low = io.read_image(row.low_path)
+        expected = expected_float([ckpts[(0, folds[scene_id])], ckpts[(1, folds[scene_id])]], low)
+        got = np.clip(decoded.astype(np.float64).transpose(1, 2, 0), 0, 1) * 255
+        assert np.abs(got - expected).max() < 0.004                       # half a step of 1/171 grey level
+        rounded = np.round(got).astype(np.uint8)
+        scored = io.read_image(out / "pred_seeds" / f"{scene_id}.tif")
+        assert (rounded != scored).mean() < 0.005 and np.abs(rounded.astype(int) - scored).max() <= 1
+
+
 def test_oof_tta_changes_the_scores(workdir):
     cfg = build_competition(write_config(workdir))
     for f in (0, 1):

@@ -1,6 +1,6 @@
 """Stage 01: split the training scenes into K folds that are comparable.
 
-    data/interim/manifest.csv -> data/folds.csv (id, scene, fold, edge_density)
+    data/interim/manifest.csv [+ data/raw/groups.csv] -> data/folds.csv (id, scene, fold, edge_density[, group])
 
 Scenes differ most in how much fine structure they hold (dense city blocks vs fields or
 water), which is also what drives their SSIM; folds are balanced on that. The statistic is
@@ -10,6 +10,11 @@ group deals one scene to each of K folds in a seeded random order (the n mod K s
 over, taken from the middle of the ranking, go to a random subset of folds). Every fold
 thus gets the same spread of easy and hard scenes and fold sizes differ by at most one.
 
+With groups (`data.groups`, default `groups.csv`: an `id,group` CSV beside the zips in
+data/raw/), scenes of one group (one place) always share a fold: groups are dealt instead
+of scenes, balanced on their mean edge density and on size (pipeline/groups.py), and
+folds.csv gets a `group` column. Without the file the split is per scene, as said once.
+
 K is `data.n_folds` (`--n-folds` overrides), the seed `data.fold_seed`. The same manifest,
 K and seed give the same folds; an unchanged `folds.csv` is not rewritten, only its date
 refreshed (training and out-of-fold targets run on demand anyway, not on its date).
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,6 +31,7 @@ from skimage.color import rgb2gray
 from skimage.filters import sobel
 
 from .. import io, paths
+from ..groups import assign_group_folds, read_groups
 from ..config import load_config
 from ..errors import PipelineError
 from .s00_unzip import load_manifest
@@ -61,20 +68,35 @@ def assign_folds(statistic: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
-def make_folds(n_folds: int, seed: int) -> pd.DataFrame:
+def groups_path(data_cfg: dict) -> Path | None:
+    """The groups CSV of `data.groups` (relative to data/raw/), or None when switched off."""
+    name = data_cfg.get("groups")
+    return None if not name else paths.RAW / name
+
+
+def make_folds(n_folds: int, seed: int, groups_csv: Path | None = None) -> pd.DataFrame:
+    """folds.csv's table; scenes grouped by `groups_csv` (id,group) when it is given."""
     train = load_manifest("train")
     if train.empty:
         raise PipelineError(f"{paths.MANIFEST}: no training scenes")
     stats = np.array([edge_density(io.read_image(p)) for p in train["low_path"]])
-    return pd.DataFrame({"id": train["id"], "scene": train["scene"],
-                         "fold": assign_folds(stats, n_folds, seed), STATISTIC: stats.round(6)})
+    table = pd.DataFrame({"id": train["id"], "scene": train["scene"]})
+    if groups_csv is None:
+        table["fold"] = assign_folds(stats, n_folds, seed)
+        table[STATISTIC] = stats.round(6)
+        return table
+    groups = read_groups(groups_csv, train["id"].tolist())
+    table["fold"] = assign_group_folds(stats, groups, n_folds, seed, source=groups_csv)
+    table[STATISTIC] = stats.round(6)
+    table["group"] = groups
+    return table
 
 
 def load_folds() -> pd.DataFrame:
-    """data/folds.csv as a DataFrame (id, scene, fold, edge_density)."""
+    """data/folds.csv as a DataFrame (id, scene, fold, edge_density[, group])."""
     if not paths.FOLDS.exists():
         raise PipelineError(f"{paths.FOLDS}: missing; run `make folds` (stage 01) first")
-    return pd.read_csv(paths.FOLDS)
+    return pd.read_csv(paths.FOLDS, dtype={"group": str})
 
 
 def add_arguments(parser) -> None:
@@ -88,7 +110,12 @@ def main(args) -> int:
     data_cfg = load_config(args.exp)["data"]
     n_folds = int(args.n_folds if args.n_folds is not None else data_cfg["n_folds"])
     seed = int(args.seed if args.seed is not None else data_cfg["fold_seed"])
-    folds = make_folds(n_folds, seed)
+    groups_csv = groups_path(data_cfg)
+    if groups_csv is not None and not groups_csv.is_file():
+        print(f"folds: no {groups_csv}: scenes are split one by one (neighbouring scenes of one place "
+              f"may land in different folds; an id,group CSV there keeps each group in one fold)")
+        groups_csv = None
+    folds = make_folds(n_folds, seed, groups_csv)
     text = folds.to_csv(index=False)
     with io.locked(paths.FOLDS):
         changed = not paths.FOLDS.exists() or paths.FOLDS.read_text() != text
@@ -99,6 +126,7 @@ def main(args) -> int:
             os.utime(paths.FOLDS)  # newer than the config that made make call us; no stage redoes on it
     per_fold = folds.groupby("fold")[STATISTIC].agg(["size", "mean"])
     spread = ", ".join(f"{f}: {int(r['size'])} scenes / {r['mean']:.4f}" for f, r in per_fold.iterrows())
-    print(f"folds: {len(folds)} scenes in {n_folds} folds (seed {seed}; fold: size / mean {STATISTIC}: "
+    grouped = f", {folds['group'].nunique()} groups kept whole" if groups_csv is not None else ""
+    print(f"folds: {len(folds)} scenes in {n_folds} folds (seed {seed}{grouped}; fold: size / mean {STATISTIC}: "
           f"{spread}) -> {paths.FOLDS} ({'written' if changed else 'unchanged'}, {time.time() - start:.1f} s)")
     return 0

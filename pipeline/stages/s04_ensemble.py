@@ -9,6 +9,11 @@ default); all net x view outputs are averaged in float and rounded to uint8 once
 Large scenes are tiled (`infer.tile`, overlap `infer.tile_overlap`, feathered blend);
 tiles and views go through the nets `infer.batch` at a time.
 
+From a blend (`--blend NAME`, models/blends/NAME/blend.json, see pipeline/blend.py): every
+member's fold x seed checkpoints x views, each member's mean weighted by its blend weight
+(one mean over all nets with per-net weights, in float, rounded once), written to
+data/predictions/NAME/ with the data settings of the first member and the blend's TTA.
+
 The prediction folder is built in a temporary folder renamed into place at the end, so it
 always holds one complete, consistent set: answers plus `ensemble.json`, which records
 the checkpoints (path, seed, fold, step, validation SSIM, mtime, sha256), TTA, tiling,
@@ -26,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .. import io, paths
+from ..blend import read_blend, weighted_checkpoints
 from ..checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
 from ..config import add_set_argument, load_config
 from ..errors import PipelineError
@@ -99,17 +105,44 @@ def test_scenes(cfg: dict) -> list[dict]:
             for row in test.itertuples()]
 
 
+def blend_config(blend: str | Path) -> tuple[dict, Path, dict]:
+    """(config, blend file, blend record) of a blend: the first member's config, named after
+    the blend (its predictions and zips go under that name), with the blend's TTA."""
+    path, record = read_blend(blend)
+    cfg = load_config(record["members"][0]["exp"])
+    cfg["exp"] = record["name"]
+    cfg["infer"]["tta"] = record["tta"]
+    return cfg, path, record
+
+
+def ensemble_checkpoints(cfg: dict, seeds: list[int] | None, blend: tuple[Path, dict] | None
+                         ) -> tuple[list[Path], list[float] | None, dict]:
+    """(checkpoints, per-net weights or None for equal, what the record adds) of one
+    experiment's `seeds`, or of a blend (path, record)."""
+    if blend is None:
+        return select_checkpoints(cfg["exp"], seeds), None, {}
+    path, record = blend
+    weighted = weighted_checkpoints(record, path)
+    extra = {"blend": {"name": record["name"], "path": relative_to_workdir(path), "sha256": sha256_file(path)},
+             "members": [{k: m[k] for k in ("exp", "seeds", "weight")} for m in record["members"]]}
+    return [p for p, _ in weighted], [w for _, w in weighted], extra
+
+
 def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = None,
-                 tile: int | None = None) -> dict:
-    """Write the test predictions and ensemble.json of `cfg`'s experiment; returns the record."""
+                 tile: int | None = None, blend: tuple[Path, dict] | None = None) -> dict:
+    """Write the test predictions and ensemble.json of `cfg`'s experiment (or of `blend`,
+    a (path, record) pair, with `cfg` from blend_config); returns the record."""
     start = time.time()
     exp = cfg["exp"]
     scale = int(cfg["data"]["scale"])
     settings = infer_settings(cfg, tta, tile)
     device = pick_device()
     scenes = test_scenes(cfg)
-    ckpt_paths = select_checkpoints(exp, seeds)
+    ckpt_paths, net_weights, extra = ensemble_checkpoints(cfg, seeds, blend)
     records = [checkpoint_record(p) for p in ckpt_paths]
+    if net_weights is not None:
+        for r, w in zip(records, net_weights):
+            r["weight"] = w
     nets = load_nets(ckpt_paths, scale, device)
     # "auto" resolved here, so ensemble.json records what ran
     settings["precision"] = choose(settings["precision"], device, torch.nn.ModuleList(nets), training=False).name
@@ -119,13 +152,14 @@ def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = No
                    unit="scene", disable=None)
         for scene in bar:
             lr = io.read_image(scene["low_path"])
-            sr = predict_scene(nets, lr, device=device, **settings)
+            sr = predict_scene(nets, lr, device=device, weights=net_weights, **settings)
             io.write_tif(tmp / scene["answer"], sr)
         record = {
             "exp": exp,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seeds": sorted({r["seed"] for r in records}),
             "checkpoints": records,
+            **extra,
             **settings,
             "device": str(device),
             "scale": scale,
@@ -140,8 +174,10 @@ def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = No
 
 def add_arguments(parser) -> None:
     parser.add_argument("--exp", default="demo", help="experiment name or YAML path")
+    parser.add_argument("--blend", default=None,
+                        help="a blend name or blend.json instead of --exp: its members' checkpoints, weighted")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
-                        help="seeds to ensemble (default: every seed with checkpoints)")
+                        help="seeds to ensemble (default: every seed with checkpoints; a blend's own)")
     parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=None,
                         help="dihedral views per net (default: infer.tta)")
     parser.add_argument("--tile", type=int, default=None,
@@ -150,8 +186,16 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    cfg = load_config(args.exp, args.overrides)
-    record = run_ensemble(cfg, seeds=args.seeds or None, tta=args.tta, tile=args.tile)
+    if getattr(args, "blend", None):
+        if args.seeds:
+            raise PipelineError("--seeds and --blend exclude each other (the blend records its members' seeds)")
+        if args.overrides:
+            raise PipelineError("--set and --blend exclude each other (a blend's members keep their own configs)")
+        cfg, path, blend = blend_config(args.blend)
+        record = run_ensemble(cfg, tta=args.tta, tile=args.tile, blend=(path, blend))
+    else:
+        cfg = load_config(args.exp, args.overrides)
+        record = run_ensemble(cfg, seeds=args.seeds or None, tta=args.tta, tile=args.tile)
     n = len(record["checkpoints"])
     print(f"ensemble {cfg['exp']}: {len(record['answers'])} test scenes x {n} checkpoint(s) "
           f"(seeds {' '.join(map(str, record['seeds']))}) x {record['tta']} TTA views, "

@@ -7,7 +7,8 @@ The zip is flat: exactly one `test_{i}_answer.tif` per `test_{i}_low.tif` of the
 nothing else. Before writing, every answer is checked: present, uint8, RGB, shape exactly
 scale x its low image. Predictions are refused when they are older than the checkpoints
 that made them (a checkpoint listed in ensemble.json is gone, changed or newer than the
-predictions, or a checkpoint of the same seeds appeared since): rerun `make ensemble`.
+predictions, or a checkpoint of the same seeds appeared since; for a blend, also its
+blend.json changed): rerun `make ensemble`. `--blend NAME` zips a blend's predictions.
 The zip is written atomically and read back; `<exp>-latest.txt` names it (the file make
 tracks, so a rerun of `make submission` with nothing new does no work), and
 `submissions/ledger.csv` records it (pipeline/ledger.py).
@@ -28,7 +29,7 @@ from ..checkpoints import find_checkpoints
 from ..config import load_config
 from ..errors import PipelineError
 from ..io import sha256_file
-from .s04_ensemble import ENSEMBLE_JSON, test_scenes
+from .s04_ensemble import ENSEMBLE_JSON, blend_config, test_scenes
 
 
 def latest_pointer(exp: str) -> Path:
@@ -52,7 +53,8 @@ def read_ensemble_record(exp: str) -> dict:
 
 def check_fresh(exp: str, record: dict, answer_paths: list[Path]) -> None:
     """Refuse predictions older than (or not made from) the checkpoints they came from."""
-    rerun = f"rerun `make ensemble EXP={exp}`"
+    rerun = (f"rerun `python -m pipeline ensemble --blend {exp}`" if "blend" in record
+             else f"rerun `make ensemble EXP={exp}`")
     oldest = min(p.stat().st_mtime for p in answer_paths)
     used = set()
     for ckpt in record.get("checkpoints", []):
@@ -65,7 +67,13 @@ def check_fresh(exp: str, record: dict, answer_paths: list[Path]) -> None:
                                 f"{path}; {rerun}")
         if sha256_file(path) != ckpt["sha256"]:
             raise PipelineError(f"{path}: checkpoint changed since the predictions were made; {rerun}")
-    current = find_checkpoints(paths.experiment_dir(exp), seeds=record.get("seeds"))
+    if "blend" in record:
+        blend = paths.WORKDIR / record["blend"]["path"]
+        if not blend.is_file() or sha256_file(blend) != record["blend"]["sha256"]:
+            raise PipelineError(f"{blend}: blend changed (or gone) since the predictions were made; {rerun}")
+    members = record.get("members") or [{"exp": exp, "seeds": record.get("seeds")}]
+    current = [p for m in members if m.get("weight", 1) > 0
+               for p in find_checkpoints(paths.experiment_dir(m["exp"]), seeds=m["seeds"])]
     new = [str(p) for p in current if p.resolve() not in used]
     if new:
         raise PipelineError(f"{_short(new)}: checkpoint(s) of seed(s) {record.get('seeds')} not in the "
@@ -130,11 +138,13 @@ def remove_zip_temporaries(exp: str) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--exp", default="demo", help="experiment name or YAML path")
+    parser.add_argument("--blend", default=None, help="a blend name or blend.json instead of --exp")
 
 
 def main(args) -> int:
     start = time.time()
-    cfg = load_config(args.exp)
+    blend = getattr(args, "blend", None)
+    cfg = blend_config(blend)[0] if blend else load_config(args.exp)
     with io.locked(latest_pointer(cfg["exp"]), what=f"{paths.SUBMISSIONS} ({cfg['exp']}'s submissions)"):
         remove_zip_temporaries(cfg["exp"])
         out = build_submission(cfg)
