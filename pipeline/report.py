@@ -216,27 +216,6 @@ def experiment_row(exp: str) -> dict:
     return row
 
 
-def _blend_weights(blend: dict) -> dict[str, float | None]:
-    """exp -> weight from the forms a blend file may take: {"weights": {exp: w}},
-    {"experiments": [exp, ...]} or [{"exp"|"experiment"|"name": exp, "weight": w}, ...]."""
-    for key in ("weights", "experiments", "members"):
-        value = blend.get(key)
-        if isinstance(value, dict):
-            return {str(k): (float(v) if isinstance(v, (int, float)) else None) for k, v in value.items()}
-        if isinstance(value, list):
-            out = {}
-            for item in value:
-                if isinstance(item, dict):
-                    name = item.get("exp") or item.get("experiment") or item.get("name")
-                    if name is not None:
-                        w = item.get("weight")
-                        out[str(name)] = float(w) if isinstance(w, (int, float)) else None
-                else:
-                    out[str(item)] = None
-            return out
-    return {}
-
-
 def _number(value: Any, *keys: str) -> float | None:
     """A float from `value` or, when it is a mapping, from its first key present (e.g. mean)."""
     if isinstance(value, dict):
@@ -245,7 +224,9 @@ def _number(value: Any, *keys: str) -> float | None:
 
 
 def blend_rows() -> list[dict]:
-    """A table row per models/blends/<name>/blend.json."""
+    """A table row per models/blends/<name>/blend.json (written by `python -m pipeline blend`):
+    its members' weights, the blend's CV (fitted weights scored out of fold, or the equal
+    weights it kept) and, when the fitted weights were kept, their score on each fold."""
     rows = []
     for path in sorted((paths.MODELS / "blends").glob("*/blend.json")):
         try:
@@ -253,25 +234,23 @@ def blend_rows() -> list[dict]:
         except ValueError:
             warnings.warn(f"{path}: not valid JSON; left out of the report")
             continue
-        if not isinstance(blend, dict):
-            warnings.warn(f"{path}: not a JSON object; left out of the report")
+        try:
+            weights = {str(m["exp"]): float(m["weight"]) for m in blend["members"]}
+            cv = _number(blend["cv"]["blend"])
+            fitted = blend.get("kept") == "fitted"
+            per_fold = {int(k): _number(v["fitted"]) for k, v in blend.get("per_fold", {}).items()} if fitted else {}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            warnings.warn(f"{path}: not a blend file of `python -m pipeline blend` "
+                          f"({type(exc).__name__}: {exc}); left out of the report")
             continue
-        weights = _blend_weights(blend)
-        # the CV as {"cv": x | {"mean", "std"}}, {"cv_mean", "cv_std"} or {"oof": {"cv": ...}}
-        oof = blend.get("oof") if isinstance(blend.get("oof"), dict) else {}
-        cv_field = next((v for v in (blend.get("cv"), oof.get("cv"), blend.get("cv_mean")) if v is not None), None)
-        cv = _number(cv_field, "mean")
-        std = _number(cv_field, "std") if isinstance(cv_field, dict) else _number(blend.get("cv_std"))
-        gain = _number(blend.get("gain_over_bicubic"))
-        per_fold = blend.get("per_fold") if isinstance(blend.get("per_fold"), dict) else {}
         rows.append({"name": path.parent.name, "kind": "blend",
                      "net": "blend", "pretrained": None,
-                     "base": "members", "diffs": [f"{k}: {'?' if w is None else f'{w:.3g}'}" for k, w in weights.items()],
+                     "base": "members", "diffs": [f"{k}: {w:.3g}" for k, w in weights.items()],
                      "scale": None, "runs": None, "seeds": [], "folds": [], "steps": None, "train_seconds": None, "best_val": None,
-                     "cv": cv, "cv_std": std, "fold_std": None,
-                     "per_fold": {int(k) if str(k).isdigit() else str(k): _number(v, "mean") for k, v in per_fold.items()},
-                     "per_seed": {}, "seed_ensemble": None, "tta": None, "tta_gain": None,
-                     "bicubic": _number(blend.get("bicubic"), "mean"), "gain_over_bicubic": gain,
+                     "cv": cv, "cv_std": None,
+                     "fold_std": float(np.std(list(per_fold.values()))) if len(per_fold) > 1 else None,
+                     "per_fold": per_fold, "per_seed": {}, "seed_ensemble": None,
+                     "tta": blend.get("tta"), "tta_gain": None, "bicubic": None, "gain_over_bicubic": None,
                      "stale": None, "curves": []})
     return rows
 

@@ -26,7 +26,10 @@ TINY_YAML = ("data: {n_folds: 2}\n"
              "train: {steps: 4, batch_size: 4, lr_patch: 8, val_every: 2, ckpt_every: 2,\n"
              "        optimizer: adam, lr: 1.0e-3, precision: fp32}\n"
              "infer: {tta: 8, tile: 0, batch: 8, precision: fp32}\n")
-BLEND = {"weights": {"tiny": 0.7, "tiny_lr": 0.3}, "cv": {"mean": 0.61, "std": 0.05}}
+# a blend file as `python -m pipeline blend` writes it (the fields the report reads)
+BLEND = {"members": [{"exp": "tiny", "weight": 0.7, "cv": 0.6}, {"exp": "tiny_lr", "weight": 0.3, "cv": 0.59}],
+         "kept": "fitted", "cv": {"equal": 0.605, "fitted_out_of_fold": 0.61, "blend": 0.61},
+         "per_fold": {"0": {"fitted": 0.56, "n": 2}, "1": {"fitted": 0.66, "n": 2}}, "tta": 1}
 
 
 def _use(folder: Path):
@@ -118,7 +121,8 @@ def test_table_rows_match_the_artifacts(in_tiny):
     # no stage 03: listed, with its training figures and no CV
     nooof = rows["tiny_nooof"]
     assert nooof["cv"] is None and nooof["runs"] == 1 and nooof["steps"] == 2 and nooof["best_val"] is not None
-    assert rows["mix"]["kind"] == "blend" and rows["mix"]["cv"] == 0.61 and rows["mix"]["cv_std"] == 0.05
+    assert rows["mix"]["kind"] == "blend" and rows["mix"]["cv"] == 0.61 and rows["mix"]["per_fold"] == {0: 0.56, 1: 0.66}
+    assert rows["mix"]["fold_std"] == pytest.approx(0.05)
     assert rows["mix"]["diffs"] == ["tiny: 0.7", "tiny_lr: 0.3"]
     assert all(r["stale"] is None for r in rows.values())
 
@@ -211,7 +215,8 @@ def test_html_is_escaped_by_the_template(in_tiny, tmp_path):
     copy = tmp_path / "w"
     shutil.copytree(in_tiny, copy)
     (copy / "models/blends/<b>").mkdir(parents=True)
-    (copy / "models/blends/<b>/blend.json").write_text(json.dumps({"weights": {"<script>x</script>": 1}}))
+    (copy / "models/blends/<b>/blend.json").write_text(json.dumps({"members": [{"exp": "<script>x</script>", "weight": 1}],
+                                                                       "cv": {"blend": 0.5}}))
     paths.set_workdir(copy)
     html = report.build_report(copy / "reports")["path"].read_text()
     assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
@@ -275,18 +280,22 @@ def test_stage_05_recorded_its_zip_with_the_cv_of_its_checkpoints(in_tiny):
     assert table.loc[0, "lb"] == 0.6
 
 
-@pytest.mark.parametrize("blend, weights, cv, std", [
-    ({"weights": {"a": 0.25, "b": 0.75}, "cv": 0.8}, ["a: 0.25", "b: 0.75"], 0.8, None),
-    ({"experiments": [{"exp": "a", "weight": 1}, {"experiment": "b", "weight": 2}], "cv_mean": 0.7, "cv_std": 0.1},
-     ["a: 1", "b: 2"], 0.7, 0.1),
-    ({"experiments": ["a", "b"], "oof": {"cv": {"mean": 0.6, "std": 0.02}}}, ["a: ?", "b: ?"], 0.6, 0.02),
-    ({}, [], None, None),
+@pytest.mark.parametrize("blend, diffs, cv, per_fold", [
+    (BLEND, ["tiny: 0.7", "tiny_lr: 0.3"], 0.61, {0: 0.56, 1: 0.66}),
+    ({**BLEND, "kept": "equal", "cv": {**BLEND["cv"], "blend": 0.605}}, ["tiny: 0.7", "tiny_lr: 0.3"], 0.605, {}),
 ])
-def test_blend_files_of_every_form(workdir, blend, weights, cv, std):
+def test_blend_files(workdir, blend, diffs, cv, per_fold):
+    """The blend's CV is the one it kept; per-fold figures only for fitted weights (the
+    equal-weight blend has none of its own); a file that is not a blend is left out."""
     (workdir / "models/blends/x").mkdir(parents=True)
     (workdir / "models/blends/x/blend.json").write_text(json.dumps(blend))
     (workdir / "models/blends/broken").mkdir()
     (workdir / "models/blends/broken/blend.json").write_text("{")
-    with pytest.warns(UserWarning, match=r"broken/blend.json: not valid JSON; left out of the report"):
+    (workdir / "models/blends/other").mkdir()
+    (workdir / "models/blends/other/blend.json").write_text(json.dumps({"weights": {"a": 1}}))
+    with pytest.warns(UserWarning) as caught:
         (row,) = report.blend_rows()
-    assert (row["name"], row["kind"], row["diffs"], row["cv"], row["cv_std"]) == ("x", "blend", weights, cv, std)
+    messages = sorted(str(w.message) for w in caught)
+    assert messages[0].endswith("broken/blend.json: not valid JSON; left out of the report")
+    assert "other/blend.json: not a blend file of `python -m pipeline blend` (KeyError" in messages[1]
+    assert (row["name"], row["kind"], row["diffs"], row["cv"], row["per_fold"]) == ("x", "blend", diffs, cv, per_fold)
