@@ -25,6 +25,12 @@ DEFAULTS: dict[str, Any] = {
         "answer": "test_{i}_answer.tif",
         "n_folds": 5,
         "fold_seed": 0,
+        # External high-res images for training only (pipeline/extra_data.py): folders,
+        # the kernel their low-res is made with (null: the degradation probe's), and the
+        # share of crops drawn from them (null: in proportion to their pixels).
+        "extra": None,
+        "extra_kernel": None,
+        "extra_weight": None,
     },
     "model": {
         "name": "rlfn",

@@ -21,10 +21,13 @@ gets its low-res images from the probe's answer. Candidates:
     gauss<sigma>[@<dy>,<dx>]                          cv2.GaussianBlur(sigma) then every s-th pixel
                                                       from row dy, column dx (default 0,0)
 
-Same operation at integer scales, different code: pil-box and cv2-area (both the mean
-of each s x s block; they differ only in rounding), and scikit-image's `resize(order=1)`
-without antialiasing is cv2-linear (both average the two middle pixels of each block at
-even scales), so it is not a separate candidate. torchvision's antialiased bicubic resize
+Same operation, different code: pil-box and cv2-area at every integer scale (both the
+mean of each s x s block; they differ only in rounding); at odd scales cv2-cubic,
+cv2-linear and skimage, which then all take the centre pixel of each block, and
+skimage-aa and skimage-aa-linear (Gaussian sigma (s-1)/2, then that pixel: close to
+gauss<(s-1)/2>@<s//2>,<s//2>, whose blur is truncated sooner). At even
+scales scikit-image's `resize(order=1)` without antialiasing is cv2-linear (both average
+the two middle pixels of each block), so it is not a separate candidate. torchvision's antialiased bicubic resize
 is Pillow's by design. The probe names the implementation that matches, and its margin
 is measured over the next candidate that is a different operation.
 
@@ -134,7 +137,6 @@ KERNELS: dict[str, Downscale] = {
     "skimage-aa-linear": _skimage(1, True),
     "matlab-bicubic": matlab_bicubic,
 }
-SAME_OPERATION = [{"pil-box", "cv2-area"}]   # at integer scales: the mean of each s x s block
 GAUSS_SIGMAS = tuple(round(0.6 + 0.1 * k, 1) for k in range(20))   # 0.6 .. 2.5
 _GAUSS_NAME = re.compile(r"gauss(\d+(?:\.\d+)?)(?:@(\d+),(\d+))?\Z")
 
@@ -175,8 +177,17 @@ def downscale(high: np.ndarray, scale: int, kernel: str = "pil-bicubic") -> np.n
     return KERNELS[kernel](high, scale)
 
 
-def same_operation(a: str, b: str) -> bool:
-    return a == b or any({a, b} <= group for group in SAME_OPERATION)
+def same_operation_as(name: str, scale: int) -> set[str]:
+    """The candidates that compute the same thing as `name` at this scale (itself included)."""
+    groups = [{"pil-box", "cv2-area"}]          # the mean of each s x s block
+    if scale % 2:   # odd: output centres fall on pixels, so the interpolation order drops out
+        groups += [{"cv2-cubic", "cv2-linear", "skimage"},   # the centre pixel of each block
+                   {"skimage-aa", "skimage-aa-linear"}]     # Gaussian prefilter, then that pixel
+    return next((g for g in groups if name in g), {name})
+
+
+def same_operation(a: str, b: str, scale: int) -> bool:
+    return b in same_operation_as(a, scale)
 
 
 # --- the probe -------------------------------------------------------------------------
@@ -298,7 +309,7 @@ def probe(pairs: list[tuple[Path, Path]], scale: int, max_scenes: int | None = P
     used = spread(pairs, max_scenes)
     ranked = rank_candidates(probe_pairs(used, scale, n_jobs))
     best = ranked[0]
-    runner_up = next((c for c in ranked[1:] if not same_operation(c.kernel, best.kernel)), None)
+    runner_up = next((c for c in ranked[1:] if not same_operation(c.kernel, best.kernel, scale)), None)
     return {
         "best": best.kernel,
         "psnr": round(best.psnr, 3),
@@ -325,8 +336,8 @@ def format_table(result: dict, gauss_rows: int = 3) -> str:
                 hidden += 1
                 continue
             shown_gauss += 1
-        twins = [other for group in SAME_OPERATION if c["kernel"] in group for other in sorted(group - {c["kernel"]})]
-        note = f"same operation as {', '.join(twins)} at integer scales" if twins else ""
+        twins = sorted(same_operation_as(c["kernel"], result["scale"]) - {c["kernel"]})
+        note = f"same operation as {', '.join(twins)} at x{result['scale']}" if twins else ""
         if c["kernel"] == best:
             note = "<- best" + (f"; {note}" if note else "")
         lines.append(f"{rank:>4}  {c['kernel']:<18} {c['psnr']:>8.2f} {c['min_psnr']:>8.2f} "

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .. import data, losses, paths, weights
+from .. import data, extra_data, losses, paths, weights
 from ..checkpoints import read_checkpoint, save_checkpoint
 from ..config import dump_config, load_config
 from ..errors import PipelineError
@@ -376,9 +376,13 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
 
     seed_everything(run_seed(seed, fold))
     train_scenes, val_scenes = data.load_fold(fold, scale)
+    extra_scenes = extra_data.training_scenes(cfg, t["lr_patch"])   # training only, never validated
+    if extra_scenes and d.main:
+        print(f"train {name}: + {extra_data.describe(cfg, extra_scenes)}")
     stream = data.PairedPatches(train_scenes, scale=scale, lr_patch=t["lr_patch"],
                                 batch_size=t["batch_size"], steps=t["steps"], augment=t["augment"],
-                                seed=seed, fold=fold, rank=d.rank, world_size=d.world)
+                                seed=seed, fold=fold, rank=d.rank, world_size=d.world,
+                                extra_scenes=extra_scenes, extra_weight=cfg["data"]["extra_weight"])
 
     net = build_model(cfg, pretrained=not resuming, main=d.main).to(d.device)
     ema = (AveragedModel(net, multi_avg_fn=ema_update(t["ema"]), use_buffers=True)
