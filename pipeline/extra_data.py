@@ -7,8 +7,8 @@
       -> data/interim/extra/{manifest.json, high/extra_{k}.tif, low/extra_{k}.tif}
 
 Each image is cut into scenes as `demo-data --source` does (centre-cropped to a multiple
-of the scale; larger than the competition's 1200x1500, it is cut into a grid of pieces of
-at most that size) and its low-res made with the organiser's kernel: external high-res
+of the scale; much larger than the competition's 1200x1500, it is cut into a grid of
+pieces of at most that size) and its low-res made with the organiser's kernel: external high-res
 images are only worth something when their low-res comes from the same degradation as
 the competition's. Files are checked by the rules of stage 00 (uint8 RGB; 16-bit, grey
 and undecodable files are refused, one line each) and a file identical to a competition
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,11 +90,12 @@ def list_sources(dirs: list[Path]) -> list[Path]:
 
 
 def cut_scenes(image: np.ndarray, scale: int) -> list[np.ndarray]:
-    """Scenes of an image: itself centre-cropped to a multiple of the scale, or, beyond the
-    competition's 1200x1500, a centred grid of equal pieces of at most that size."""
+    """Scenes of an image: itself centre-cropped to a multiple of the scale (and to at most
+    the competition's 1200x1500), or, when it holds more than 1.5 of those along a side, a
+    centred grid of equal pieces of at most that size (less than half a piece is lost)."""
     h, w = image.shape[:2]
-    rows, cols = math.ceil(h / MAX_HIGH_SIZE[0]), math.ceil(w / MAX_HIGH_SIZE[1])
-    ph, pw = h // rows // scale * scale, w // cols // scale * scale
+    rows, cols = (max(1, round(side / limit)) for side, limit in zip((h, w), MAX_HIGH_SIZE))
+    ph, pw = (min(side // n, limit) // scale * scale for side, n, limit in zip((h, w), (rows, cols), MAX_HIGH_SIZE))
     top, left = (h - rows * ph) // 2, (w - cols * pw) // 2
     pieces = [image[top + r * ph:top + (r + 1) * ph, left + c * pw:left + (c + 1) * pw]
               for r in range(rows) for c in range(cols)]
