@@ -155,3 +155,17 @@ def test_kernel_names_and_refusals(workdir, config_file, cli):
     proc = cli("degradation", "--exp", config_file())
     assert proc.returncode == 1 and "manifest.csv: missing; run `make unzip`" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.shared
+def test_degradation_study_prints_every_truth_with_itself_first(shared, capsys):
+    from pipeline import degradation_study
+
+    degradation_study.main(["--source", str(shared / "data" / "ucmerced_urban"), "--n", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2 tiles of") and len(lines) == 1 + len(D.KERNELS) + 7
+    for line in lines[1:1 + len(D.KERNELS)]:
+        truth, first = line.split()[:2]
+        assert first == truth and line.split()[2] == "100.0", line
+    noisy = next(line for line in lines if "noise 2" in line)
+    assert float(noisy.split()[5]) < D.FIT_PSNR          # pil-bicubic, but below the threshold
