@@ -27,6 +27,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 PIPE := $(PY) -m pipeline
 MANIFEST := data/interim/manifest.csv
+DEGRADATION := data/interim/degradation.json
 FOLDS_CSV := data/folds.csv
 CONFIG := pipeline/configs/$(EXP).yaml
 PRED_DIR := data/predictions/$(EXP)
@@ -60,7 +61,7 @@ demo: $(SETUP) ## build the demo competition and run every stage on it, ending w
 demo-data: $(SETUP) ## build data/raw/{train,evaluation}.zip + data/demo/answers from sample images
 	$(PIPE) demo-data --exp $(EXP)
 
-unzip: $(MANIFEST) ## stage 00: validate and extract the zips into data/interim/
+unzip: $(MANIFEST) $(DEGRADATION) ## stage 00: validate and extract the zips into data/interim/, then probe the LR kernel
 
 # The zips are inputs, never built: the empty recipe stops make from trying any rule on
 # them (a pattern rule could match them), and a missing one reaches the pipeline, which
@@ -69,6 +70,10 @@ $(MANIFEST): data/raw/train.zip data/raw/evaluation.zip $(wildcard $(CONFIG)) | 
 	$(PIPE) unzip --exp $(EXP)
 
 data/raw/train.zip data/raw/evaluation.zip: ;
+
+# which downscaler made the low-res images (the kernel external data is given)
+$(DEGRADATION): $(MANIFEST) | $(SETUP)
+	$(PIPE) degradation --exp $(EXP)
 
 folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds (data/raw/groups.csv: groups kept whole)
 
@@ -161,7 +166,7 @@ bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (BENCH_ARGS=
 
 # The aerial benchmark: a competition in the organiser's format built from the real
 # 0.3 m tiles in ../shared (held out by place: tile numbers 00-29 of every class train,
-# 30-44 test; data/raw/groups.csv keeps places in one fold; Pillow bicubic x4) in its own work
+# 30-44 test; data/raw/groups.csv keeps places in one fold; AERIAL_KERNEL x4) in its own work
 # folder; the recipe AERIAL_EXP end to end for every seed of SEEDS, the reference rows
 # (bicubic, pretrained RLFN, + TTA), fold 0 alone, then each of ABLATIONS (default: every
 # pipeline/configs/AERIAL_EXP_*.yaml) on fold 0, then the ablation table. Runs and
@@ -169,7 +174,10 @@ bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (BENCH_ARGS=
 # interruption) only does what is missing. AERIAL_JOBS trainings at once, one thread each.
 # `make benchmark-aerial ABLATIONS=` gives the main rows only (~50 min on 2 cores).
 AERIAL_SOURCE ?= $(abspath ../shared/data/ucmerced_urban)
-AERIAL_DIR := $(abspath data/benchmarks/aerial)
+# the organiser's kernel of the benchmark (any `demo-data --kernel` name); another kernel
+# gets its own work folder, data/benchmarks/aerial-<kernel>
+AERIAL_KERNEL ?= pil-bicubic
+AERIAL_DIR := $(abspath data/benchmarks/aerial$(if $(filter pil-bicubic,$(AERIAL_KERNEL)),,-$(AERIAL_KERNEL)))
 AERIAL_EXP ?= aerial
 AERIAL_JOBS ?= 2
 # (<exp>_x5*: the x5 experiment, another scale and competition: benchmark-aerial-x5)
@@ -188,8 +196,8 @@ AERIAL_RUN := export SR_WORKDIR=$(AERIAL_DIR) && set -e && \
 
 benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train AERIAL_EXP, score every row, print the ablation table
 	@test -d "$(AERIAL_SOURCE)" || { echo "benchmark-aerial: $(AERIAL_SOURCE) not found: the real tiles live in ../shared/data/ucmerced_urban beside the checkout (not in the repository)" >&2; exit 1; }
-	$(PIPE) demo-data --source $(AERIAL_SOURCE) --exp $(AERIAL_EXP) --test-numbers 30-44 --seed 0 --workdir $(AERIAL_DIR)
-	$(AERIAL_RUN); $(PIPE) unzip --exp $(AERIAL_EXP); $(PIPE) folds --exp $(AERIAL_EXP); \
+	$(PIPE) demo-data --source $(AERIAL_SOURCE) --exp $(AERIAL_EXP) --test-numbers 30-44 --seed 0 --kernel $(AERIAL_KERNEL) --workdir $(AERIAL_DIR)
+	$(AERIAL_RUN); $(PIPE) unzip --exp $(AERIAL_EXP); $(PIPE) degradation --exp $(AERIAL_EXP); $(PIPE) folds --exp $(AERIAL_EXP); \
 	  folds=$$($(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))"); \
 	  for s in $(SEEDS); do for f in $$folds; do echo "$$s $$f"; done; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -n 2 \
 	    sh -c '$(PIPE) train --exp $(AERIAL_EXP) --seed $$0 --fold $$1'; \

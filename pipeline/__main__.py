@@ -16,6 +16,7 @@ import warnings
 COMMANDS = {
     "demo-data": ("pipeline.demo_data", "build a demo competition (train.zip, evaluation.zip, answers)"),
     "unzip": ("pipeline.stages.s00_unzip", "stage 00: validate and extract the competition zips"),
+    "degradation": ("pipeline.degradation", "which downscaler made the low-res images (after stage 00)"),
     "folds": ("pipeline.stages.s01_folds", "stage 01: split training scenes into K balanced folds"),
     "train": ("pipeline.stages.s02_train", "stage 02: train one fold of one seed"),
     "oof": ("pipeline.stages.s03_oof", "stage 03: out-of-fold competition SSIM"),

@@ -37,6 +37,12 @@ DEFAULTS: dict[str, Any] = {
         # ~350 MB as float32 during validation; raise it for genuinely larger scenes.
         "max_pixels": 16 * 1200 * 1500,
         "groups": "groups.csv",      # id,group CSV in data/raw/: a group's scenes share a fold; null = off
+        # External high-res images for training only (pipeline/extra_data.py): folders,
+        # the kernel their low-res is made with (null: the degradation probe's), and the
+        # share of crops drawn from them (null: in proportion to their pixels).
+        "extra": None,
+        "extra_kernel": None,
+        "extra_weight": None,
     },
     "model": {
         "name": "rlfn",

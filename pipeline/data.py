@@ -1,5 +1,8 @@
 """Training data: scenes held in memory, scale-aware paired crops, paired augmentation.
 
+External scenes (`data.extra`, pipeline/extra_data.py) join the training scenes only,
+drawn with their share of the crops (`data.extra_weight`); validation never sees them.
+
 Every training sample is a pure function of (seed, fold, sample index): sample `i`
 draws its scene, crop, CutMix partner and augmentation from a NumPy generator seeded
 with [seed, fold, i]. Step `t` of a batch size B uses samples t*B .. t*B+B-1, and rank
@@ -120,10 +123,13 @@ class PairedPatches(Dataset):
 
     def __init__(self, scenes: list[Scene], *, scale: int, lr_patch: int, batch_size: int,
                  steps: int, augment: dict[str, Any], seed: int, fold: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, extra_scenes: list[Scene] = (),
+                 extra_weight: float | None = None):
         if batch_size % world_size:
             raise PipelineError(f"train.batch_size {batch_size} is not divisible by the "
                                 f"{world_size} processes")
+        n_competition = len(scenes)
+        scenes = list(scenes) + list(extra_scenes)   # external scenes (data.extra) last
         for s in scenes:
             if min(s.lr.shape[:2]) < lr_patch:
                 raise PipelineError(f"scene {s.id}: LR {s.lr.shape[:2]} is smaller than "
@@ -139,6 +145,10 @@ class PairedPatches(Dataset):
         counts = np.array([(s.lr.shape[0] - lr_patch + 1) * (s.lr.shape[1] - lr_patch + 1)
                            for s in scenes], dtype=np.float64)
         self.scene_p = counts / counts.sum()
+        if extra_scenes and extra_weight is not None:
+            # a fixed share of the crops from the external scenes, each group by pixels
+            own, ext = counts[:n_competition], counts[n_competition:]
+            self.scene_p = np.concatenate([own / own.sum() * (1 - extra_weight), ext / ext.sum() * extra_weight])
 
     def __len__(self) -> int:
         return self.steps

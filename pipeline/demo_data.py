@@ -10,7 +10,7 @@ cropped to a multiple of the scale and to at most the competition's 1200x1500. L
 a downscale of the high-res scene by exactly the scale; the organiser's kernel is not
 published, so the default is Pillow's bicubic (Keys a=-0.5, support widened by the scale,
 i.e. antialiased), the usual "bicubic" of Python SR data preparation; `--kernel` picks
-another. Without `--source`, the sources are the RGB photographs bundled inside
+any candidate of the degradation probe (pipeline.degradation). Without `--source`, the sources are the RGB photographs bundled inside
 scikit-image, so the demo builds offline on any machine. The same arguments and seed give
 byte-identical zips, and a zip whose content did not change is not rewritten (its date
 stays, so `make` does not redo the stages after it).
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image
 
 from . import io, paths
 from .config import load_config
+from .degradation import KERNELS, check_kernel, downscale, kernel_names  # noqa: F401 (re-exported)
 from .errors import PipelineError
 from .groups import source_group, tile_number
 
@@ -47,37 +47,6 @@ BUILTIN_TILE = 192        # small scenes (rounded down to a multiple of the scal
 BUILTIN_COUNTS = (16, 6)  # train, test scenes from the built-in photographs
 MIN_LOW_SIDE = 8          # smaller scenes are useless for SSIM (7x7 window) and are skipped
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: same input, same bytes
-
-
-def _pil_resize(high: np.ndarray, scale: int, resample: int) -> np.ndarray:
-    h, w = high.shape[:2]
-    return np.asarray(Image.fromarray(high).resize((w // scale, h // scale), resample=resample))
-
-
-def _skimage_bicubic(high: np.ndarray, scale: int) -> np.ndarray:
-    from skimage.transform import resize
-
-    h, w = high.shape[:2]
-    low = resize(high, (h // scale, w // scale), order=3, anti_aliasing=True, preserve_range=True)
-    return np.clip(np.rint(low), 0, 255).astype(np.uint8)
-
-
-# name -> (high uint8 HxWx3, scale) -> low uint8
-KERNELS = {
-    "pil-bicubic": lambda high, s: _pil_resize(high, s, Image.Resampling.BICUBIC),
-    "pil-lanczos": lambda high, s: _pil_resize(high, s, Image.Resampling.LANCZOS),
-    "pil-box": lambda high, s: _pil_resize(high, s, Image.Resampling.BOX),  # mean of each s x s block
-    "skimage-bicubic": _skimage_bicubic,  # Gaussian prefilter + cubic spline
-}
-
-
-def downscale(high: np.ndarray, scale: int, kernel: str = "pil-bicubic") -> np.ndarray:
-    """Low-res image exactly 1/scale of `high` (whose sides must be multiples of scale)."""
-    if kernel not in KERNELS:
-        raise PipelineError(f"unknown kernel '{kernel}' (known: {', '.join(KERNELS)})")
-    if high.shape[0] % scale or high.shape[1] % scale:
-        raise PipelineError(f"image of shape {high.shape} is not a multiple of scale {scale}")
-    return KERNELS[kernel](high, scale)
 
 
 def crop_to_scale(image: np.ndarray, scale: int, max_size: tuple[int, int] = MAX_HIGH_SIZE) -> np.ndarray:
@@ -257,8 +226,7 @@ def build_demo(source: Path | None = None, exp: str = "demo", scale: int | None 
     scale = int(scale or data_cfg["scale"])
     if scale < 1:
         raise PipelineError(f"scale {scale} must be a positive integer")
-    if kernel not in KERNELS:
-        raise PipelineError(f"unknown kernel '{kernel}' (known: {', '.join(KERNELS)})")
+    check_kernel(kernel, scale)
     rng = np.random.default_rng(seed)
     if source is None:
         sources = builtin_sources()
@@ -314,8 +282,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tile", type=int, default=None,
                         help=f"cut sources into tile x tile high-res scenes; 0 = one scene per image "
                              f"(default: {BUILTIN_TILE} for the built-in photographs, 0 with --source)")
-    parser.add_argument("--kernel", choices=sorted(KERNELS), default="pil-bicubic",
-                        help="downscale kernel (default pil-bicubic: Pillow bicubic, antialiased)")
+    parser.add_argument("--kernel", default="pil-bicubic", metavar="NAME",
+                        help="downscale kernel, as the degradation probe names them (default pil-bicubic: "
+                             f"Pillow bicubic, antialiased): {kernel_names()}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tile choice and split (default 0)")
     parser.add_argument("--test-numbers", default=None, metavar="A-B",
                         help="with --source: sources whose file name ends in a number A..B are the test set, "

@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .. import data, losses, paths, precision, weights
+from .. import data, extra_data, losses, paths, precision, weights
 from ..checkpoints import read_checkpoint, save_checkpoint
 from ..config import PRETRAINED_RECORD, RUNTIME_KEYS, add_set_argument, dump_config, load_config
 from ..errors import PipelineError
@@ -421,9 +421,13 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
 
     seed_everything(run_seed(seed, fold))
     train_scenes, val_scenes = data.load_fold(fold, scale)
+    extra_scenes = extra_data.training_scenes(cfg, t["lr_patch"])   # training only, never validated
+    if extra_scenes and d.main:
+        print(f"train {name}: + {extra_data.describe(cfg, extra_scenes)}")
     stream = data.PairedPatches(train_scenes, scale=scale, lr_patch=t["lr_patch"],
                                 batch_size=t["batch_size"], steps=t["steps"], augment=t["augment"],
-                                seed=seed, fold=fold, rank=d.rank, world_size=d.world)
+                                seed=seed, fold=fold, rank=d.rank, world_size=d.world,
+                                extra_scenes=extra_scenes, extra_weight=cfg["data"]["extra_weight"])
 
     net = build_model(cfg, pretrained=False, main=d.main)
     loaded = None if resuming else load_pretrained(cfg, net, d.main)
