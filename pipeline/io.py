@@ -298,12 +298,13 @@ def describe_holder(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
 
 
-def _acquire(lock: Path, what: str) -> str:
+def _acquire(lock: Path, what: str, wait: float = 0.0) -> str:
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                        "since": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        "start": (_proc_stat(os.getpid()) or (None, None))[1]})
     lock.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + 4 * LOCK_WAIT_UNWRITTEN
+    patience = time.time() + wait
+    deadline = max(time.time() + 4 * LOCK_WAIT_UNWRITTEN, patience)
     while time.time() < deadline:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -319,6 +320,9 @@ def _acquire(lock: Path, what: str) -> str:
                         continue
                 holder = {"pid": "?", "host": "?", "since": "?"}   # its taker died before writing it
             elif _holder_alive(holder):
+                if time.time() < patience:    # a short critical section (the ledger): wait
+                    time.sleep(0.05)
+                    continue
                 same_host = holder.get("host") == socket.gethostname()
                 raise PipelineError(
                     f"{what} is locked by {describe_holder(holder)}: another writer is at work on it "
@@ -360,7 +364,7 @@ def remove_temporaries(target: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(target: str | Path, what: str | None = None) -> Iterator[None]:
+def locked(target: str | Path, what: str | None = None, wait: float = 0.0) -> Iterator[None]:
     """Hold the write lock of `target` (a file or folder artifact) for the block.
 
         with io.locked(paths.FOLDS):           # one line, around everything that writes it
@@ -370,6 +374,9 @@ def locked(target: str | Path, what: str | None = None) -> Iterator[None]:
     PipelineError: "<what> is locked by pid P on HOST since T". A lock left by a process
     that is gone (same host) is taken over with a warning, and the temporaries it left are
     removed. Re-entrant within a process; `what` (default: the target's path) names it.
+    `wait` > 0: a live holder is waited for that many seconds first (for artifacts written
+    in a short read-modify-write, such as the submissions ledger, where a second writer
+    should queue rather than stop).
     """
     lock = lock_path(target)
     key = (os.getpid(), lock)
@@ -380,7 +387,7 @@ def locked(target: str | Path, what: str | None = None) -> Iterator[None]:
         finally:
             _held[key] -= 1
         return
-    mine = _acquire(lock, what or str(target))
+    mine = _acquire(lock, what or str(target), wait)
     _held[key] = 1
     try:
         crash_point("locked")

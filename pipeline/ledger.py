@@ -9,20 +9,18 @@ The user records what the public leaderboard said:
     python -m pipeline lb submissions/aerial-20261201-120000.zip 0.8123
     python -m pipeline lb            # prints the ledger, and how well CV follows LB
 
-The file is rewritten atomically (temporary file, rename) under an exclusive lock, so two
-writers (a submission and an `lb`) never lose each other's row.
+The file is rewritten atomically (temporary file, rename) under its write lock (io.locked,
+waited for rather than refused), so two writers (a submission and an `lb`) never lose each
+other's row.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import zipfile
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -60,16 +58,12 @@ def read_ledger() -> pd.DataFrame:
     return table[COLUMNS]
 
 
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    """Exclusive lock for a read-modify-write of the ledger."""
-    paths.SUBMISSIONS.mkdir(parents=True, exist_ok=True)
-    with open(paths.SUBMISSIONS / ".ledger.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+LOCK_WAIT = 60.0   # seconds: two stage 05 runs (two experiments) queue for the ledger
+
+
+def _locked():
+    """The ledger's write lock (io.locked) for a read-modify-write; a second writer waits."""
+    return io.locked(ledger_path(), what=f"{ledger_path()} (the submissions ledger)", wait=LOCK_WAIT)
 
 
 def _write(table: pd.DataFrame) -> None:

@@ -86,9 +86,9 @@ def test_submission_zip_is_flat_complete_and_exact(tiny, capsys):
     zip_path = paths.SUBMISSIONS / (paths.SUBMISSIONS / "tiny-latest.txt").read_text().strip()
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(zip_path)
     assert zip_path.name.startswith("tiny-") and zip_path.suffix == ".zip"
-    # the zip, its pointer, and the ledger that recorded it (with its lock file), nothing else
+    # the zip, its pointer, and the ledger that recorded it, nothing else (no lock left)
     assert sorted(p.name for p in paths.SUBMISSIONS.iterdir()) == sorted(
-        [zip_path.name, "tiny-latest.txt", "ledger.csv", ".ledger.lock"])
+        [zip_path.name, "tiny-latest.txt", "ledger.csv"])
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
         assert sorted(names) == ["test_0_answer.tif", "test_1_answer.tif"]

@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 import zipfile
@@ -303,6 +304,32 @@ def test_kill_between_the_two_renames_of_a_folder_keeps_the_previous_one(workdir
 
 
 # --- locks -----------------------------------------------------------------------------
+
+def test_a_waiting_writer_queues_behind_a_live_holder(workdir):
+    """locked(wait=...) (the submissions ledger): a second writer waits for the holder to
+    finish instead of stopping, and still stops, naming it, once its patience runs out."""
+    target = workdir / "submissions" / "ledger.csv"
+    ready, release = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:                       # the holder: takes the lock, waits for the word, lets go
+        try:
+            with io.locked(target):
+                os.write(ready[1], b"x")
+                os.read(release[0], 1)
+        finally:
+            os._exit(0)
+    os.read(ready[0], 1)
+    with pytest.raises(PipelineError, match=f"is locked by pid {pid} "):
+        with io.locked(target, wait=0.3):
+            pass
+    threading.Timer(0.5, os.write, (release[1], b"x")).start()
+    began = time.perf_counter()
+    with io.locked(target, wait=30):
+        waited = time.perf_counter() - began
+        assert json.loads(io.lock_path(target).read_text())["pid"] == os.getpid()
+    os.waitpid(pid, 0)
+    assert 0.4 < waited < 10 and not io.lock_path(target).exists()
+
 
 def test_second_writer_stops_at_once_naming_the_holder(workdir):
     target = workdir / "models" / "x" / "seed0" / "fold0"

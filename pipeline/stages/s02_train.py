@@ -542,7 +542,9 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
 
         row = {"step": done, "loss": loss_value, "lr": lr_now, "val_ssim": None, "bicubic_ssim": None,
                "precision": prec.name}
-        if done == start + 1:                   # why, once per start or resume
+        # why, at the first step and where a resume (other hardware) changed the precision:
+        # a resume on the same machine logs exactly what an uninterrupted run does
+        if done == 1 or (done == start + 1 and log[-1].get("precision") != prec.name):
             row["precision_reason"] = prec.reason
         if prec.scaler:
             row.update(skipped=int(skipped), grad_scale=scaler.get_scale())
