@@ -44,7 +44,7 @@ import pandas as pd
 import yaml
 
 from . import io, ledger, paths
-from .config import DEFAULTS, load_config
+from .config import DEFAULTS, PRETRAINED_RECORD, load_config
 from .errors import PipelineError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -131,6 +131,7 @@ def experiment_recipe(exp: str, runs: list[dict]) -> tuple[dict | None, str, lis
     for run in runs:  # the resolved config a run wrote: what was trained, even if the YAML changed since
         if (run["dir"] / "config.yaml").is_file():
             cfg = yaml.safe_load((run["dir"] / "config.yaml").read_text())
+            cfg.pop(PRETRAINED_RECORD, None)   # what the run loaded, not a recipe choice
             break
     source = paths.CONFIGS / f"{exp}.yaml"
     if cfg is None and source.is_file():

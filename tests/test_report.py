@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 import pytest
 
 from pipeline import io, ledger, paths, report
 from pipeline.checkpoints import read_checkpoint
-from pipeline.config import load_config
+from pipeline.config import DEFAULTS, load_config
 from pipeline.stages import s02_train, s03_oof, s04_ensemble, s05_submission
 from pipeline.stages.s00_unzip import load_manifest
 from tiny_experiment import build_competition
@@ -299,3 +300,15 @@ def test_blend_files(workdir, blend, diffs, cv, per_fold):
     assert messages[0].endswith("broken/blend.json: not valid JSON; left out of the report")
     assert "other/blend.json: not a blend file of `python -m pipeline blend` (KeyError" in messages[1]
     assert (row["name"], row["kind"], row["diffs"], row["cv"], row["per_fold"]) == ("x", "blend", diffs, cv, per_fold)
+
+
+def test_recipe_leaves_out_what_a_run_loaded(workdir):
+    """config.yaml records what model.pretrained loaded (pretrained_loaded): a fact of the run,
+    not a recipe choice, so it is not listed among the differences from the base."""
+    run = workdir / "models" / "x" / "seed0" / "fold0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"exp": "x", "train": {**DEFAULTS["train"], "steps": 7},
+         "pretrained_loaded": {"file": "/w/rlfn_x4.pth", "tensors_loaded": 114}}))
+    cfg, base, diffs = report.experiment_recipe("x", [{"dir": run}])
+    assert base == "defaults" and diffs == ["train.steps: 7"]
