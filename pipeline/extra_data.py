@@ -21,12 +21,10 @@ have no fold, so they never reach validation, stage 03's out-of-fold score or CV
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -102,16 +100,15 @@ def cut_scenes(image: np.ndarray, scale: int) -> list[np.ndarray]:
     return [p for p in pieces if min(p.shape[:2]) >= MIN_LOW_SIDE * scale]
 
 
-@contextlib.contextmanager
-def _lock() -> Iterator[None]:
-    """One builder at a time on this machine (folds trained in parallel share the cache)."""
-    paths.INTERIM.mkdir(parents=True, exist_ok=True)
-    with open(paths.INTERIM / ".extra.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+# Folds trained at once share the cache: a second builder queues behind the first (however
+# long its build takes) instead of stopping, and then reuses what it built.
+BUILD_WAIT = 24 * 3600.0
+
+
+def _lock():
+    """The cache's write lock (io.locked: one mechanism for every artifact, taken over from a
+    builder that died, its half-built temporaries removed)."""
+    return io.locked(extra_dir(), what=f"{extra_dir()} (the external data cache)", wait=BUILD_WAIT)
 
 
 def _file_state(path: Path, with_sha: bool) -> dict:
