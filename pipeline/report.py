@@ -579,6 +579,11 @@ def build_report(out_dir: Path | None = None) -> dict:
     start = time.time()
     out_dir = Path(out_dir or paths.REPORTS)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with io.locked(out_dir, what=f"{out_dir} (the report)"):   # two renders would prune each other's cache
+        return _render_report(out_dir, start)
+
+
+def _render_report(out_dir: Path, start: float) -> dict:
     cache = Cache(out_dir)
     data = collect(SceneImages(cache), cache)
     submissions, corr, table = submission_rows(cache)
