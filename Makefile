@@ -167,12 +167,18 @@ bench: $(SETUP) ## speed and memory benchmarks -> bench/results.csv (BENCH_ARGS=
 # The aerial benchmark: a competition in the organiser's format built from the real
 # 0.3 m tiles in ../shared (held out by place: tile numbers 00-29 of every class train,
 # 30-44 test; data/raw/groups.csv keeps places in one fold; AERIAL_KERNEL x4) in its own work
-# folder; the recipe AERIAL_EXP end to end for every seed of SEEDS, the reference rows
-# (bicubic, pretrained RLFN, + TTA), fold 0 alone, then each of ABLATIONS (default: every
-# pipeline/configs/AERIAL_EXP_*.yaml) on fold 0, then the ablation table. Runs and
-# predictions newer than their inputs are skipped, so a rerun (or a rerun after an
-# interruption) only does what is missing. AERIAL_JOBS trainings at once, one thread each.
-# `make benchmark-aerial ABLATIONS=` gives the main rows only (~50 min on 2 cores).
+# folder; the recipe AERIAL_EXP end to end for every seed of SEEDS, and each of AERIAL_KFOLD
+# (other nets and schedules) on every fold with stage 03 and 04; the blends of all of them
+# (fitted and equal weights); AERIAL_EXP again with random folds (AERIAL_RANDOM_FOLDS=1, in
+# the sibling folder <work folder>-random-folds, groups.csv left out) to show how far each CV
+# is from the test; the reference rows (bicubic, pretrained RLFN, + TTA), fold 0 alone, each
+# of ABLATIONS (default: every pipeline/configs/AERIAL_EXP_*.yaml) on fold 0; then the table,
+# the default submission (best grouped CV within 2.5 h of training) written to
+# <work folder>/default-submission.txt and checked: `predict $$(cat that file)` must give
+# stage 04's files byte for byte. Runs and predictions newer than their inputs are skipped,
+# so a rerun (or a rerun after an interruption) only does what is missing. AERIAL_JOBS
+# trainings at once, one thread each. Everything: ~5 h on 2 cores; `make benchmark-aerial
+# ABLATIONS= AERIAL_KFOLD= AERIAL_RANDOM_FOLDS=0` gives the main rows only (~45 min).
 AERIAL_SOURCE ?= $(abspath ../shared/data/ucmerced_urban)
 # the organiser's kernel of the benchmark (any `demo-data --kernel` name); another kernel
 # gets its own work folder, data/benchmarks/aerial-<kernel>
@@ -180,33 +186,53 @@ AERIAL_KERNEL ?= pil-bicubic
 AERIAL_DIR := $(abspath data/benchmarks/aerial$(if $(filter pil-bicubic,$(AERIAL_KERNEL)),,-$(AERIAL_KERNEL)))
 AERIAL_EXP ?= aerial
 AERIAL_JOBS ?= 2
+AERIAL_KFOLD ?= $(AERIAL_EXP)_rfdn $(AERIAL_EXP)_safmn $(AERIAL_EXP)_steps1000
+AERIAL_RANDOM_FOLDS ?= 1
+AERIAL_RANDOM_DIR := $(AERIAL_DIR)-random-folds
 # (<exp>_x5*: the x5 experiment, another scale and competition: benchmark-aerial-x5)
 ABLATIONS ?= $(filter-out $(AERIAL_EXP)_x5%,$(sort $(basename $(notdir $(wildcard pipeline/configs/$(AERIAL_EXP)_*.yaml)))))
 AERIAL_MODELS := $(AERIAL_DIR)/models
 AERIAL_TEST_LOW := $(AERIAL_DIR)/data/interim/evaluation
 AERIAL_PRED := $(AERIAL_DIR)/data/predictions
 AERIAL_SEED0 := $(firstword $(SEEDS))
+AERIAL_DATA = $(PIPE) demo-data --source $(AERIAL_SOURCE) --exp $(AERIAL_EXP) --test-numbers 30-44 --seed 0 --kernel $(AERIAL_KERNEL)
 # fresh FILE IN...: FILE exists and none of IN is newer (what FILE marks is up to date);
-# predict OUT ARGS...: `pipeline predict` into OUT unless OUT/.done is fresh against INPUTS
+# predict OUT ARGS...: `pipeline predict` into OUT unless OUT/.done is fresh against INPUTS;
+# scored EXP: stage 03 and 04 of EXP unless they are newer than its checkpoints
 AERIAL_RUN := export SR_WORKDIR=$(AERIAL_DIR) && set -e && \
   fresh() { local out=$$1; shift; [ -e "$$out" ] && [ -z "$$(find "$$@" -newer "$$out" 2>/dev/null)" ]; } && \
   predict() { local out=$$1; shift; fresh "$$out/.done" "$${INPUTS[@]}" || { rm -f "$$out/.done"; \
     $(PIPE) predict --input $(AERIAL_TEST_LOW) --output "$$out" "$$@" && touch "$$out/.done"; }; } && \
-  export -f fresh predict
+  scored() { local ckpts=$$(ls $$SR_WORKDIR/models/$$1/seed*/fold*/best.pt); \
+    fresh $$SR_WORKDIR/models/$$1/oof/summary.json $$ckpts || $(PIPE) oof --exp $$1; \
+    fresh $$SR_WORKDIR/data/predictions/$$1/ensemble.json $$ckpts || $(PIPE) ensemble --exp $$1; } && \
+  export -f fresh predict scored
 
 benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train AERIAL_EXP, score every row, print the ablation table
 	@test -d "$(AERIAL_SOURCE)" || { echo "benchmark-aerial: $(AERIAL_SOURCE) not found: the real tiles live in ../shared/data/ucmerced_urban beside the checkout (not in the repository)" >&2; exit 1; }
-	$(PIPE) demo-data --source $(AERIAL_SOURCE) --exp $(AERIAL_EXP) --test-numbers 30-44 --seed 0 --kernel $(AERIAL_KERNEL) --workdir $(AERIAL_DIR)
+	$(AERIAL_DATA) --workdir $(AERIAL_DIR)
 	$(AERIAL_RUN); $(PIPE) unzip --exp $(AERIAL_EXP); $(PIPE) degradation --exp $(AERIAL_EXP); $(PIPE) folds --exp $(AERIAL_EXP); \
 	  folds=$$($(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))"); \
-	  for s in $(SEEDS); do for f in $$folds; do echo "$$s $$f"; done; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -n 2 \
-	    sh -c '$(PIPE) train --exp $(AERIAL_EXP) --seed $$0 --fold $$1'; \
+	  { for s in $(SEEDS); do for f in $$folds; do echo "$(AERIAL_EXP) $$s $$f"; done; done; \
+	    for e in $(AERIAL_KFOLD); do for f in $$folds; do echo "$$e $(AERIAL_SEED0) $$f"; done; done; } | \
+	    OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -n 3 sh -c '$(PIPE) train --exp $$0 --seed $$1 --fold $$2'; \
 	  ckpts=$$(for s in $(SEEDS); do ls $(AERIAL_MODELS)/$(AERIAL_EXP)/seed$$s/fold*/best.pt; done); \
 	  fresh $(AERIAL_MODELS)/$(AERIAL_EXP)/oof/summary.json $$ckpts || $(PIPE) oof --exp $(AERIAL_EXP) --seeds $(SEEDS); \
 	  fresh $(AERIAL_PRED)/$(AERIAL_EXP)/ensemble.json $$ckpts || $(PIPE) ensemble --exp $(AERIAL_EXP) --seeds $(SEEDS); \
 	  fresh $(AERIAL_DIR)/submissions/$(AERIAL_EXP)-latest.txt $(AERIAL_PRED)/$(AERIAL_EXP)/ensemble.json || \
 	    $(PIPE) submission --exp $(AERIAL_EXP); \
-	  $(PIPE) score --submission $(AERIAL_DIR)/submissions/$$(cat $(AERIAL_DIR)/submissions/$(AERIAL_EXP)-latest.txt) --answers $(AERIAL_DIR)/data/demo/answers
+	  $(PIPE) score --submission $(AERIAL_DIR)/submissions/$$(cat $(AERIAL_DIR)/submissions/$(AERIAL_EXP)-latest.txt) --answers $(AERIAL_DIR)/data/demo/answers; \
+	  for e in $(AERIAL_KFOLD); do scored $$e; done
+	$(AERIAL_RUN); if [ -n "$(strip $(AERIAL_KFOLD))" ]; then \
+	  summaries=$$(for e in $(AERIAL_EXP) $(AERIAL_KFOLD); do echo $(AERIAL_MODELS)/$$e/oof/summary.json; done); \
+	  for w in fit equal; do b=$(AERIAL_EXP)-blend$$([ $$w = fit ] || echo -equal); \
+	    fresh $(AERIAL_MODELS)/blends/$$b/blend.json $$summaries || $(PIPE) blend --exps $(AERIAL_EXP) $(AERIAL_KFOLD) --name $$b --weights $$w; \
+	    fresh $(AERIAL_PRED)/$$b/ensemble.json $(AERIAL_MODELS)/blends/$$b/blend.json || $(PIPE) ensemble --blend $$b; done; fi
+	if [ "$(AERIAL_RANDOM_FOLDS)" = 1 ]; then $(AERIAL_DATA) --workdir $(AERIAL_RANDOM_DIR) && rm -f $(AERIAL_RANDOM_DIR)/data/raw/groups.csv && \
+	  $(AERIAL_RUN) && export SR_WORKDIR=$(AERIAL_RANDOM_DIR) && $(PIPE) unzip --exp $(AERIAL_EXP) && $(PIPE) folds --exp $(AERIAL_EXP) && \
+	  folds=$$($(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))") && \
+	  for f in $$folds; do echo $$f; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -I{} $(PIPE) train --exp $(AERIAL_EXP) --seed $(AERIAL_SEED0) --fold {} && \
+	  scored $(AERIAL_EXP); fi
 	$(AERIAL_RUN); INPUTS=($(AERIAL_DIR)/data/interim/manifest.csv); \
 	  predict $(AERIAL_PRED)/bicubic --model bicubic --tta 1; \
 	  predict $(AERIAL_PRED)/pretrained --model rlfn --weights rlfn_x4 --tta 1; \
@@ -219,7 +245,9 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	$(AERIAL_RUN); for a in $(ABLATIONS); do echo $$a; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -I{} bash -c \
 	  '$(PIPE) train --exp {} --fold 0 && INPUTS=($(AERIAL_MODELS)/{}/seed0/fold0/best.pt) && \
 	   predict $(AERIAL_PRED)/{}-fold0 --checkpoint $(AERIAL_MODELS)/{}/seed0/fold0/best.pt --tta 1'
-	$(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP)
+	$(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP) --write-default
+	$(AERIAL_RUN); INPUTS=($(AERIAL_DIR)/default-submission.txt); predict $(AERIAL_PRED)/default-submission $$(cat $(AERIAL_DIR)/default-submission.txt); \
+	  $(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP) --check-default $(AERIAL_PRED)/default-submission
 	SR_WORKDIR=$(AERIAL_DIR) $(PIPE) report
 
 # x5 (issue 14): the same tiles built at x5 (255x255 -> 51x51), fold 0 of aerial_x5 (rlfn_x4

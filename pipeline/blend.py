@@ -50,6 +50,7 @@ BLEND_JSON = "blend.json"
 MAX_STEPS = 20       # additions of the greedy selection: weights in steps of at least 1/20
 PATIENCE = 5         # ... and it stops after this many additions without a new best
 FORMAT = "sr-pipeline-blend/1"
+WEIGHTINGS = ("fit", "equal")   # blend --weights
 
 # A score function: (member counts, scene positions) -> SSIM of each of those scenes.
 ScoreFn = Callable[[tuple, np.ndarray], np.ndarray]
@@ -185,8 +186,13 @@ def check_members(exps: list[str], folds: pd.DataFrame) -> list[dict]:
     return summaries
 
 
-def fit_blend(exps: list[str], name: str) -> dict:
-    """Fit the blend of `exps` and write models/blends/<name>/blend.json; returns its record."""
+def fit_blend(exps: list[str], name: str, weighting: str = "fit") -> dict:
+    """Fit the blend of `exps` and write models/blends/<name>/blend.json; returns its record.
+
+    weighting "fit" keeps the fitted weights when they beat equal weights out of fold (else
+    equal); "equal" keeps equal weights whatever the fit says (the figures are the same)."""
+    if weighting not in WEIGHTINGS:
+        raise PipelineError(f"blend --weights {weighting}: one of {', '.join(WEIGHTINGS)} expected")
     from .data import load_scenes
     from .stages.s01_folds import load_folds
 
@@ -221,9 +227,12 @@ def fit_blend(exps: list[str], name: str) -> dict:
         detail["equal"] = float(oof.score(equal, np.flatnonzero(fold_of == int(k))).mean())
     fitted_cv = nested["cv"]
     in_sample = float(oof.score(fitted_counts, everything).mean())
-    keep_fitted = fitted_cv > equal_cv
+    keep_fitted = weighting == "fit" and fitted_cv > equal_cv
     weights = weights_of(fitted_counts if keep_fitted else equal)
-    if keep_fitted:
+    if weighting == "equal":
+        verdict = (f"equal weights, as asked (--weights equal); out of fold the fit scores {fitted_cv:.4f} "
+                   f"vs equal {equal_cv:.4f}")
+    elif keep_fitted:
         verdict = (f"fitted weights kept: out of fold they beat equal weights by {fitted_cv - equal_cv:+.4f} "
                    f"over {len(ids)} scenes")
     else:
@@ -236,7 +245,7 @@ def fit_blend(exps: list[str], name: str) -> dict:
         "members": [{"exp": e, "weight": float(w), "seeds": s["float_predictions"]["seeds"],
                      "oof_cv": float((s["seed_ensemble"] or s)["cv"]["mean"]), "cv": members_cv[e]}
                     for e, w, s in zip(exps, weights, summaries)],
-        "kept": "fitted" if keep_fitted else "equal",
+        "kept": "fitted" if keep_fitted else "equal", "weighting": weighting,
         "verdict": verdict,
         "cv": {"members": members_cv, "equal": equal_cv, "fitted_out_of_fold": fitted_cv,
                "fitted_in_sample": in_sample, "blend": fitted_cv if keep_fitted else equal_cv},
@@ -276,6 +285,17 @@ def read_blend(name_or_path: str | Path) -> tuple[Path, dict]:
     return path, record
 
 
+def member_dir(exp: str, source: Path) -> Path:
+    """A member's experiment folder: beside the blend's own models/ folder when the blend file
+    sits in <models>/blends/<name>/ (so a blend of another work folder, a benchmark's, works
+    from anywhere), else the current work folder's models/<exp>."""
+    models = source.resolve().parent.parent.parent
+    beside = models / exp
+    if source.resolve().parent.parent.name == "blends" and beside.is_dir():
+        return beside
+    return paths.experiment_dir(exp)
+
+
 def weighted_checkpoints(record: dict, source: Path) -> list[tuple[Path, float]]:
     """Every member's fold x seed best.pt with its weight in the blend: the member's weight
     shared equally among its checkpoints (as stage 04 averages one experiment's)."""
@@ -283,10 +303,11 @@ def weighted_checkpoints(record: dict, source: Path) -> list[tuple[Path, float]]
     for member in record["members"]:
         if member["weight"] == 0:
             continue
-        found = find_checkpoints(paths.experiment_dir(member["exp"]), seeds=member["seeds"])
+        folder = member_dir(member["exp"], source)
+        found = find_checkpoints(folder, seeds=member["seeds"])
         if not found:
             raise PipelineError(f"{source}: member {member['exp']} has no checkpoint seed*/fold*/best.pt "
-                                f"for seed(s) {member['seeds']} under {paths.experiment_dir(member['exp'])}")
+                                f"for seed(s) {member['seeds']} under {folder}")
         out += [(p, member["weight"] / len(found)) for p in found]
     return out
 
@@ -296,10 +317,13 @@ def weighted_checkpoints(record: dict, source: Path) -> list[tuple[Path, float]]
 def add_arguments(parser) -> None:
     parser.add_argument("--exps", nargs="+", required=True, help="experiments whose stage 03 kept OOF predictions")
     parser.add_argument("--name", required=True, help="blend name: models/blends/<name>/blend.json")
+    parser.add_argument("--weights", default="fit", choices=WEIGHTINGS,
+                        help="fit (default): fitted weights when they beat equal weights out of fold; "
+                             "equal: equal weights always (a baseline to compare on the test)")
 
 
 def main(args) -> int:
-    record = fit_blend(args.exps, args.name)
+    record = fit_blend(args.exps, args.name, args.weights)
     width = max(len(e) for e in args.exps)
     print(f"blend {record['name']}: {record['n_scenes']} scenes, out-of-fold competition SSIM (TTA {record['tta']})")
     for member in record["members"]:

@@ -71,3 +71,12 @@ def find_checkpoints(folder: str | Path, name: str = "best.pt", seeds: list[int]
         wanted = {f"seed{s}" for s in seeds}
         found = [p for p in found if p.parent.parent.name in wanted]
     return found
+
+
+def run_seconds(run: str | Path) -> float | None:
+    """Wall time of a training run folder: last.pt's mtime minus config.yaml's (written when
+    the run starts), or None when either is missing. A resumed run counts its pause too."""
+    run = Path(run)
+    if not ((run / "config.yaml").is_file() and (run / "last.pt").is_file()):
+        return None
+    return max((run / "last.pt").stat().st_mtime - (run / "config.yaml").stat().st_mtime, 0.0)

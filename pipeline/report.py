@@ -44,6 +44,7 @@ import pandas as pd
 import yaml
 
 from . import io, ledger, paths
+from .checkpoints import run_seconds
 from .config import DEFAULTS, PRETRAINED_RECORD, load_config
 from .errors import PipelineError
 
@@ -85,9 +86,7 @@ def load_runs(exp: str) -> list[dict]:
             raise PipelineError(f"{log_path}: columns step and val_ssim expected")
         val = log[log["val_ssim"].notna()]
         bicubic = log["bicubic_ssim"].dropna() if "bicubic_ssim" in log else pd.Series(dtype=float)
-        seconds = None
-        if (run / "config.yaml").is_file() and (run / "last.pt").is_file():
-            seconds = max((run / "last.pt").stat().st_mtime - (run / "config.yaml").stat().st_mtime, 0.0)
+        seconds = run_seconds(run)
         best = val.loc[val["val_ssim"].idxmax()] if len(val) else None
         runs.append({"seed": seed, "fold": fold, "dir": run,
                      "points": [[int(s), round(float(v), 6)] for s, v in zip(val["step"], val["val_ssim"])],

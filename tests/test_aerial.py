@@ -287,3 +287,98 @@ def test_ablation_table_with_seeds_has_the_first_seed_and_the_seed_ensemble(work
     assert rows["fine-tuned, 3 folds, seed 0 + 8-way TTA"][:2] == ["0.8111", f"{expected['aerial-seed0']:.4f}"]
     assert rows["fine-tuned, 3 folds x seeds 0 1 + 8-way TTA (stage 04)"][:2] == ["0.8133", f"{expected['aerial']:.4f}"]
     assert rows["fine-tuned, fold 0 + 8-way TTA"][0] == "0.8100"         # seed 0's fold-0 checkpoint only
+
+
+def test_ablation_table_gains_blends_random_folds_and_the_default_submission(workdir):
+    """CV gains against stage 03's pretrained + TTA figure beside the test gains, the gap
+    between them, every experiment on all folds, blends, the random-folds sibling work folder,
+    and the default chosen by grouped CV within the training budget (never by the test)."""
+    import os
+
+    from pipeline import ablation
+
+    rng = np.random.default_rng(2)
+    highs = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    for i, high in enumerate(highs):
+        io.write_tif(paths.DEMO_ANSWERS / f"test_{i}_high.tif", high)
+
+    def predictions(folder, noise: int, stage04: bool) -> float:
+        scores = []
+        for i, high in enumerate(highs):
+            pred = np.clip(high.astype(int) + np.random.default_rng(noise + i).integers(-noise, noise + 1, high.shape),
+                           0, 255).astype(np.uint8)
+            io.write_tif(folder / (f"test_{i}_answer.tif" if stage04 else f"test_{i}_low.tif"), pred)
+            scores.append(competition_ssim(pred, high))
+        if stage04:
+            (folder / "ensemble.json").write_text(json.dumps({"tta": 8, "precision": "bf16"}))
+        return float(np.mean(scores))
+
+    def oof(models, exp: str, cv: float, start: float, weights: str) -> None:
+        (models / exp / "oof").mkdir(parents=True)
+        (models / exp / "oof" / "summary.json").write_text(json.dumps({
+            "folds": [0, 1], "seeds": [0], "cv": {"mean": cv}, "bicubic": {"mean": 0.70}, "per_fold": {},
+            "seed_ensemble": None, "start": {"mean": start}, "start_weights": weights, "inference": {"tta": 8}}))
+
+    def runs(models, exp: str, seconds: float) -> None:
+        for fold in (0, 1):
+            run = models / exp / "seed0" / f"fold{fold}"
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.yaml").write_text("{}\n")
+            (run / "last.pt").write_bytes(b"")
+            os.utime(run / "config.yaml", (1e9, 1e9))
+            os.utime(run / "last.pt", (1e9 + seconds, 1e9 + seconds))
+
+    ref = predictions(paths.PREDICTIONS / "pretrained-tta8", 40, stage04=False)
+    test = {"aerial": predictions(paths.PREDICTIONS / "aerial", 20, True),
+            "aerial_rfdn": predictions(paths.PREDICTIONS / "aerial_rfdn", 15, True),
+            "mix": predictions(paths.PREDICTIONS / "mix", 10, True)}
+    oof(paths.MODELS, "aerial", 0.8123, 0.8000, "rlfn_x4")
+    oof(paths.MODELS, "aerial_rfdn", 0.8130, 0.8010, "rfdn_x4")   # its own start; gains still vs RLFN's
+    runs(paths.MODELS, "aerial", 1000)
+    runs(paths.MODELS, "aerial_rfdn", 6000)
+    blend_file = paths.blend_dir("mix") / "blend.json"
+    blend_file.parent.mkdir(parents=True)
+    blend_file.write_text(json.dumps({"name": "mix", "kept": "fitted", "cv": {"blend": 0.8140},
+                                      "members": [{"exp": "aerial", "weight": 0.4}, {"exp": "aerial_rfdn", "weight": 0.6}]}))
+    random = ablation.random_folds_workdir(paths.WORKDIR)
+    assert random.name == f"{paths.WORKDIR.name}-random-folds"
+    oof(random / "models", "aerial", 0.8250, 0.8000, "rlfn_x4")
+    runs(random / "models", "aerial", 1100)
+    random_test = predictions(random / "data" / "predictions" / "aerial", 20, True)
+
+    scored = ablation.scored_rows("aerial")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table("aerial", scored).splitlines()[2:]}
+    assert rows["pretrained RLFN + 8-way TTA"][:3] == ["0.8000", f"{ref:.4f}", ""]
+    kfold = rows["fine-tuned, 2 folds + 8-way TTA (stage 04)"]
+    assert kfold[:5] == ["0.8123", f"{test['aerial']:.4f}", f"{test['aerial'] - ref:+.4f}", "+0.0123",
+                         f"{0.0123 - (test['aerial'] - ref):+.4f}"]
+    assert kfold[5] == f"{1000 / 3600:.2f} h"                   # 2 folds of 1000 s, side by side
+    rfdn = next(v for k, v in rows.items() if k.startswith("`aerial_rfdn`: RFDN"))
+    assert rfdn[:4] == ["0.8130", f"{test['aerial_rfdn']:.4f}", f"{test['aerial_rfdn'] - ref:+.4f}", "+0.0130"]
+    mix = rows["blend `mix` (fitted weights): 0.40 `aerial` + 0.60 `aerial_rfdn`"]
+    assert mix[:4] == ["0.8140", f"{test['mix']:.4f}", f"{test['mix'] - ref:+.4f}", "+0.0140"]
+    assert mix[5] == f"{7000 / 3600:.2f} h"                     # every member's training
+    shuffled = rows["fine-tuned (`aerial`), 2 **random** folds + 8-way TTA"]
+    assert shuffled[:5] == ["0.8250", f"{random_test:.4f}", f"{random_test - ref:+.4f}", "+0.0250",
+                            f"{0.0250 - (random_test - ref):+.4f}"]
+
+    # the default: best grouped CV within 2.5 h of training -> the blend (1.94 h)
+    chosen = ablation.choose_default(scored)
+    assert chosen.label.startswith("blend `mix`")
+    assert ablation.main(["--workdir", str(paths.WORKDIR), "--write-default"]) == 0
+    line = (paths.WORKDIR / "default-submission.txt").read_text()
+    assert line == f"--checkpoint {blend_file.resolve()} --tta 8 --precision bf16\n"
+    # RFDN's folds now take 3 h each side by side: the blend and RFDN no longer fit, RLFN does
+    runs(paths.MODELS, "aerial_rfdn", 3 * 3600)
+    chosen = ablation.choose_default(ablation.scored_rows("aerial"))
+    assert chosen.label == "fine-tuned, 2 folds + 8-way TTA (stage 04)"
+    assert ablation.predict_arguments(chosen) == f"--checkpoint {paths.experiment_dir('aerial').resolve()} --tta 8 --precision bf16"
+    # --check-default: predict's folder against stage 04's files of the default
+    assert ablation.main(["--workdir", str(paths.WORKDIR), "--write-default"]) == 0
+    check = paths.PREDICTIONS / "default-submission"
+    for i in range(2):
+        io.write_tif(check / f"test_{i}_low.tif", io.read_image(paths.PREDICTIONS / "aerial" / f"test_{i}_answer.tif"))
+    assert "reproduced" in ablation.check_default(check, ablation.scored_rows("aerial"))
+    io.write_tif(check / "test_1_low.tif", highs[1])
+    with pytest.raises(PipelineError, match=r"test_1_low.tif: differs from stage 04's .*test_1_answer.tif"):
+        ablation.check_default(check, ablation.scored_rows("aerial"))

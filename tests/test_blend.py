@@ -219,6 +219,30 @@ def test_predict_with_a_blend_file_equals_stage_04(blend_dir, cli):
                                       tifffile.imread(paths.predictions_dir("ab_predict") / f"test_{row.id}_answer.tif"))
 
 
+def test_equal_weights_on_request_keep_the_fit_figures(blend_dir):
+    fitted = blend.fit_blend(["a", "b"], "ab_fit")
+    equal = blend.fit_blend(["a", "b"], "ab_equal", weighting="equal")
+    assert [m["weight"] for m in equal["members"]] == [0.5, 0.5] and equal["kept"] == "equal"
+    assert equal["weighting"] == "equal" and equal["verdict"].startswith("equal weights, as asked")
+    assert equal["cv"] == fitted["cv"] and equal["cv"]["blend"] == equal["cv"]["equal"]
+    with pytest.raises(PipelineError, match="blend --weights best: one of fit, equal expected"):
+        blend.fit_blend(["a", "b"], "x", weighting="best")
+
+
+def test_predict_finds_a_blends_members_beside_the_blend_file(blend_dir, cli, tmp_path):
+    """A blend of a benchmark's work folder predicted from the project root (no SR_WORKDIR):
+    the members are the experiments beside the blend's models/ folder."""
+    blend.fit_blend(["a", "b"], "ab_elsewhere")
+    cfg, path, rec = s04_ensemble.blend_config("ab_elsewhere")
+    s04_ensemble.run_ensemble(cfg, blend=(path, rec))
+    out = tmp_path / "predicted"
+    cli("predict", "--checkpoint", path, "--input", paths.INTERIM / "evaluation", "--output", out,
+        env={"SR_WORKDIR": str(tmp_path)}, check=True)
+    for row in load_manifest("test").itertuples():
+        np.testing.assert_array_equal(tifffile.imread(out / f"test_{row.id}_low.tif"),
+                                      tifffile.imread(paths.predictions_dir("ab_elsewhere") / f"test_{row.id}_answer.tif"))
+
+
 def test_blend_refuses_bad_members(blend_dir):
     with pytest.raises(PipelineError, match="at least two experiments"):
         blend.fit_blend(["a"], "x")

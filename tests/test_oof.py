@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pipeline import io, paths
 from pipeline.checkpoints import net_from_checkpoint
+from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.inference import predict_scene
 from pipeline.metrics import competition_ssim
@@ -56,7 +57,8 @@ def test_oof_scores_equal_competition_ssim_of_the_written_files(two_seeds):
     out = paths.oof_dir("tiny")
     table = pd.read_csv(out / "oof.csv")
     folds = pd.read_csv(paths.FOLDS).set_index("id")["fold"]
-    assert list(table.columns) == ["id", "fold", "seed", "ssim", "bicubic_ssim"]
+    assert list(table.columns) == ["id", "fold", "seed", "ssim", "bicubic_ssim", "start_ssim"]
+    assert table["start_ssim"].isna().all()   # trained from scratch: no starting point to score
     assert len(table) == 12 and sorted(table["seed"].unique()) == [0, 1]
     assert sorted(table["id"].unique()) == sorted(folds.index)
     for row in table.itertuples():
@@ -92,6 +94,35 @@ def test_oof_summary_matches_the_tables(two_seeds):
     assert summary["inference"]["tta"] == 8 and len(summary["checkpoints"]) == 4
     png = (out / "oof.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_oof_scores_the_pretrained_starting_point_with_the_same_tta(tmp_path):
+    """With model.pretrained, each scene is also scored by the untouched starting net (same
+    TTA): start_ssim, summary.start and gain_over_start are what the CV says fine-tuning bought."""
+    previous = paths.WORKDIR
+    paths.set_workdir(tmp_path)
+    try:
+        config = write_config(tmp_path)
+        build_competition(config)
+        start = save_tiny_checkpoint("start", 0, 0)          # the "pretrained" weights
+        weight_file = tmp_path / "start.pth"
+        torch.save(net_from_checkpoint(start).state_dict(), weight_file)
+        config.write_text(config.read_text().replace("channels: [8, 6]}", f"channels: [8, 6]}}, pretrained: '{weight_file}'"))
+        cfg = load_config(config)
+        for fold in (0, 1):
+            save_tiny_checkpoint(cfg["exp"], 0, fold)
+        summary = s03_oof.run_oof(cfg)
+        table = pd.read_csv(paths.oof_dir(cfg["exp"]) / "oof.csv")
+        net = net_from_checkpoint(start)
+        for row in table.itertuples():
+            low = io.read_image(load_manifest("train").set_index("id").loc[row.id, "low_path"])
+            by_hand = competition_ssim(predict_scene([net], low, tta=8, tile=0, overlap=16, batch=8), truth_of(row.id))
+            assert row.start_ssim == pytest.approx(by_hand, abs=1e-6)
+        assert summary["start_weights"] == str(weight_file)
+        assert summary["start"]["mean"] == pytest.approx(table["start_ssim"].mean(), abs=1e-6)
+        assert summary["gain_over_start"] == pytest.approx(table["ssim"].mean() - table["start_ssim"].mean(), abs=1e-6)
+    finally:
+        paths.set_workdir(previous)
 
 
 def test_oof_seed_ensemble_averages_both_seeds(two_seeds):

@@ -7,14 +7,19 @@ Each fold's best checkpoint predicts the scenes it never trained on (its held-ou
 with the inference settings of the test set (`infer.tta`, `infer.tile`: the same
 `inference.predict_scene`), and each prediction is scored with `competition_ssim`
 against its high-res truth. Bicubic (the registry's `bicubic` net) is scored on the same
-scenes. With several seeds, each fold's checkpoints of all seeds are also ensembled
+scenes, and so is the recipe's starting point when it has one (`model.pretrained`, untouched,
+with the same inference settings): the gain over it out of fold is the CV's answer to
+"what did fine-tuning buy", the figure to hold against the test's gain over the
+pretrained net. With several seeds, each fold's checkpoints of all seeds are also ensembled
 (averaged in float before one rounding, as stage 04 does) and scored: the CV of what
 stage 04 submits.
 
-- `oof.csv`: id, fold, seed, ssim, bicubic_ssim (one row per scene and seed);
+- `oof.csv`: id, fold, seed, ssim, bicubic_ssim, start_ssim (one row per scene and seed;
+  start_ssim empty without a pretrained starting point);
   `oof_seeds.csv` the same for the seed ensemble (seed = -1) when there are several seeds;
 - `summary.json`: CV mean and std (over scenes) overall, per fold and per seed, bicubic's,
-  the gain over bicubic, and the seed-ensemble CV;
+  the gain over bicubic, the starting point's (`start`: weights, mean, std) and the gain
+  over it (`gain_over_start`), and the seed-ensemble CV;
 - `oof.png`: per-scene SSIM of the model against bicubic, and crops (LR, bicubic,
   prediction, truth) of the best and the worst scene;
 - `pred_seed<s>/<scene>.tif` (and `pred_seeds/` for the seed ensemble): the predictions
@@ -36,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
-from .. import io, paths
+from .. import io, paths, weights
 from ..checkpoints import find_checkpoints
 from ..config import add_set_argument, load_config
 from ..data import fold_ids, load_scenes, split_digest
@@ -93,6 +99,22 @@ def check_splits(records: dict[int, dict[int, dict]], held_out: dict[int, list])
                                     f"would leak: retrain (`make train-all`)")
 
 
+def start_net(cfg: dict, device) -> torch.nn.Module | None:
+    """The net the recipe starts from: `model.pretrained` loaded into the configured net,
+    untouched (eval mode), or None when it trains from scratch or re-initialises modules
+    (then there is no meaningful starting point to score)."""
+    m = cfg["model"]
+    if not m.get("pretrained") or m.get("reinit"):
+        return None
+    net = build_net(m["name"], **m["args"])
+    try:
+        weights.load_pretrained(net, m["pretrained"])
+    except PipelineError as exc:
+        warnings.warn(f"{exc}; the out-of-fold table has no starting-point figure")
+        return None
+    return net.eval().to(device)
+
+
 def _stats(values) -> dict:
     values = np.asarray(values, dtype=float)
     return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
@@ -110,6 +132,10 @@ def summarize(table: pd.DataFrame) -> dict:
                                       "gain_over_bicubic": float((rows["ssim"] - rows["bicubic_ssim"]).mean())}
     fold_means = [v["mean"] for v in out["per_fold"].values()]
     out["fold_std"] = float(np.std(fold_means))  # spread between folds, not scenes
+    start = table.groupby("id")["start_ssim"].mean() if "start_ssim" in table else pd.Series(dtype=float)
+    if start.notna().all() and len(start):
+        out["start"] = _stats(start)
+        out["gain_over_start"] = float(table["ssim"].mean() - start.mean())
     return out
 
 
@@ -194,6 +220,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
     seeds_used = sorted({s for by_seed in ckpts.values() for s in by_seed})
     multi = len(seeds_used) > 1
     bicubic = build_net("bicubic", scale=scale).to(device)
+    starting_net = start_net(cfg, device)
     held_out = {f: fold_ids(f)[1] for f in ckpts}
     # each checkpoint read once up front: its record goes to summary.json and is checked here
     records = {f: {s: checkpoint_record(p) for s, p in sorted(by_seed.items())} for f, by_seed in ckpts.items()}
@@ -206,11 +233,14 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
         bar = tqdm(total=total, desc=f"oof {exp} (tta {settings['tta']})", unit="pred", disable=None)
         for fold in sorted(ckpts):
             scenes = load_scenes(held_out[fold], scale)
-            bicubic_ssim = {}
+            bicubic_ssim, start_ssim = {}, {}
             for scene in scenes:
                 # bicubic needs no TTA: its views agree up to float rounding
                 up = predict_scene([bicubic], scene.lr, **{**settings, "tta": 1}, device=device)
                 bicubic_ssim[scene.id] = competition_ssim(up, scene.hr)
+                if starting_net is not None:
+                    start_ssim[scene.id] = competition_ssim(predict_scene([starting_net], scene.lr, **settings, device=device),
+                                                            scene.hr)
             fold_seeds = sorted(ckpts[fold])
             nets = dict(zip(fold_seeds, load_nets([ckpts[fold][s] for s in fold_seeds], scale, device)))
             for scene in scenes:
@@ -224,7 +254,8 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
                     pred = tensor_to_image(sr)
                     io.write_tif(tmp / pred_folder(seed) / f"{scene.id}.tif", pred)
                     row = {"id": scene.id, "fold": fold, "seed": seed,
-                           "ssim": competition_ssim(pred, scene.hr), "bicubic_ssim": bicubic_ssim[scene.id]}
+                           "ssim": competition_ssim(pred, scene.hr), "bicubic_ssim": bicubic_ssim[scene.id],
+                           "start_ssim": start_ssim.get(scene.id, np.nan)}
                     (seed_rows if seed == SEED_ENSEMBLE else rows).append(row)
                 # what stage 04 would average for this scene: every seed's net, in float
                 ensembled = floats[SEED_ENSEMBLE] if len(fold_seeds) > 1 else floats[fold_seeds[0]]
@@ -232,10 +263,10 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
                 bar.update(len(fold_seeds))
         bar.close()
 
-        table = pd.DataFrame(rows, columns=["id", "fold", "seed", "ssim", "bicubic_ssim"])
+        table = pd.DataFrame(rows, columns=["id", "fold", "seed", "ssim", "bicubic_ssim", "start_ssim"])
         table.to_csv(tmp / "oof.csv", index=False, float_format="%.6f")
         summary = {"exp": exp, "seeds": seeds_used, "folds": sorted(ckpts), "n_scenes": int(table["id"].nunique()),
-                   **summarize(table),
+                   **summarize(table), "start_weights": cfg["model"]["pretrained"] if starting_net is not None else None,
                    "per_seed": {str(s): _stats(r["ssim"]) for s, r in table.groupby("seed")},
                    "seed_ensemble": None,
                    "float_predictions": {"folder": paths.oof_predictions_dir(exp).name, "dtype": "uint16",
@@ -280,6 +311,8 @@ def main(args) -> int:
     line = (f"oof {cfg['exp']}: CV {s['cv']['mean']:.4f} ± {s['cv']['std']:.4f} over {s['n_scenes']} scenes "
             f"x {len(s['seeds'])} seed(s), bicubic {s['bicubic']['mean']:.4f} "
             f"(gain {s['gain_over_bicubic']:+.4f})")
+    if "start" in s:
+        line += f", start {s['start_weights']} {s['start']['mean']:.4f} (gain {s['gain_over_start']:+.4f})"
     if s["seed_ensemble"]:
         line += f", seed ensemble {s['seed_ensemble']['cv']['mean']:.4f}"
     print(f"{line}, {s['seconds']:.1f} s -> {paths.oof_dir(cfg['exp'])}")
