@@ -104,8 +104,7 @@ MAKE_JOBS = $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS)))
 JOB_THREADS = $(if $(MAKE_JOBS),$(shell n=$$(( $$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN) / $(MAKE_JOBS) )); \
   echo $$(( n > 0 ? n : 1 ))))
 models/$(EXP)/seed%/.trained: $(FOLDS_CSV) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
-	$(if $(JOB_THREADS),OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(JOB_THREADS)}) \
-	  $(MAKE) train SEED=$(word 1,$(subst /fold, ,$*)) FOLD=$(word 2,$(subst /fold, ,$*))
+	$(if $(JOB_THREADS),OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(JOB_THREADS)} )$(MAKE) train SEED=$(word 1,$(subst /fold, ,$*)) FOLD=$(word 2,$(subst /fold, ,$*))
 	$(if $(strip $(ARGS)),rm -f $@,touch $@)
 
 FORCE:
