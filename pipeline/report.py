@@ -203,6 +203,7 @@ def experiment_row(exp: str) -> dict:
            "best_val": float(np.mean(best_vals)) if best_vals else None,
            "cv": None, "cv_std": None, "fold_std": None, "per_fold": {}, "per_seed": {}, "seed_ensemble": None,
            "tta": None, "tta_gain": None, "bicubic": None, "gain_over_bicubic": None, "stale": None,
+           "gain_over_start": None, "start_weights": None,
            "curves": [{"label": f"seed {r['seed']} fold {r['fold']}", "seed": r["seed"], "fold": r["fold"],
                        "points": r["points"], "bicubic": r["bicubic"]} for r in runs]}
     if summary:
@@ -212,6 +213,7 @@ def experiment_row(exp: str) -> dict:
                    seed_ensemble=(summary.get("seed_ensemble") or {}).get("cv", {}).get("mean"),
                    tta=summary.get("inference", {}).get("tta"), tta_gain=tta_gain(summary, table),
                    bicubic=summary["bicubic"]["mean"], gain_over_bicubic=summary["gain_over_bicubic"],
+                   gain_over_start=summary.get("gain_over_start"), start_weights=summary.get("start_weights"),
                    stale=stale_reason(exp, summary))
     return row
 
@@ -251,6 +253,7 @@ def blend_rows() -> list[dict]:
                      "fold_std": float(np.std(list(per_fold.values()))) if len(per_fold) > 1 else None,
                      "per_fold": per_fold, "per_seed": {}, "seed_ensemble": None,
                      "tta": blend.get("tta"), "tta_gain": None, "bicubic": None, "gain_over_bicubic": None,
+                     "gain_over_start": None, "start_weights": None,
                      "stale": None, "curves": []})
     return rows
 

@@ -97,6 +97,7 @@ def test_table_rows_match_the_artifacts(in_tiny):
     assert tiny["per_seed"] == {s: pytest.approx(oof[oof["seed"] == s]["ssim"].mean(), abs=1e-6) for s in (0, 1)}
     assert tiny["seed_ensemble"] == summary["seed_ensemble"]["cv"]["mean"]
     assert tiny["gain_over_bicubic"] == pytest.approx(oof["ssim"].mean() - oof.groupby("id")["bicubic_ssim"].mean().mean())
+    assert tiny["gain_over_start"] is None and tiny["start_weights"] is None   # from scratch: no start point
     # TTA gain: out-of-fold SSIM (8 views) minus each best.pt's own (no-TTA) validation SSIM
     val = {(s, f): read_checkpoint(in_tiny / f"models/tiny/seed{s}/fold{f}/best.pt")["val_ssim"]
            for s in (0, 1) for f in (0, 1)}
