@@ -39,6 +39,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from .fast_switch import ORDERS_CACHE, to_fast, to_reference
 from .hat import HAB, HAT, OCAB, overlap_window_size
 from .swinir_fast import _CACHED_SIZES, _cached, _linear, _mlp, _Orders, _position_bias, _run_jobs, \
     _window_attention
@@ -162,7 +163,7 @@ class FastHAT(HAT):
     """HAT with the optimised `forward_features` (see the module docstring)."""
 
     def _orders(self, b: int, h: int, w: int, device: torch.device) -> _HatOrders:
-        cache = self.__dict__.setdefault("_fast_orders", OrderedDict())
+        cache = self.__dict__.setdefault(ORDERS_CACHE, OrderedDict())
         key = (b, h, w, str(device))
         if key in cache:
             cache.move_to_end(key)
@@ -197,15 +198,9 @@ class FastHAT(HAT):
 
 def make_fast(net: HAT) -> HAT:
     """Switch `net` (a HAT, weights loaded or not) to the optimised path, in place."""
-    if not isinstance(net, HAT):
-        raise TypeError(f"make_fast: a HAT expected, got {type(net).__name__}")
-    net.__class__ = FastHAT
-    return net
+    return to_fast(net, FastHAT)
 
 
 def make_reference(net: HAT) -> HAT:
     """Switch `net` back to the reference path, in place (caches dropped)."""
-    if isinstance(net, FastHAT):
-        net.__class__ = HAT
-        net.__dict__.pop("_fast_orders", None)
-    return net
+    return to_reference(net, FastHAT)

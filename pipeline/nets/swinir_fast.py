@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from .fast_switch import ORDERS_CACHE, to_fast, to_reference
 from .swinir import SwinIR, SwinTransformerBlock, WindowAttention
 
 _CACHED_SIZES = 4  # token orders kept for this many (H, W, batch, device)
@@ -335,7 +336,7 @@ class FastSwinIR(SwinIR):
                    for layer in self.layers for blk in layer.residual_group.blocks)
 
     def _orders(self, b: int, h: int, w: int, device: torch.device) -> _Orders:
-        cache = self.__dict__.setdefault("_fast_orders", OrderedDict())
+        cache = self.__dict__.setdefault(ORDERS_CACHE, OrderedDict())
         key = (b, h, w, str(device))
         if key in cache:
             cache.move_to_end(key)
@@ -373,15 +374,9 @@ class FastSwinIR(SwinIR):
 
 def make_fast(net: SwinIR) -> SwinIR:
     """Switch `net` (a SwinIR, weights loaded or not) to the optimised path, in place."""
-    if not isinstance(net, SwinIR):
-        raise TypeError(f"make_fast: a SwinIR expected, got {type(net).__name__}")
-    net.__class__ = FastSwinIR
-    return net
+    return to_fast(net, FastSwinIR)
 
 
 def make_reference(net: SwinIR) -> SwinIR:
     """Switch `net` back to the reference path, in place (caches dropped)."""
-    if isinstance(net, FastSwinIR):
-        net.__class__ = SwinIR
-        net.__dict__.pop("_fast_orders", None)
-    return net
+    return to_reference(net, FastSwinIR)
