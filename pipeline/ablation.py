@@ -124,8 +124,7 @@ def kfold_experiments(exp: str) -> list[str]:
     return [exp] * (exp in found) + [e for e in found if e != exp]
 
 
-def _kfold_row(exp: str, main: str, oof: dict, reference: float | None) -> list[Row]:
-    cfg = load_config(exp)
+def _kfold_row(exp: str, cfg: dict, main: str, oof: dict, reference: float | None) -> list[Row]:
     n_folds, seeds, tta = len(oof["folds"]), oof["seeds"], cfg["infer"]["tta"]
     label = "fine-tuned" if exp == main else f"`{exp}`: {_description(exp)}"
     common = dict(cv_reference=reference, train_seconds=_training_seconds(exp),
@@ -199,10 +198,10 @@ def collect_rows(exp: str) -> list[Row]:
     ]
     seconds_of = {}
     for other in kfold_experiments(exp):
-        other_oof = _oof_summary(other)
-        if load_config(other)["data"]["scale"] != cfg["data"]["scale"]:
+        other_cfg = load_config(other)
+        if other_cfg["data"]["scale"] != cfg["data"]["scale"]:
             continue   # another competition (aerial_x5), not a variant of this one
-        rows += _kfold_row(other, exp, other_oof, reference)
+        rows += _kfold_row(other, other_cfg, exp, _oof_summary(other), reference)
         seconds_of[other] = rows[-1].train_seconds
     rows += _blend_rows(reference, seconds_of)
     random_row = _random_folds_row(exp)
@@ -279,12 +278,11 @@ def table(exp: str = "aerial", scored: list[tuple[Row, float | None]] | None = N
     return "\n".join(lines)
 
 
-def choose_default(scored: list[tuple[Row, float | None]],
-                   budget_hours: float = TRAINING_BUDGET_HOURS) -> Row | None:
+def choose_default(rows: list[Row], budget_hours: float = TRAINING_BUDGET_HOURS) -> Row | None:
     """The default submission: the candidate (an experiment on all folds, or a blend) with the
     best grouped CV among those whose training fits the budget. Chosen on the CV alone,
-    never on the test, so the test stays an honest check of the choice."""
-    fits = [row for row, _ in scored if row.checkpoint is not None and row.cv is not None
+    never on the test (so it needs no test scores), and the test stays an honest check."""
+    fits = [row for row in rows if row.checkpoint is not None and row.cv is not None
             and row.train_seconds is not None and row.train_seconds <= budget_hours * 3600]
     return max(fits, key=lambda row: row.cv, default=None)
 
@@ -309,10 +307,10 @@ def write_default(row: Row) -> Path:
     return out
 
 
-def check_default(folder: Path, scored: list[tuple[Row, float | None]]) -> str:
+def check_default(folder: Path, rows: list[Row]) -> str:
     """Compare `predict $(cat default-submission.txt)`'s output folder with stage 04's files of
     the default: the same pixels for every test scene, or an error naming the first that differs."""
-    chosen = choose_default(scored)
+    chosen = choose_default(rows)
     written = (paths.WORKDIR / DEFAULT_SUBMISSION).read_text().strip() if (paths.WORKDIR / DEFAULT_SUBMISSION).is_file() else None
     if chosen is None or written != predict_arguments(chosen):
         raise PipelineError(f"{paths.WORKDIR / DEFAULT_SUBMISSION}: not the current default; rerun with --write-default")
@@ -342,17 +340,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths.set_workdir(args.workdir)
     try:
-        scored = scored_rows(args.exp)
-        if args.check_default:
-            print(check_default(args.check_default, scored))
+        if args.check_default:   # the choice needs the CVs only: no test scoring here
+            print(check_default(args.check_default, collect_rows(args.exp)))
             return 0
+        scored = scored_rows(args.exp)
         print(table(args.exp, scored))
         if args.write_default:
-            chosen = choose_default(scored)
+            chosen = choose_default([row for row, _ in scored])
             if chosen is None:
                 raise PipelineError(f"{args.workdir}: no experiment on all folds or blend with its training time "
                                     f"within {TRAINING_BUDGET_HOURS} h: nothing to choose the default from")
-            score = dict((id(r), s) for r, s in scored)[id(chosen)]
+            score = next(s for r, s in scored if r is chosen)
             out = write_default(chosen)
             print(f"\ndefault submission (best grouped CV within {TRAINING_BUDGET_HOURS} h of training): "
                   f"{chosen.label}: CV {chosen.cv:.4f}, test {'—' if score is None else f'{score:.4f}'}, "

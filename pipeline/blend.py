@@ -289,9 +289,9 @@ def member_dir(exp: str, source: Path) -> Path:
     """A member's experiment folder: beside the blend's own models/ folder when the blend file
     sits in <models>/blends/<name>/ (so a blend of another work folder, a benchmark's, works
     from anywhere), else the current work folder's models/<exp>."""
-    models = source.resolve().parent.parent.parent
-    beside = models / exp
-    if source.resolve().parent.parent.name == "blends" and beside.is_dir():
+    blends = source.resolve().parent.parent        # <models>/blends
+    beside = blends.parent / exp
+    if blends.name == "blends" and beside.is_dir():
         return beside
     return paths.experiment_dir(exp)
 

@@ -363,14 +363,14 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
                             f"{0.0250 - (random_test - ref):+.4f}"]
 
     # the default: best grouped CV within 2.5 h of training -> the blend (1.94 h)
-    chosen = ablation.choose_default(scored)
+    chosen = ablation.choose_default([row for row, _ in scored])
     assert chosen.label.startswith("blend `mix`")
     assert ablation.main(["--workdir", str(paths.WORKDIR), "--write-default"]) == 0
     line = (paths.WORKDIR / "default-submission.txt").read_text()
     assert line == f"--checkpoint {blend_file.resolve()} --tta 8 --precision bf16\n"
     # RFDN's folds now take 3 h each side by side: the blend and RFDN no longer fit, RLFN does
     runs(paths.MODELS, "aerial_rfdn", 3 * 3600)
-    chosen = ablation.choose_default(ablation.scored_rows("aerial"))
+    chosen = ablation.choose_default(ablation.collect_rows("aerial"))
     assert chosen.label == "fine-tuned, 2 folds + 8-way TTA (stage 04)"
     assert ablation.predict_arguments(chosen) == f"--checkpoint {paths.experiment_dir('aerial').resolve()} --tta 8 --precision bf16"
     # --check-default: predict's folder against stage 04's files of the default
@@ -378,7 +378,7 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     check = paths.PREDICTIONS / "default-submission"
     for i in range(2):
         io.write_tif(check / f"test_{i}_low.tif", io.read_image(paths.PREDICTIONS / "aerial" / f"test_{i}_answer.tif"))
-    assert "reproduced" in ablation.check_default(check, ablation.scored_rows("aerial"))
+    assert "reproduced" in ablation.check_default(check, ablation.collect_rows("aerial"))
     io.write_tif(check / "test_1_low.tif", highs[1])
     with pytest.raises(PipelineError, match=r"test_1_low.tif: differs from stage 04's .*test_1_answer.tif"):
-        ablation.check_default(check, ablation.scored_rows("aerial"))
+        ablation.check_default(check, ablation.collect_rows("aerial"))
