@@ -6,9 +6,32 @@ net that only replaces `forward_features` and keeps its per-input-size index cac
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+import torch
 import torch.nn as nn
 
 ORDERS_CACHE = "_fast_orders"   # where a fast path keeps its cached window orders
+CACHED_SIZES = 4                # window orders kept for this many (batch, H, W, device)
+_ORDERS_LOCK = threading.Lock()  # shards of one batch (pipeline/cpu_shards.py) run the net on several threads
+
+
+def cached_orders(net: nn.Module, b: int, h: int, w: int, device: torch.device, build: Callable):
+    """The net's window orders of a (b, h, w) map on `device`: `build(net, b, h, w, device)`
+    once per size, the last CACHED_SIZES sizes kept (tiles and TTA views reuse them)."""
+    with _ORDERS_LOCK:
+        cache = net.__dict__.setdefault(ORDERS_CACHE, OrderedDict())
+        key = (b, h, w, str(device))
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            if len(cache) >= CACHED_SIZES:
+                cache.popitem(last=False)
+            with torch.inference_mode(False):  # reusable outside inference mode (training)
+                cache[key] = build(net, b, h, w, device)
+        return cache[key]
 
 
 def to_fast(net: nn.Module, fast_class: type) -> nn.Module:

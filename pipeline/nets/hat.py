@@ -33,10 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 
 from ..errors import PipelineError
 from . import register
+from .drop_path import DropPath   # timm's, with a random source per thread (sharded training)
 from .swinir import (DIV2K_RGB_MEAN, Mlp, PatchEmbed, SwinIR, Upsample, WindowAttention, _image,
                      _tokens, relative_position_index, window_partition, window_reverse)
 

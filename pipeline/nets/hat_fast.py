@@ -28,21 +28,21 @@ path are imported from `swinir_fast.py`):
 - Permutations, gather indices and masks depend only on (batch, H, W, device): built once
   per input size and cached for a few sizes (tiles and TTA views reuse them).
 With autograd (training) every step is differentiable: caches that depend on weights are
-rebuilt inside the graph when gradients are needed, attention takes the spelt-out path
-there (the fused CPU kernel cannot give the gradient of its additive bias), and
+rebuilt inside the graph when gradients are needed, attention takes SwinIR's training path
+(`swinir_fast.attend`: spelt out on the CPU, fused on CUDA), and
 stochastic depth drops whole images as the reference's DropPath does.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
-from .fast_switch import ORDERS_CACHE, to_fast, to_reference
+from .drop_path import keep_mask
+from .fast_switch import cached_orders, to_fast, to_reference
 from .hat import HAB, HAT, OCAB, overlap_window_size
-from .swinir_fast import _CACHED_SIZES, _cached, _linear, _mlp, _Orders, _position_bias, _run_jobs, \
-    _window_attention
+from .swinir_fast import _cached, _linear, _mlp, _Orders, _position_bias, _run_jobs, \
+    _window_attention, attend
 
 _CHUNK_WINDOWS = 32  # windows per inference job (8192 query tokens of a 16x16 window)
 
@@ -79,23 +79,12 @@ def _oca_bias(oca: OCAB, rpi: torch.Tensor) -> torch.Tensor:
     return _cached(oca, "_fast_bias", [table], build)
 
 
-def _attend(q, k, v, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v: fused, or spelt out where the bias needs a gradient."""
-    bias = bias.to(q.dtype)
-    if bias.requires_grad:
-        return ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-
-
 def _drop_path(blk: HAB, y: torch.Tensor, b: int) -> torch.Tensor:
     """Stochastic depth per image on image-ordered tokens (B*H*W, C), as the reference's."""
     p = getattr(blk.drop_path, "drop_prob", 0.0)
     if not blk.training or not p:
         return y
-    keep = 1.0 - p
-    mask = y.new_empty(b, 1, 1).bernoulli_(keep)
-    if getattr(blk.drop_path, "scale_by_keep", True):
-        mask.div_(keep)
+    mask = keep_mask(y, (b, 1, 1), 1.0 - p, getattr(blk.drop_path, "scale_by_keep", True))
     return (y.view(b, -1, y.shape[-1]) * mask).view(y.shape)
 
 
@@ -129,10 +118,10 @@ def _hab(blk: HAB, t: torch.Tensor, orders: _HatOrders, b: int, h: int, w: int) 
     if blk.shift_size and orders.border_mask is not None:   # the windows after n_interior straddle the roll
         segments = [(0, orders.n_interior, bias), (orders.n_interior, segments[0][1], bias + orders.border_mask)]
 
-    def attend(a: int, e: int, mask: torch.Tensor) -> torch.Tensor:
+    def attend_windows(a: int, e: int, mask: torch.Tensor) -> torch.Tensor:
         return _window_attention(blk.attn, windows[a * n:e * n], n, mask)
 
-    y = _in_jobs(torch.empty_like(windows), n, attend, t.device, segments)
+    y = _in_jobs(torch.empty_like(windows), n, attend_windows, t.device, segments)
     t = t + _drop_path(blk, y.index_select(0, orders.index(order, "img")), b) + conv_x * blk.conv_scale
     return t + _drop_path(blk, _mlp(blk.mlp, blk.norm2(t)), b)
 
@@ -146,15 +135,15 @@ def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> 
     kv = torch.cat([qkv[:, c:], qkv.new_zeros(1, 2 * c)])                       # + the zero padding row
     bias = _oca_bias(oca, rpi)
 
-    def attend(a: int, e: int, mask: torch.Tensor) -> torch.Tensor:
+    def attend_windows(a: int, e: int, mask: torch.Tensor) -> torch.Tensor:
         qw = q[a * nq:e * nq].view(e - a, nq, heads, d).transpose(1, 2)
         kvw = kv.index_select(0, orders.kv_index[a * n:e * n]).view(e - a, n, 2, heads, d)
         k, v = kvw[:, :, 0].transpose(1, 2), kvw[:, :, 1].transpose(1, 2)
-        out = _attend(qw, k, v, mask, oca.scale)                                 # (windows, heads, nq, d)
+        out = attend(qw, k, v, mask.to(qw.dtype), oca.scale)                     # (windows, heads, nq, d)
         return _linear(out.transpose(1, 2).reshape((e - a) * nq, c), oca.proj.weight, oca.proj.bias)
 
     n_windows = q.shape[0] // nq
-    y = _in_jobs(torch.empty_like(q), nq, attend, t.device, [(0, n_windows, bias)])
+    y = _in_jobs(torch.empty_like(q), nq, attend_windows, t.device, [(0, n_windows, bias)])
     t = t + y.index_select(0, orders.index("U", "img"))
     return t + _mlp(oca.mlp, oca.norm2(t))
 
@@ -162,23 +151,11 @@ def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> 
 class FastHAT(HAT):
     """HAT with the optimised `forward_features` (see the module docstring)."""
 
-    def _orders(self, b: int, h: int, w: int, device: torch.device) -> _HatOrders:
-        cache = self.__dict__.setdefault(ORDERS_CACHE, OrderedDict())
-        key = (b, h, w, str(device))
-        if key in cache:
-            cache.move_to_end(key)
-        else:
-            if len(cache) >= _CACHED_SIZES:
-                cache.popitem(last=False)
-            with torch.inference_mode(False):  # reusable outside inference mode (training)
-                cache[key] = _HatOrders(self, b, h, w, device)
-        return cache[key]
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if any(layer.residual_group.use_checkpoint for layer in self.layers):
             return super().forward_features(x)
         b, c, h, w = x.shape
-        orders = self._orders(b, h, w, x.device)
+        orders = cached_orders(self, b, h, w, x.device, _HatOrders)
         t = x.permute(0, 2, 3, 1).reshape(b * h * w, c)        # tokens in image order
         if self.patch_embed.norm is not None:
             t = self.patch_embed.norm(t)

@@ -17,7 +17,8 @@ What is faster, and why it computes the same thing:
   folded into it), and convolutions see the tokens as a channels-last image (a view).
 - Attention is `scaled_dot_product_attention` (a fused kernel on CPU and GPU: the
   (windows x heads x 64 x 64) score tensor is never written to memory), with the
-  relative-position bias gathered once per weight version, not per call.
+  relative-position bias gathered once per weight version, not per call. Training on the
+  CPU spells it out instead (see `attend`: faster there, and it differentiates the bias).
 - The shifted-window mask is zero except in the last row and column of windows. Those
   windows are put last in the shifted order, so the interior ones run with the bias
   alone (broadcast over windows) and only the few border ones carry bias + mask.
@@ -28,16 +29,15 @@ It works under autocast (bf16) and with autograd (training), on CPU and CUDA.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-from .fast_switch import ORDERS_CACHE, to_fast, to_reference
+from .drop_path import keep_mask
+from .fast_switch import cached_orders, to_fast, to_reference
 from .swinir import SwinIR, SwinTransformerBlock, WindowAttention
 
-_CACHED_SIZES = 4  # token orders kept for this many (H, W, batch, device)
 _CHUNK_WINDOWS = 128  # windows per inference job of a block (8192 tokens of SwinIR-S)
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -95,11 +95,15 @@ class _Orders:
         return self._maps[key]
 
 
-def _head_dim(d: int, device: torch.device) -> int:
-    """Head dimension the attention kernel runs at: SwinIR-S's 10 is padded with zeros to 12
-    on CPU (the fused CPU kernel measured 30% faster at 12 than at 10, all else equal) and
-    to a multiple of 8 on CUDA (what its fused kernels want). Zero columns in q and k add
-    nothing to q.k; zero columns in v give zero outputs that `proj` ignores."""
+def _head_dim(d: int, device: torch.device, fused: bool = True) -> int:
+    """Head dimension attention runs at: for the fused kernel SwinIR-S's 10 is padded with
+    zeros to 12 on CPU (the fused CPU kernel measured 30% faster at 12 than at 10, all else
+    equal) and to a multiple of 8 on CUDA (what its fused kernels want). Zero columns in q
+    and k add nothing to q.k; zero columns in v give zero outputs that `proj` ignores. The
+    spelt-out products (CPU training) run unpadded: 10 % faster in bf16 (0.94 vs 1.05 s a
+    step of batch 12, one thread), the same in fp32."""
+    if not fused:
+        return d
     align = 8 if device.type == "cuda" else 4
     return -(-d // align) * align
 
@@ -156,55 +160,30 @@ def _padded_projections(attn: WindowAttention, d_pad: int) -> tuple:
     return _cached(attn, f"_fast_padded{d_pad}", sources, build)
 
 
-class _FusedAttention(torch.autograd.Function):
-    """Attention with the fused CPU kernel forward and a gradient for its additive mask too.
-
-    torch's fused CPU kernel has no gradient for `attn_mask` (here the learnt relative-position
-    bias), so F.scaled_dot_product_attention falls back to the unfused math when the mask
-    needs one. This keeps the fused forward (the score tensor never stored: its log-sum-exp
-    is) and computes the exact softmax-attention backward from q, k, v, the output and that
-    log-sum-exp: P = exp(q.k*scale + mask - lse), dV = P'.dO, dS = P * (dO.V' - rowsum(dO * O)),
-    dQ = dS.K * scale, dK = dS'.Q * scale, dMask = dS summed over the broadcast windows.
-    Matrix products run in the inputs' dtype (bf16 under autocast), the softmax terms in fp32.
-    Measured on SwinIR-S's attention shapes (2 cores): forward + backward 1.6x faster than
-    the math, and no (windows x heads x 64 x 64) probabilities kept for the backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        scale, dtype = ctx.scale, q.dtype
-        d_out = d_out.contiguous()
-        p = (q @ k.transpose(-2, -1)).float().mul_(scale).add_(mask.float()).sub_(lse.float().unsqueeze(-1)).exp_()
-        d_v = p.to(dtype).transpose(-2, -1) @ d_out
-        d_s = (d_out @ v.transpose(-2, -1)).float()
-        d_s.sub_((d_out.float() * out.float()).sum(-1, keepdim=True)).mul_(p)
-        d_mask = d_s.sum_to_size(mask.shape).to(mask.dtype) if ctx.needs_input_grad[3] else None
-        d_s = d_s.to(dtype)
-        d_q = (d_s @ k).mul_(scale)
-        d_k = (d_s.transpose(-2, -1) @ q).mul_(scale)
-        return d_q, d_k, d_v, d_mask, None
+def _spelt_out(device: torch.device, mask: torch.Tensor, drop: float) -> bool:
+    """Whether `attend` spells attention out (training on the CPU) instead of the fused kernel."""
+    return device.type == "cpu" and torch.is_grad_enabled() and (mask.requires_grad or drop > 0)
 
 
-def _attention(attn: WindowAttention, q, k, v, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q.k * scale + mask).v through a fused kernel, with gradients for everything
-    (the mask's too: the learnt bias) when autograd asks."""
-    drop = attn.attn_drop.p if attn.training else 0.0
-    if mask.requires_grad and q.device.type == "cpu" and torch.is_grad_enabled():
-        if drop == 0.0:
-            return _FusedAttention.apply(q, k, v, mask, attn.scale)
-        # attention dropout (0 in every SwinIR release): the math, as the reference
-        scores = (q * attn.scale) @ k.transpose(-2, -1) + mask
-        return attn.attn_drop(scores.softmax(dim=-1)) @ v
-    # inference, or CUDA (whose memory-efficient kernel has the mask's gradient itself)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=attn.scale)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           dropout: torch.nn.Dropout | None = None) -> torch.Tensor:
+    """softmax(q.k * scale + mask).v, `mask` additive (the learnt position bias, with the
+    shifted-window mask where there is one) and broadcast over windows.
+
+    The fused kernel (scaled_dot_product_attention: the windows x heads x N x N scores never
+    stored) wherever it can serve: inference, and CUDA, whose memory-efficient kernel also
+    differentiates the mask. In training on the CPU it is spelt out and autograd does the
+    rest: torch's fused CPU kernel has no gradient for the mask, and a hand-written backward
+    around that kernel (this module's path until then) measured slower than plain autograd
+    through the products, at every setting tried on SwinIR-S's shapes (AMD EPYC, avx512_bf16:
+    a training step of batch 12 took 1.49 s fused vs 1.00 s spelt out in bf16 on one thread,
+    2.14 vs 1.89 s in fp32; on two threads 1.07 vs 0.77 s and 1.41 vs 1.30 s). The price is
+    memory: the probabilities are kept for the backward (BENCHMARKS.md states a step's peak)."""
+    drop = dropout.p if dropout is not None and dropout.training else 0.0
+    if _spelt_out(q.device, mask, drop):
+        probs = ((q * scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1)
+        return (dropout(probs) if drop else probs) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
 
 
 def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, mask: torch.Tensor) -> torch.Tensor:
@@ -212,15 +191,16 @@ def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, mask: 
     additive (1 or windows, heads, N, N) bias (+ shifted-window mask)."""
     tokens, c = x.shape
     heads = attn.num_heads
-    d = _head_dim(c // heads, x.device)
+    drop = attn.attn_drop.p if attn.training else 0.0
+    d = _head_dim(c // heads, x.device, fused=not _spelt_out(x.device, mask, drop))
     if d == c // heads:
         qkv_w, qkv_b, proj_w = attn.qkv.weight, attn.qkv.bias, attn.proj.weight
     else:
         qkv_w, qkv_b, proj_w = _padded_projections(attn, d)
     qkv = _linear(x, qkv_w, qkv_b).view(tokens // cells, cells, 3, heads, d).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]                          # (windows, heads, N, d) views
-    out = _attention(attn, q, k, v, mask.to(q.dtype))
-    # the fused kernel writes (windows, N, heads, d) memory: this transpose is a view
+    out = attend(q, k, v, mask.to(q.dtype), attn.scale, attn.attn_drop)
+    # the fused kernel writes (windows, N, heads, d) memory: this transpose is a view there
     out = _linear(out.transpose(1, 2).reshape(tokens, heads * d), proj_w, attn.proj.bias)
     return attn.proj_drop(out)
 
@@ -319,10 +299,7 @@ def _drop_path(blk: SwinTransformerBlock, y: torch.Tensor, b: int, cells: int) -
     p = getattr(blk.drop_path, "drop_prob", 0.0)
     if not blk.training or not p:
         return y
-    keep = 1.0 - p
-    mask = y.new_empty(1, b, 1, 1).bernoulli_(keep)
-    if getattr(blk.drop_path, "scale_by_keep", True):
-        mask.div_(keep)
+    mask = keep_mask(y, (1, b, 1, 1), 1.0 - p, getattr(blk.drop_path, "scale_by_keep", True))
     return (y.view(-1, b, cells, y.shape[-1]) * mask).view(y.shape)
 
 
@@ -335,23 +312,11 @@ class FastSwinIR(SwinIR):
         return all(blk.window_size == self.window_size and blk.shift_size in (0, self.shift_size)
                    for layer in self.layers for blk in layer.residual_group.blocks)
 
-    def _orders(self, b: int, h: int, w: int, device: torch.device) -> _Orders:
-        cache = self.__dict__.setdefault(ORDERS_CACHE, OrderedDict())
-        key = (b, h, w, str(device))
-        if key in cache:
-            cache.move_to_end(key)
-        else:
-            if len(cache) >= _CACHED_SIZES:
-                cache.popitem(last=False)
-            with torch.inference_mode(False):  # reusable outside inference mode (training)
-                cache[key] = _Orders(self, b, h, w, device)
-        return cache[key]
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast_path_applies() or any(layer.residual_group.use_checkpoint for layer in self.layers):
             return super().forward_features(x)
         b, c, h, w = x.shape
-        orders = self._orders(b, h, w, x.device)
+        orders = cached_orders(self, b, h, w, x.device, _Orders)
         t = x.permute(0, 2, 3, 1).reshape(b * h * w, c)        # tokens in image order
         if self.patch_embed.norm is not None:
             t = self.patch_embed.norm(t)
