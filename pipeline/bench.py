@@ -60,7 +60,7 @@ QUICK_TILE, QUICK_OVERLAP = 24, 4
 TRAIN_PATCH = 32
 QUICK_BATCH = 2
 CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial", "hat_s": "hat_s"}   # experiment whose training recipe a row uses
-COLUMNS = ["row", "net", "path", "precision", "mode", "input", "tile", "tta", "batch", "repeats",
+COLUMNS = ["row", "net", "path", "precision", "shards", "mode", "input", "tile", "tta", "batch", "repeats",
            "median_s", "min_s", "max_s", "mpix_per_s", "peak_rss_mb", "peak_gpu_mb", "baseline",
            "ratio", "loader_s", "loader_share", "warmup_s", "status", "load_1min"]
 
@@ -185,7 +185,7 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     """Stage 02's pieces for one experiment (random init), the recipe's batch of 32 -> 128 crops."""
     from torch.optim.swa_utils import AveragedModel
 
-    from . import data, losses
+    from . import cpu_shards, data, losses
     from .config import load_config
     from .stages import s02_train as s02
 
@@ -196,7 +196,8 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     elif "batch" in row.args:      # a row's own batch (HAT-S: 2 here, the recipe's 8 on a GPU)
         t["batch_size"] = row.args["batch"]
     t.update(lr_patch=TRAIN_PATCH if quick else row.args.get("patch", TRAIN_PATCH),
-             precision=row.precision, fast=row.path == "fast", compile=row.mode == "compile")
+             precision=row.precision, fast=row.path == "fast", compile=row.mode == "compile",
+             cpu_shards=t["cpu_shards"] if row.path == "fast" else 1)
     s02.seed_everything(0)
     net = s02.build_model(cfg, pretrained=False, main=True).to(device).train()
     forward_net = s02.training_net(net, t)
@@ -206,6 +207,8 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     prec = choose(t["precision"], device, net)
     amp = prec.dtype
     scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
+    shards = cpu_shards.plan(t["cpu_shards"], device, net, t["batch_size"], compiled=t["compile"])
+    sharded = stack.enter_context(cpu_shards.ShardedStep(forward_net, loss_fn, shards.shards, amp, device))
     scale = cfg["data"]["scale"]
     lr_shape = QUICK_LR if quick else SCENE_LR
     scenes = [data.Scene(str(i), _scene(lr_shape, i), _scene((lr_shape[0] * scale, lr_shape[1] * scale), 100 + i))
@@ -216,11 +219,8 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     def step(lr_u8: torch.Tensor, hr_u8: torch.Tensor) -> None:
         """One optimisation step, as stage 02's loop takes it."""
         lr_img, hr_img = data.to_float(lr_u8, device), data.to_float(hr_u8, device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            sr = forward_net(lr_img)
-        loss = loss_fn(sr, hr_img)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        sharded.step(lr_img, hr_img, scaler)
         scaler.unscale_(optimizer)
         if t["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"])
@@ -245,7 +245,7 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     side = t["lr_patch"] * scale
     return Setup(warmup=run, run=run,   # warm-up: optimizer state, kernels
                  meta={"out_mpix": t["batch_size"] * side * side / 1e6,
-                       "precision": prec.name,
+                       "precision": prec.name, "shards": shards.shards,
                        "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]},
                  loader_waits=waits if row.mode == "loader" else None)
 
@@ -454,15 +454,16 @@ def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float) -> s
              f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
              f"flags {info['simd']} (torch kernels {info['torch_cpu_capability']}), native bf16 on CPU: "
              f"{info['cpu_bf16']}, GPU: {info['gpu']}; torch {info['torch']}, Python {info['python']}", "",
-             "| row | precision | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB | vs baseline "
-             "| 1-min load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | precision | shards | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB "
+             "| vs baseline | 1-min load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         if r.status != "ok":
-            lines.append(f"| {r.row} | | | | | {r.status} | | | | | {_fmt(r.load_1min, '.1f')} |")
+            lines.append(f"| {r.row} | | | | | | {r.status} | | | | | {_fmt(r.load_1min, '.1f')} |")
             continue
         versus = _versus(r)
-        lines.append(f"| {r.row} | {r.precision} | {r.input} | {_fmt(r.tile, 'g')} | {_fmt(r.tta, 'g')} | {r.median_s:.3f} | "
+        lines.append(f"| {r.row} | {r.precision} | {_fmt(r.shards, 'g')} | {r.input} | {_fmt(r.tile, 'g')} | "
+                     f"{_fmt(r.tta, 'g')} | {r.median_s:.3f} | "
                      f"{r.min_s:.3f}-{r.max_s:.3f} | {r.mpix_per_s:.3f} | {_fmt(r.peak_rss_mb, '.0f')} | "
                      f"{versus} | {_fmt(r.load_1min, '.1f')} |")
     return "\n".join(lines) + "\n"
@@ -479,13 +480,14 @@ def _versus(r) -> str:
 
 
 def print_table(table: pd.DataFrame) -> None:
-    print(f"{'row':30} {'prec':>5} {'median s':>9} {'out MP/s':>9} {'peak MB':>8}  vs baseline")
+    print(f"{'row':30} {'prec':>5} {'shards':>6} {'median s':>9} {'out MP/s':>9} {'peak MB':>8}  vs baseline")
     for r in table.itertuples():
         if r.status != "ok":
             print(f"{r.row:30} {r.status}")
             continue
         versus = _versus(r)
-        print(f"{r.row:30} {r.precision:>5} {r.median_s:9.3f} {r.mpix_per_s:9.3f} {_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
+        print(f"{r.row:30} {r.precision:>5} {_fmt(r.shards, '6g'):>6} {r.median_s:9.3f} {r.mpix_per_s:9.3f} "
+              f"{_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
 
 
 # --- command line ----------------------------------------------------------------------

@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
         "ckpt_every": 100,
         "val_tile": 0,               # validation tile side in LR pixels; 0 = whole scene
         "num_workers": "auto",       # DataLoader worker processes; auto: 0 on CPU, up to 4 on CUDA
+        "cpu_shards": "auto",        # CPU: the batch split into shards trained on threads of their own; auto: one per thread
         "augment": {
             "dihedral": True,        # the 8 flips/rotations by 90 degrees
             "hue_saturation": 0.0,   # probability of a small hue/saturation shift

@@ -85,14 +85,20 @@ class WeightedLoss(nn.Module):
         self.last_terms: dict[str, float] = {}
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        total, self.last_terms = self.evaluate(sr, hr)
+        return total
+
+    def evaluate(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(the weighted loss, each term's unweighted value), keeping no state: threads that
+        train shards of one batch (pipeline/cpu_shards.py) call it at the same time."""
         if sr.shape != hr.shape:
             raise PipelineError(f"loss: SR {tuple(sr.shape)} and HR {tuple(hr.shape)} differ in shape")
         # float32 even inside a bf16 autocast region: SSIM's variances need the precision
         with torch.autocast(device_type=sr.device.type, enabled=False):
             sr, hr = sr.float(), hr.float()
             values = {name: term(sr, hr) for name, term in self.terms.items()}
-        self.last_terms = {name: float(v.detach()) for name, v in values.items()}
-        return sum(self.weights[name] * v for name, v in values.items())
+        total = sum(self.weights[name] * v for name, v in values.items())
+        return total, {name: float(v.detach()) for name, v in values.items()}
 
     def extra_repr(self) -> str:
         return " + ".join(f"{w:g}*{n}" for n, w in self.weights.items())

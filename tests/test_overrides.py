@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import losses, paths
+from pipeline import cpu_shards, paths
 from pipeline.__main__ import main as cli_main
 from pipeline.checkpoints import read_checkpoint
 from pipeline.config import DEFAULTS, apply_overrides, load_config
@@ -112,22 +112,17 @@ def test_unfinished_run_is_not_resumed_with_other_overrides(workdir, monkeypatch
     """A run stopped at step 4 (its last.pt unfinished) resumes with the same overrides only."""
     make_competition()
     cfg_path = write_config(workdir)
-    real_build = losses.build_loss
+    real_step, calls = cpu_shards.ShardedStep.step, {"n": 0}
 
-    def stop_at_step_5(weights):
-        loss, calls = real_build(weights), {"n": 0}
-        forward = loss.forward
+    def nan_at_step_5(self, lr, hr, scaler):
+        calls["n"] += 1
+        loss, terms = real_step(self, lr, hr, scaler)
+        return loss * (float("nan") if calls["n"] == 5 else 1.0), terms
 
-        def failing(sr, hr):
-            calls["n"] += 1
-            return forward(sr, hr) * (float("nan") if calls["n"] == 5 else 1.0)
-        loss.forward = failing
-        return loss
-
-    monkeypatch.setattr(losses, "build_loss", stop_at_step_5)
+    monkeypatch.setattr(cpu_shards.ShardedStep, "step", nan_at_step_5)
     with pytest.raises(PipelineError, match="loss is nan at step 5"):
         s02_train.train(load_config(cfg_path, ["train.lr=5e-4"]), fold=0, seed=0)
-    monkeypatch.setattr(losses, "build_loss", real_build)
+    monkeypatch.setattr(cpu_shards.ShardedStep, "step", real_step)
     last = paths.run_dir("tiny", 0, 0) / "last.pt"
     assert read_checkpoint(last)["step"] == 4
     with pytest.raises(PipelineError, match=r"was started with a different config \(train\.lr\); --force"):

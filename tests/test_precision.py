@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline import losses, paths, precision
+from pipeline import cpu_shards, paths, precision
 from pipeline.checkpoints import read_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.nets import build_net
@@ -20,7 +20,7 @@ from pipeline.speed import prepare_for_training
 from pipeline.stages import s02_train
 from test_train import make_competition, run, states_equal, write_config
 
-REAL_BUILD_LOSS = losses.build_loss
+REAL_SHARDED_STEP = cpu_shards.ShardedStep.step
 CONV_NET = build_net("espcn", channels=[8, 8])
 ATTENTION_NET = build_net("swinir_s", depths=[1], num_heads=[6], embed_dim=12)
 
@@ -90,23 +90,21 @@ def test_config_refuses_an_unknown_precision(workdir):
 
 # --- fp16 with a gradient scaler in stage 02 -------------------------------------------------
 
-def _inf_loss_at(monkeypatch, calls_with_inf: set[int]) -> None:
-    """The training loss is inf on the given calls (1-based) of the next run's loss: an fp16
-    overflow, injected (replaces an earlier injection)."""
-    real_build = REAL_BUILD_LOSS
+def _inf_loss_at(monkeypatch, steps_with_inf: set[int]) -> None:
+    """The training loss and its gradients are inf at the given steps (1-based) of the next
+    run: an fp16 overflow, injected after the forward and backward (of every shard of the
+    batch), where the scaler must catch it (replaces an earlier injection)."""
+    count = {"n": 0}
 
-    def build(weights):
-        loss = real_build(weights)
-        count = {"n": 0}
-        real_forward = loss.forward
-
-        def forward(sr, hr):
-            count["n"] += 1
-            value = real_forward(sr, hr)
-            return value * float("inf") if count["n"] in calls_with_inf else value
-        loss.forward = forward
-        return loss
-    monkeypatch.setattr(losses, "build_loss", build)
+    def step(self, lr, hr, scaler):
+        count["n"] += 1
+        loss, terms = REAL_SHARDED_STEP(self, lr, hr, scaler)
+        if count["n"] in steps_with_inf:
+            for p in self.params:
+                p.grad.fill_(float("inf"))
+            return loss * float("inf"), terms
+        return loss, terms
+    monkeypatch.setattr(cpu_shards.ShardedStep, "step", step)
 
 
 def _weights_seen_by_each_step(monkeypatch) -> list[dict]:

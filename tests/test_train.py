@@ -202,9 +202,10 @@ def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, cap
 
 
 def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory):
-    """Killed and resumed with 2 DataLoader workers, equal to a run with none that never stopped."""
+    """Killed and resumed with 2 DataLoader workers, equal to a run with none that never stopped
+    (both with the batch in 2 shards on their own threads)."""
     steps = 24
-    cfg = write_config(workdir, name="tiny", train={"steps": steps, "val_every": 8})
+    cfg = write_config(workdir, name="tiny", train={"steps": steps, "val_every": 8, "cpu_shards": 2})
     env = {**os.environ, "SR_WORKDIR": str(workdir)}
     workers = ["train.num_workers=2"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--exp", cfg, "--fold", "0",
@@ -263,25 +264,29 @@ def test_run_on_a_re_split_fold_is_refused(tiny, workdir):
     assert run(tiny).steps_done == 0                                     # the new split is recorded
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, workdir, monkeypatch):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, workdir, monkeypatch, shards):
+    """A NaN loss at step 5 (in one shard of the batch, when it is split) stops the run before
+    the update; last.pt stays step 4's."""
     real_build = losses.build_loss
 
     def build_failing(weights):
         loss = real_build(weights)
         calls = {"n": 0}
-        real_forward = loss.forward
+        real_evaluate = loss.evaluate
 
-        def forward(sr, hr):
-            calls["n"] += 1
-            value = real_forward(sr, hr)
-            return value * float("nan") if calls["n"] == 5 else value
-        loss.forward = forward
+        def evaluate(sr, hr):
+            calls["n"] += 1       # one call per shard and step
+            value, terms = real_evaluate(sr, hr)
+            return (value * float("nan"), terms) if calls["n"] == 4 * shards + 1 else (value, terms)
+        loss.evaluate = evaluate
         return loss
 
     monkeypatch.setattr(losses, "build_loss", build_failing)
+    cfg = write_config(workdir, train={"cpu_shards": shards})
     last = paths.run_dir("tiny", 0, 0) / "last.pt"
     with pytest.raises(PipelineError, match=r"loss is nan at step 5.*last good checkpoint .*last\.pt \(step 4\) was kept"):
-        run(tiny)
+        run(cfg)
     ckpt = read_checkpoint(last)
     assert ckpt["step"] == 4 and not ckpt["finished"]
     assert all(torch.isfinite(v).all() for v in ckpt["train_state"]["net"].values())

@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .. import data, extra_data, losses, paths, precision, weights
+from .. import cpu_shards, data, extra_data, losses, paths, precision, weights
 from ..checkpoints import read_checkpoint, save_checkpoint
 from ..config import PRETRAINED_RECORD, RUNTIME_KEYS, add_set_argument, dump_config, load_config
 from ..errors import PipelineError
@@ -150,9 +150,10 @@ def check_train_config(cfg: dict[str, Any]) -> None:
     for key in ("grad_clip", "weight_decay", "val_tile"):
         if t[key] < 0:
             raise bad(key, f"must be >= 0, got {t[key]}")
-    w = t["num_workers"]
-    if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
-        raise bad("num_workers", f"must be 'auto' or an integer >= 0, got {w!r}")
+    for key, least in (("num_workers", 0), ("cpu_shards", 1)):
+        w = t[key]
+        if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < least):
+            raise bad(key, f"must be 'auto' or an integer >= {least}, got {w!r}")
     for key, p in t["augment"].items():
         if key != "dihedral" and not 0 <= p <= 1:
             raise bad(f"augment.{key}", f"is a probability in [0, 1], got {p}")
@@ -442,8 +443,9 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     amp_dtype = prec.dtype
     # fp16: loss scaled up for the backward, inf/NaN steps skipped (never reach the weights)
     scaler = torch.amp.GradScaler(d.device.type, enabled=prec.scaler)
+    shards = cpu_shards.plan(t["cpu_shards"], d.device, net, t["batch_size"] // d.world, d.world, t["compile"])
     if d.main:
-        print(f"train {name}: precision {prec.name} ({prec.reason})")
+        print(f"train {name}: precision {prec.name} ({prec.reason}); {shards.reason}")
     overlap = cfg["infer"]["tile_overlap"]
 
     if resuming:
@@ -506,72 +508,70 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                disable=not d.main or None, dynamic_ncols=True)
     model.train()
     skipped_in_a_row = 0
-    for step, (lr_u8, hr_u8) in zip(range(start, t["steps"]), data.batches(stream, start, t["num_workers"], d.device)):
-        lr_img, hr_img = data.to_float(lr_u8, d.device), data.to_float(hr_u8, d.device)
-        with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            sr = model(lr_img)
-        loss = loss_fn(sr, hr_img)
-        # every rank sees the same (mean) loss: they stop together and log the global figure
-        terms = list(loss_fn.last_terms.values())
-        reported = d.all_mean(torch.tensor([float(loss.detach())] + terms, dtype=torch.float64))
-        loss_value = float(reported[0])
-        done = step + 1
-        if not math.isfinite(loss_value) and not prec.scaler:
-            _stop_non_finite(f"loss is {loss_value}", done, saved_step, run, log, d)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)              # true gradients for clipping (no-op without fp16)
-        if t["grad_clip"] > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"]))
-            if not math.isfinite(norm) and not prec.scaler:
-                _stop_non_finite(f"gradient norm is {norm}", done, saved_step, run, log, d)
-        lr_now = optimizer.param_groups[0]["lr"]
-        scale_before = scaler.get_scale() if prec.scaler else None
-        scaler.step(optimizer)                  # fp16: skipped when a gradient is inf/NaN
-        scaler.update()                         # ... and the scale halved
-        skipped = prec.scaler and scaler.get_scale() < scale_before
-        with warnings.catch_warnings():         # a skipped first step makes the scheduler warn
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
-            scheduler.step()
-        if ema is not None and not skipped:     # a skipped step changed nothing to average
-            ema.update_parameters(net)
-        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-        if skipped_in_a_row > MAX_SKIPPED_STEPS:
-            _stop_non_finite(f"{skipped_in_a_row} fp16 steps in a row had inf/NaN values (loss {loss_value})",
-                             done, saved_step, run, log, d)
+    with cpu_shards.ShardedStep(model, loss_fn, shards.shards, amp_dtype, d.device) as sharded:
+        for step, (lr_u8, hr_u8) in zip(range(start, t["steps"]), data.batches(stream, start, t["num_workers"], d.device)):
+            lr_img, hr_img = data.to_float(lr_u8, d.device), data.to_float(hr_u8, d.device)
+            optimizer.zero_grad(set_to_none=True)
+            # forward + backward (in shards on the CPU's threads); the weights are not touched yet
+            loss, terms = sharded.step(lr_img, hr_img, scaler)
+            # every rank sees the same (mean) loss: they stop together and log the global figure
+            reported = d.all_mean(torch.tensor([float(loss)] + list(terms.values()), dtype=torch.float64))
+            loss_value = float(reported[0])
+            done = step + 1
+            if not math.isfinite(loss_value) and not prec.scaler:
+                _stop_non_finite(f"loss is {loss_value}", done, saved_step, run, log, d)
+            scaler.unscale_(optimizer)              # true gradients for clipping (no-op without fp16)
+            if t["grad_clip"] > 0:
+                norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"]))
+                if not math.isfinite(norm) and not prec.scaler:
+                    _stop_non_finite(f"gradient norm is {norm}", done, saved_step, run, log, d)
+            lr_now = optimizer.param_groups[0]["lr"]
+            scale_before = scaler.get_scale() if prec.scaler else None
+            scaler.step(optimizer)                  # fp16: skipped when a gradient is inf/NaN
+            scaler.update()                         # ... and the scale halved
+            skipped = prec.scaler and scaler.get_scale() < scale_before
+            with warnings.catch_warnings():         # a skipped first step makes the scheduler warn
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                scheduler.step()
+            if ema is not None and not skipped:     # a skipped step changed nothing to average
+                ema.update_parameters(net)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            if skipped_in_a_row > MAX_SKIPPED_STEPS:
+                _stop_non_finite(f"{skipped_in_a_row} fp16 steps in a row had inf/NaN values (loss {loss_value})",
+                                 done, saved_step, run, log, d)
 
-        row = {"step": done, "loss": loss_value, "lr": lr_now, "val_ssim": None, "bicubic_ssim": None,
-               "precision": prec.name}
-        # why, at the first step and where a resume (other hardware) changed the precision:
-        # a resume on the same machine logs exactly what an uninterrupted run does
-        if done == 1 or (done == start + 1 and log[-1].get("precision") != prec.name):
-            row["precision_reason"] = prec.reason
-        if prec.scaler:
-            row.update(skipped=int(skipped), grad_scale=scaler.get_scale())
-        if len(terms) > 1:
-            row.update({f"loss_{k}": float(v) for k, v in zip(loss_fn.last_terms, reported[1:])})
-        if done % t["val_every"] == 0 or done == t["steps"]:
-            last_val = row["val_ssim"] = validate(eval_net, val_scenes, d, t["val_tile"], overlap)
-            row["bicubic_ssim"] = bicubic_ssim
-            if last_val > best_ssim:
-                best_ssim, best_step = last_val, done
-                if d.main:
-                    save_best(done, last_val)
-        log.append(row)
-        if d.main:
-            board.log_row(row)
-            if row["val_ssim"] is not None:
-                board.log_crop(done, eval_net)
-            # the plot before last.pt: once last.pt says finished, every artifact is complete
-            if row["val_ssim"] is not None or done == t["steps"]:
-                plot_curves(log, bicubic_ssim, run, f"{name}: best {best_ssim:.4f} at step {best_step}")
-            if done % t["ckpt_every"] == 0 or done == t["steps"]:
-                board.flush()   # the events of every step up to the checkpoint are on disk
-                save_last(done)
-                saved_step = done
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}",
-                            val=f"{last_val:.4f}", refresh=False)
-            bar.update(1)
+            row = {"step": done, "loss": loss_value, "lr": lr_now, "val_ssim": None, "bicubic_ssim": None,
+                   "precision": prec.name}
+            # why, at the first step and where a resume (other hardware) changed the precision:
+            # a resume on the same machine logs exactly what an uninterrupted run does
+            if done == 1 or (done == start + 1 and log[-1].get("precision") != prec.name):
+                row["precision_reason"] = prec.reason
+            if prec.scaler:
+                row.update(skipped=int(skipped), grad_scale=scaler.get_scale())
+            if len(terms) > 1:
+                row.update({f"loss_{k}": float(v) for k, v in zip(terms, reported[1:])})
+            if done % t["val_every"] == 0 or done == t["steps"]:
+                last_val = row["val_ssim"] = validate(eval_net, val_scenes, d, t["val_tile"], overlap)
+                row["bicubic_ssim"] = bicubic_ssim
+                if last_val > best_ssim:
+                    best_ssim, best_step = last_val, done
+                    if d.main:
+                        save_best(done, last_val)
+            log.append(row)
+            if d.main:
+                board.log_row(row)
+                if row["val_ssim"] is not None:
+                    board.log_crop(done, eval_net)
+                # the plot before last.pt: once last.pt says finished, every artifact is complete
+                if row["val_ssim"] is not None or done == t["steps"]:
+                    plot_curves(log, bicubic_ssim, run, f"{name}: best {best_ssim:.4f} at step {best_step}")
+                if done % t["ckpt_every"] == 0 or done == t["steps"]:
+                    board.flush()   # the events of every step up to the checkpoint are on disk
+                    save_last(done)
+                    saved_step = done
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}",
+                                val=f"{last_val:.4f}", refresh=False)
+                bar.update(1)
     bar.close()
     if board is not None:
         board.close()

@@ -1,0 +1,126 @@
+"""pipeline/cpu_shards.py: a training step's batch split across threads gives the whole
+batch's gradients, the same bits every time (stochastic depth included), the fp16 scaler's
+scaled gradients, and says why it does not split where it cannot."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import DropPath as TimmDropPath
+
+from pipeline import cpu_shards, losses
+from pipeline.errors import PipelineError
+from pipeline.nets import build_net
+from pipeline.speed import prepare_for_training
+
+SMALL_SWINIR = {"depths": [2, 2], "num_heads": [6, 6]}
+
+
+def grads_of(net: nn.Module, shards: int, lr, hr, scaler=None, amp=None) -> tuple[float, dict, list]:
+    net.zero_grad(set_to_none=True)
+    loss_fn = losses.build_loss({"ssim": 1.0, "l1": 0.5})
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    with cpu_shards.ShardedStep(net, loss_fn, shards, amp, torch.device("cpu")) as step:
+        loss, terms = step.step(lr, hr, scaler)
+    return float(loss), terms, [p.grad.clone() for p in net.parameters()]
+
+
+def batch(n: int = 4, side: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, side, side, generator=g), torch.rand(n, 3, 4 * side, 4 * side, generator=g)
+
+
+@pytest.mark.parametrize("name,args", [("rlfn", {}), ("swinir_s", {**SMALL_SWINIR, "drop_path_rate": 0.0})])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shards_give_the_whole_batch_gradients(name, args, shards):
+    """Uneven shards too (3 of a batch of 4); the loss and its terms are the batch's."""
+    torch.manual_seed(0)
+    net = prepare_for_training(build_net(name, **args)).train()
+    lr, hr = batch()
+    loss1, terms1, grads1 = grads_of(net, 1, lr, hr)
+    loss_n, terms_n, grads_n = grads_of(net, shards, lr, hr)
+    assert loss_n == pytest.approx(loss1, abs=1e-6)
+    assert terms_n == pytest.approx(terms1, abs=1e-6)
+    for (pname, _), a, b in zip(net.named_parameters(), grads1, grads_n):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), pname
+        assert a.stride() == b.stride(), pname            # channels-last gradients stay so
+
+
+def test_sharded_steps_are_the_same_bits_every_time_with_stochastic_depth():
+    """SwinIR with drop path 0.5: each shard draws from a generator of its own, seeded from
+    the global one in shard order, so a seed gives the same gradients whichever thread runs
+    first, and another seed other ones."""
+    net = prepare_for_training(build_net("swinir_s", **SMALL_SWINIR, drop_path_rate=0.5)).train()
+    lr, hr = batch(6)
+    runs = []
+    for seed in (0, 0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(grads_of(net, 2, lr, hr)[2])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[3]))
+    net.eval()          # and drop path is off outside training: shards equal the whole batch
+    assert grads_of(net, 2, lr, hr)[0] == pytest.approx(grads_of(net, 1, lr, hr)[0], abs=1e-6)
+
+
+def test_fp16_scaler_scales_every_shard():
+    """Under the gradient scaler (fp16 autocast, on the CPU here) each shard's gradients are of
+    the scaled loss, as scaler.scale(loss).backward() gives for the whole batch."""
+    torch.manual_seed(0)
+    net = prepare_for_training(build_net("rlfn")).train()
+    lr, hr = batch()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _, _, whole = grads_of(net, 1, lr, hr, scaler, torch.float16)
+    _, _, sharded = grads_of(net, 2, lr, hr, scaler, torch.float16)
+    _, _, unscaled = grads_of(net, 2, lr, hr, None, torch.float16)
+    for a, b, c in zip(whole, sharded, unscaled):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3 * 1024)
+        assert torch.allclose(b / 1024, c, rtol=1e-2, atol=1e-3)
+
+
+def test_plan_says_why_it_does_not_shard():
+    cpu, rlfn = torch.device("cpu"), build_net("rlfn")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_shards.plan("auto", cpu, rlfn, 16).shards == 2
+        assert "auto: one per torch thread" in cpu_shards.plan("auto", cpu, rlfn, 16).reason
+        assert cpu_shards.plan(4, cpu, rlfn, 3).shards == 3                  # never more than the batch
+        assert cpu_shards.plan(1, cpu, rlfn, 16).shards == 1
+        assert "on cuda" in cpu_shards.plan("auto", torch.device("cuda"), rlfn, 16).reason
+        assert "DDP over 2 processes" in cpu_shards.plan("auto", cpu, rlfn, 16, world=2).reason
+        assert "torch.compile" in cpu_shards.plan("auto", cpu, rlfn, 16, compiled=True).reason
+        dropout = nn.Sequential(rlfn, nn.Dropout(0.1))
+        blocked = cpu_shards.plan("auto", cpu, dropout, 16)
+        assert blocked.shards == 1 and "1 is Dropout(p=0.1)" in blocked.reason
+        timm = nn.Sequential(rlfn, TimmDropPath(0.1))
+        assert "(DropPath) draws from torch's global generator" in cpu_shards.plan("auto", cpu, timm, 16).reason
+        # SwinIR's and HAT's stochastic depth draws from the shard's generator: it shards
+        assert cpu_shards.plan("auto", cpu, build_net("swinir_s", **SMALL_SWINIR), 16).shards == 2
+        torch.set_num_threads(1)
+        assert cpu_shards.plan("auto", cpu, rlfn, 16).reason == "one shard: one torch thread"
+    finally:
+        torch.set_num_threads(threads)
+    for bad in (0, -1, "two", True, 1.5):
+        with pytest.raises(PipelineError, match="train.cpu_shards must be 'auto' or an integer >= 1"):
+            cpu_shards.plan(bad, cpu, rlfn, 16)
+
+
+def test_drop_path_draws_what_timms_does():
+    """Without a thread generator the nets' DropPath takes the same numbers from the global
+    generator as timm's (so unsharded runs are unchanged); with one, that generator's."""
+    from pipeline.nets.drop_path import DropPath, thread_generator
+
+    x = torch.ones(64, 3, 4, 4)
+    ours, theirs = DropPath(0.3).train(), TimmDropPath(0.3).train()
+    torch.manual_seed(5)
+    a = ours(x)
+    torch.manual_seed(5)
+    assert torch.equal(a, theirs(x))
+    with thread_generator(torch.Generator().manual_seed(7)):
+        b = ours(x)
+    with thread_generator(torch.Generator().manual_seed(7)):
+        assert torch.equal(b, ours(x))
+    assert torch.allclose(a.unique(), torch.tensor([0.0, 1 / 0.7]))
