@@ -69,15 +69,17 @@ def ssim_torch(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> 
     # one shift for both images keeps their difference (and the covariance) unchanged
     shift = ((x.mean(dim=(2, 3), keepdim=True) + y.mean(dim=(2, 3), keepdim=True)) / 2).detach()
     xc, yc = x - shift, y - shift
-
-    def mean_win(t: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(t, SSIM_WIN, stride=1)
-
-    ux_c, uy_c = mean_win(xc), mean_win(yc)
+    # the five window means in one pass: moments stacked as channels, channels-last (pooling
+    # vectorises over channels), the 7x7 mean as a 1x7 then a 7x1 mean (equal up to rounding,
+    # 1e-9 here); as the loss, forward + backward 90 -> 65 ms for 8 crops of 128x128 (1 thread)
+    c = x.shape[1]
+    moments = torch.cat([xc, yc, xc * xc, yc * yc, xc * yc], 1).contiguous(memory_format=torch.channels_last)
+    means = F.avg_pool2d(F.avg_pool2d(moments, (1, SSIM_WIN), stride=1), (SSIM_WIN, 1), stride=1)
+    ux_c, uy_c, exx, eyy, exy = means.split(c, 1)
     cov_norm = SSIM_WIN ** 2 / (SSIM_WIN ** 2 - 1)
-    vx = cov_norm * (mean_win(xc * xc) - ux_c * ux_c)
-    vy = cov_norm * (mean_win(yc * yc) - uy_c * uy_c)
-    vxy = cov_norm * (mean_win(xc * yc) - ux_c * uy_c)
+    vx = cov_norm * (exx - ux_c * ux_c)
+    vy = cov_norm * (eyy - uy_c * uy_c)
+    vxy = cov_norm * (exy - ux_c * uy_c)
     ux, uy = ux_c + shift, uy_c + shift
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
