@@ -10,9 +10,10 @@ that ran it:
 - one training step as stage 02 takes it (the recipe's batch of 32 -> 128 crops: RLFN 16
   (`aerial`), SwinIR-S 24 (`swinir_s`); its loss, optimizer, EMA, gradient clipping) on
   ready tensors: `<net>-train-ref` the way it was before issue 11 (fp32, NCHW, SwinIR's
-  reference attention), `<net>-train` stage 02's default on this machine (`train.precision:
-  auto`, `train.fast`: fused attention, channels-last), `-fp32`/`-bf16`/`-fp16` the fast
-  path at one precision (bf16/fp16 only where the hardware runs them natively), `-compile`
+  reference attention, the whole batch on one thread's ops), `<net>-train` stage 02's
+  default on this machine (`train.precision: auto`, `train.fast`: window orders,
+  channels-last; `train.cpu_shards: auto`), `-fp32`/`-bf16`/`-fp16` the fast path and
+  shards at one precision (bf16/fp16 only where the hardware runs them natively), `-compile`
   with `train.compile` (its warm-up, `warmup_s`, is the compile time); and
   `<net>-train-loader` with the real sample stream (`data.PairedPatches`: crops +
   augmentation through the DataLoader), which also times the wait for each batch on its

@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "ema": 0.999,                # EMA decay of the weights; 0 disables
         "grad_clip": 1.0,            # max grad norm; 0 disables
         "precision": "auto",         # auto (what the hardware runs best) | bf16 | fp16 | fp32; pipeline/precision.py
-        "fast": True,                # the nets' fast paths (SwinIR fused attention, channels-last convs); false: reference
+        "fast": True,                # the nets' fast paths (SwinIR/HAT window orders, channels-last convs); false: reference
         "compile": False,            # torch.compile the net (pays on GPUs; on 2 CPU cores it did not, see BENCHMARKS.md)
         "val_every": 200,
         "ckpt_every": 100,

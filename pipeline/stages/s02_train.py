@@ -9,8 +9,9 @@ random crops with augmentation (pipeline.data), MADGRAD or Adam with a step sche
 the weighted loss (pipeline.losses), EMA of the weights, gradient clipping, the
 precision the hardware runs best (`train.precision`, pipeline.precision: bf16, fp16 with a
 gradient scaler that skips inf/NaN steps, or fp32), the nets' fast paths (`train.fast`:
-SwinIR's fused attention, channels-last convolutions; pipeline.speed), optionally
-torch.compile (`train.compile`). Every `val_every` steps the held-out fold's
+SwinIR's and HAT's cached window orders, channels-last convolutions; pipeline.speed), on
+the CPU the batch in shards trained on threads of their own (`train.cpu_shards`;
+pipeline.cpu_shards), optionally torch.compile (`train.compile`). Every `val_every` steps the held-out fold's
 full scenes are scored with the competition SSIM (outputs rounded to uint8 levels, EMA
 weights when EMA is on); `best.pt` keeps the best of them.
 
