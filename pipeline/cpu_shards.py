@@ -117,9 +117,10 @@ class ShardedStep:
             scaler.scale(loss).backward()
             return loss.detach(), terms
         n = lr.shape[0]
-        bounds = [round(i * n / self.shards) for i in range(self.shards + 1)]
+        shards = min(self.shards, n)       # never an empty shard
+        bounds = [round(i * n / shards) for i in range(shards + 1)]
         # drawn here, in shard order, from the global generator: each shard's own random source
-        seeds = torch.randint(0, 2 ** 62, (self.shards,)).tolist()
+        seeds = torch.randint(0, 2 ** 62, (shards,)).tolist()
         factor = scaler.scale(torch.ones((), device=self.device))   # the fp16 loss scale (1 otherwise)
 
         def shard(i: int) -> tuple[torch.Tensor, dict[str, float], tuple]:
@@ -130,7 +131,7 @@ class ShardedStep:
                 grads = torch.autograd.grad(loss * (factor * weight), self.params, allow_unused=True)
             return loss.detach() * weight, {k: v * weight for k, v in terms.items()}, grads
 
-        parts = list(self.pool.map(shard, range(self.shards)))
+        parts = list(self.pool.map(shard, range(shards)))
         for j, p in enumerate(self.params):
             grads = [part[2][j] for part in parts if part[2][j] is not None]
             if not grads:

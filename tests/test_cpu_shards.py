@@ -33,9 +33,10 @@ def batch(n: int = 4, side: int = 16, seed: int = 0):
 
 
 @pytest.mark.parametrize("name,args", [("rlfn", {}), ("swinir_s", {**SMALL_SWINIR, "drop_path_rate": 0.0})])
-@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("shards", [2, 3, 5])
 def test_shards_give_the_whole_batch_gradients(name, args, shards):
-    """Uneven shards too (3 of a batch of 4); the loss and its terms are the batch's."""
+    """Uneven shards too (3 of a batch of 4), never an empty one (5 asked: 4 of one image);
+    the loss and its terms are the batch's."""
     torch.manual_seed(0)
     net = prepare_for_training(build_net(name, **args)).train()
     lr, hr = batch()
