@@ -173,9 +173,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     The fused kernel (scaled_dot_product_attention: the windows x heads x N x N scores never
     stored) wherever it can serve: inference, and CUDA, whose memory-efficient kernel also
     differentiates the mask. In training on the CPU it is spelt out and autograd does the
-    rest: torch's fused CPU kernel has no gradient for the mask, and a hand-written backward
-    around that kernel (this module's path until then) measured slower than plain autograd
-    through the products, at every setting tried on SwinIR-S's shapes (AMD EPYC, avx512_bf16:
+    rest: torch's fused CPU kernel has no gradient for the mask, and the hand-written backward
+    around that kernel this path used before measured slower than plain autograd through
+    the products, at every setting tried on SwinIR-S's shapes (AMD EPYC, avx512_bf16:
     a training step of batch 12 took 1.49 s fused vs 1.00 s spelt out in bf16 on one thread,
     2.14 vs 1.89 s in fp32; on two threads 1.07 vs 0.77 s and 1.41 vs 1.30 s). The price is
     memory: the probabilities are kept for the backward (BENCHMARKS.md states a step's peak)."""
