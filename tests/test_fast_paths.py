@@ -408,6 +408,12 @@ def test_bench_quick_writes_the_table(workdir, cli):
     assert rows.loc["rlfn-train-fp16", "status"].startswith("skipped: no native fp16")    # a CPU
     assert "| rlfn-fast-fp32 | fp32 |" in (workdir / "bench" / "results.md").read_text()
     assert "rows measured" in proc.stdout
+    assert rows.loc["rlfn-train", "shards"] == 1                                 # one thread: one shard
+    # two threads: the default training row splits its batch in two, the reference never
+    proc = cli("bench", "--quick", "--threads", "2", "--rows", "rlfn-train-ref,rlfn-train")
+    assert proc.returncode == 0, proc.stderr
+    shards = pd.read_csv(workdir / "bench" / "results.csv").set_index("row")["shards"]
+    assert (shards["rlfn-train-ref"], shards["rlfn-train"]) == (1, 2)
 
 
 def test_bench_refuses_an_unknown_row(workdir, capsys):
