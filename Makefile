@@ -185,9 +185,15 @@ AERIAL_KERNEL ?= pil-bicubic
 AERIAL_DIR := $(abspath data/benchmarks/aerial$(if $(filter pil-bicubic,$(AERIAL_KERNEL)),,-$(AERIAL_KERNEL)))
 AERIAL_EXP ?= aerial
 AERIAL_JOBS ?= 2
-# recipes trained on every fold beside AERIAL_EXP: the blend's other members and candidates
-# for the default (AERIAL_KFOLD="aerial_rfdn aerial_safmn aerial_steps1000" for more)
-AERIAL_KFOLD ?= $(AERIAL_EXP)_rfdn
+# recipes trained on every fold beside AERIAL_EXP: the schedule study (1000, 2000 steps; 48 LR
+# patches at 2000) and the blends' other net family (RFDN at 500 and 2000 steps), each a
+# candidate for the default (AERIAL_KFOLD="aerial_rfdn" keeps to the 500-step pair)
+AERIAL_KFOLD ?= $(addprefix $(AERIAL_EXP)_,rfdn steps1000 steps2000 rfdn_steps2000 patch48_steps2000)
+# blends fitted beside the one of every k-fold recipe: TAG:member,member,... -> <exp>-blend-TAG
+# (pairs whose training fits the default's budget when the blend of all does not)
+comma := ,
+AERIAL_PAIR := $(filter $(AERIAL_EXP)_rfdn_steps2000,$(AERIAL_KFOLD))
+AERIAL_BLENDS ?= $(if $(AERIAL_PAIR),$(foreach m,$(filter $(AERIAL_EXP)_steps2000 $(AERIAL_EXP)_patch48_steps2000,$(AERIAL_KFOLD)),$(patsubst $(AERIAL_EXP)_%,%,$(m)):$(m)$(comma)$(AERIAL_PAIR)))
 AERIAL_RANDOM_FOLDS ?= 1
 AERIAL_RANDOM_DIR := $(AERIAL_DIR)-random-folds
 # (<exp>_x5*: the x5 experiment, another scale and competition: benchmark-aerial-x5)
@@ -228,6 +234,9 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	  summaries=$$(for e in $(AERIAL_EXP) $(AERIAL_KFOLD); do echo $(AERIAL_MODELS)/$$e/oof/summary.json; done); \
 	  for w in fit equal; do b=$(AERIAL_EXP)-blend$$([ $$w = fit ] || echo -equal); \
 	    fresh $(AERIAL_MODELS)/blends/$$b/blend.json $$summaries || $(PIPE) blend --exps $(AERIAL_EXP) $(AERIAL_KFOLD) --name $$b --weights $$w; \
+	    fresh $(AERIAL_PRED)/$$b/ensemble.json $(AERIAL_MODELS)/blends/$$b/blend.json || $(PIPE) ensemble --blend $$b; done; \
+	  for spec in $(AERIAL_BLENDS); do b=$(AERIAL_EXP)-blend-$${spec%%:*}; members=$${spec#*:}; members=$${members//,/ }; \
+	    fresh $(AERIAL_MODELS)/blends/$$b/blend.json $$summaries || $(PIPE) blend --exps $$members --name $$b; \
 	    fresh $(AERIAL_PRED)/$$b/ensemble.json $(AERIAL_MODELS)/blends/$$b/blend.json || $(PIPE) ensemble --blend $$b; done; fi
 	if [ "$(AERIAL_RANDOM_FOLDS)" = 1 ]; then $(AERIAL_DATA) --workdir $(AERIAL_RANDOM_DIR) && rm -f $(AERIAL_RANDOM_DIR)/data/raw/groups.csv && \
 	  $(AERIAL_RUN) && export SR_WORKDIR=$(AERIAL_RANDOM_DIR) && $(PIPE) unzip --exp $(AERIAL_EXP) && $(PIPE) folds --exp $(AERIAL_EXP) && \
