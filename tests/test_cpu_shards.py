@@ -49,11 +49,16 @@ def test_shards_give_the_whole_batch_gradients(name, args, shards):
         assert a.stride() == b.stride(), pname            # channels-last gradients stay so
 
 
-def test_sharded_steps_are_the_same_bits_every_time_with_stochastic_depth():
-    """SwinIR with drop path 0.5: each shard draws from a generator of its own, seeded from
-    the global one in shard order, so a seed gives the same gradients whichever thread runs
-    first, and another seed other ones."""
-    net = prepare_for_training(build_net("swinir_s", **SMALL_SWINIR, drop_path_rate=0.5)).train()
+SMALL_HAT = {"embed_dim": 24, "depths": [2], "num_heads": [2], "window_size": 4, "img_size": 16,
+             "compress_ratio": 3, "squeeze_factor": 4, "mlp_ratio": 2, "upscale": 4}
+
+
+@pytest.mark.parametrize("name,args", [("swinir_s", SMALL_SWINIR), ("hat", SMALL_HAT)])
+def test_sharded_steps_are_the_same_bits_every_time_with_stochastic_depth(name, args):
+    """SwinIR and HAT with drop path 0.5: each shard draws from a generator of its own, seeded
+    from the global one in shard order, so a seed gives the same gradients whichever thread
+    runs first, and another seed other ones."""
+    net = prepare_for_training(build_net(name, **args, drop_path_rate=0.5)).train()
     lr, hr = batch(6)
     runs = []
     for seed in (0, 0, 0, 1):
