@@ -57,15 +57,21 @@ def plan(setting: int | str, device: torch.device, net: nn.Module, batch_size: i
                _global_randomness(net))
     if blocker:
         return ShardPlan(1, f"one shard: {blocker}")
-    threads = torch.get_num_threads()
-    wanted = threads if setting == "auto" else setting
-    shards = max(1, min(wanted, batch_size))
-    if shards == 1:
+    wanted = torch.get_num_threads() if setting == "auto" else setting
+    if wanted == 1:
         return ShardPlan(1, "one shard: one torch thread")
-    per = max(1, threads // shards)
+    if batch_size == 1:
+        return ShardPlan(1, "one shard: a batch of one image")
+    shards = min(wanted, batch_size)
+    per = threads_per_shard(shards)
     why = "auto: one per torch thread" if setting == "auto" else f"cpu_shards {setting}"
     return ShardPlan(shards, f"{shards} shards of the batch on {shards} threads, {per} torch thread{'s' * (per > 1)} "
                              f"each ({why})")
+
+
+def threads_per_shard(shards: int) -> int:
+    """The torch threads each shard's thread runs its operations on: the process's, shared out."""
+    return max(1, torch.get_num_threads() // shards)
 
 
 def _global_randomness(net: nn.Module) -> str:
@@ -93,9 +99,8 @@ class ShardedStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.pool = None
         if shards > 1:
-            per = max(1, torch.get_num_threads() // shards)
-            self.pool = ThreadPoolExecutor(shards, thread_name_prefix="cpu-shard",
-                                           initializer=torch.set_num_threads, initargs=(per,))
+            self.pool = ThreadPoolExecutor(shards, thread_name_prefix="cpu-shard", initializer=torch.set_num_threads,
+                                           initargs=(threads_per_shard(shards),))
 
     def __enter__(self) -> "ShardedStep":
         return self

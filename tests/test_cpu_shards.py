@@ -94,6 +94,7 @@ def test_plan_says_why_it_does_not_shard():
         assert cpu_shards.plan("auto", cpu, rlfn, 16).shards == 2
         assert "auto: one per torch thread" in cpu_shards.plan("auto", cpu, rlfn, 16).reason
         assert cpu_shards.plan(4, cpu, rlfn, 3).shards == 3                  # never more than the batch
+        assert cpu_shards.plan("auto", cpu, rlfn, 1).reason == "one shard: a batch of one image"
         assert cpu_shards.plan(1, cpu, rlfn, 16).shards == 1
         assert "on cuda" in cpu_shards.plan("auto", torch.device("cuda"), rlfn, 16).reason
         assert "DDP over 2 processes" in cpu_shards.plan("auto", cpu, rlfn, 16, world=2).reason
