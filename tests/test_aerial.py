@@ -312,7 +312,7 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
             io.write_tif(folder / (f"test_{i}_answer.tif" if stage04 else f"test_{i}_low.tif"), pred)
             scores.append(competition_ssim(pred, high))
         if stage04:
-            (folder / "ensemble.json").write_text(json.dumps({"tta": 8, "precision": "bf16"}))
+            (folder / "ensemble.json").write_text(json.dumps({"tta": 8, "precision": "bf16", "threads": 2}))
         return float(np.mean(scores))
 
     def oof(models, exp: str, cv: float, start: float, weights: str) -> None:
@@ -342,6 +342,10 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     blend_file.parent.mkdir(parents=True)
     blend_file.write_text(json.dumps({"name": "mix", "kept": "fitted", "cv": {"blend": 0.8140},
                                       "members": [{"exp": "aerial", "weight": 0.4}, {"exp": "aerial_rfdn", "weight": 0.6}]}))
+    solo = paths.blend_dir("solo") / "blend.json"   # a fit that gave one member nothing
+    solo.parent.mkdir(parents=True)
+    solo.write_text(json.dumps({"name": "solo", "kept": "fitted", "cv": {"blend": 0.8100},
+                                "members": [{"exp": "aerial", "weight": 0.0}, {"exp": "aerial_rfdn", "weight": 1.0}]}))
     random = ablation.random_folds_workdir(paths.WORKDIR)
     assert random.name == f"{paths.WORKDIR.name}-random-folds"
     oof(random / "models", "aerial", 0.8250, 0.8000, "rlfn_x4")
@@ -360,6 +364,7 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     mix = rows["blend `mix` (fitted weights): 0.40 `aerial` + 0.60 `aerial_rfdn`"]
     assert mix[:4] == ["0.8140", f"{test['mix']:.4f}", f"{test['mix'] - ref:+.4f}", "+0.0140"]
     assert mix[5] == f"{7000 / 3600:.2f} h"                     # every member's training
+    assert rows["blend `solo` (fitted weights): 1.00 `aerial_rfdn`"][5] == f"{7000 / 3600:.2f} h"  # zero weight too
     shuffled = rows["fine-tuned (`aerial`), 2 **random** folds + 8-way TTA"]
     assert shuffled[:5] == ["0.8250", f"{random_test:.4f}", f"{random_test - ref:+.4f}", "+0.0250",
                             f"{0.0250 - (random_test - ref):+.4f}"]
@@ -382,5 +387,6 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
         io.write_tif(check / f"test_{i}_low.tif", io.read_image(paths.PREDICTIONS / "aerial" / f"test_{i}_answer.tif"))
     assert "reproduced" in ablation.check_default(check, ablation.collect_rows("aerial"))
     io.write_tif(check / "test_1_low.tif", highs[1])
-    with pytest.raises(PipelineError, match=r"test_1_low.tif: differs from stage 04's .*test_1_answer.tif"):
+    with pytest.raises(PipelineError, match=r"test_1_low.tif: differs from stage 04's .*test_1_answer.tif "
+                                            r"\(1 of 2 scenes, \d+ values, by at most \d+; stage 04 ran on 2 thread"):
         ablation.check_default(check, ablation.collect_rows("aerial"))

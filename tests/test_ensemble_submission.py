@@ -13,6 +13,7 @@ from io import BytesIO
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from pipeline import io, paths
 from pipeline.errors import PipelineError
@@ -51,6 +52,7 @@ def test_ensemble_json_records_checkpoints_and_settings(tiny):
     record = s04_ensemble.run_ensemble(cfg, seeds=[0])
     assert record["seeds"] == [0] and record["tta"] == 8 and record["tile"] == 0
     assert record["precision"] == "fp32" and record["device"] == "cpu" and record["scale"] == 4
+    assert record["threads"] == torch.get_num_threads()
     assert record["answers"] == ["test_0_answer.tif", "test_1_answer.tif"]
     assert record["seconds"] > 0
     by_path = {c["path"]: c for c in record["checkpoints"]}

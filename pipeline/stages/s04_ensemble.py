@@ -162,6 +162,7 @@ def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = No
             **extra,
             **settings,
             "device": str(device),
+            "threads": torch.get_num_threads(),  # CPU fp32 convolutions round by thread count
             "scale": scale,
             "answers": [s["answer"] for s in scenes],
             "seconds": round(time.time() - start, 2),
