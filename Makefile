@@ -207,11 +207,11 @@ AERIAL_JOBS ?= 2
 # patches at 2000) and the blends' other net family (RFDN at 500 and 2000 steps), each a
 # candidate for the default (AERIAL_KFOLD="aerial_rfdn" keeps to the 500-step pair)
 AERIAL_KFOLD ?= $(addprefix $(AERIAL_EXP)_,rfdn steps1000 steps2000 rfdn_steps2000 patch48_steps2000)
-# blends fitted beside the one of every k-fold recipe: TAG:member,member,... -> <exp>-blend-TAG
-# (pairs whose training fits the default's budget when the blend of all does not)
-comma := ,
-AERIAL_PAIR := $(filter $(AERIAL_EXP)_rfdn_steps2000,$(AERIAL_KFOLD))
-AERIAL_BLENDS ?= $(if $(AERIAL_PAIR),$(foreach m,$(filter $(AERIAL_EXP)_steps2000 $(AERIAL_EXP)_patch48_steps2000,$(AERIAL_KFOLD)),$(patsubst $(AERIAL_EXP)_%,%,$(m)):$(m)$(comma)$(AERIAL_PAIR)))
+# blends fitted beside the one of every k-fold recipe, TAG:member,member,... -> <exp>-blend-TAG
+# (pairs whose training fits the default's budget when the blend of all does not); a blend
+# with a member that has no stage 03 (not in AERIAL_KFOLD) is skipped
+AERIAL_BLENDS ?= steps2000:$(AERIAL_EXP)_steps2000,$(AERIAL_EXP)_rfdn_steps2000 \
+  patch48_steps2000:$(AERIAL_EXP)_patch48_steps2000,$(AERIAL_EXP)_rfdn_steps2000
 AERIAL_RANDOM_FOLDS ?= 1
 AERIAL_RANDOM_DIR := $(AERIAL_DIR)-random-folds
 # (<exp>_x5*: the x5 experiment, another scale and competition: benchmark-aerial-x5)
@@ -254,6 +254,8 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	    fresh $(AERIAL_MODELS)/blends/$$b/blend.json $$summaries || $(PIPE) blend --exps $(AERIAL_EXP) $(AERIAL_KFOLD) --name $$b --weights $$w; \
 	    fresh $(AERIAL_PRED)/$$b/ensemble.json $(AERIAL_MODELS)/blends/$$b/blend.json || $(PIPE) ensemble --blend $$b; done; \
 	  for spec in $(AERIAL_BLENDS); do b=$(AERIAL_EXP)-blend-$${spec%%:*}; members=$${spec#*:}; members=$${members//,/ }; \
+	    summaries=$$(for e in $$members; do echo $(AERIAL_MODELS)/$$e/oof/summary.json; done); \
+	    ls $$summaries >/dev/null 2>&1 || continue; \
 	    fresh $(AERIAL_MODELS)/blends/$$b/blend.json $$summaries || $(PIPE) blend --exps $$members --name $$b; \
 	    fresh $(AERIAL_PRED)/$$b/ensemble.json $(AERIAL_MODELS)/blends/$$b/blend.json || $(PIPE) ensemble --blend $$b; done; fi
 	if [ "$(AERIAL_RANDOM_FOLDS)" = 1 ]; then $(AERIAL_DATA) --workdir $(AERIAL_RANDOM_DIR) && rm -f $(AERIAL_RANDOM_DIR)/data/raw/groups.csv && \

@@ -33,6 +33,7 @@ from . import io, paths
 from .checkpoints import read_checkpoint, run_seconds
 from .config import load_config
 from .errors import PipelineError
+from .stages.s04_ensemble import ENSEMBLE_JSON
 
 AERIAL_WORKDIR = paths.ROOT / "data" / "benchmarks" / "aerial"
 REFERENCE_ROW = "pretrained-tta8"   # the gains are measured against pretrained RLFN + TTA
@@ -288,13 +289,18 @@ def choose_default(rows: list[Row], budget_hours: float = TRAINING_BUDGET_HOURS)
     return max(fits, key=lambda row: row.cv, default=None)
 
 
+def _stage04_record(row: Row) -> dict:
+    """The row's stage 04 ensemble.json (what ran: checkpoints, TTA, precision, threads)."""
+    record_path = paths.PREDICTIONS / row.predictions / ENSEMBLE_JSON
+    if not record_path.is_file():
+        raise PipelineError(f"{record_path}: missing; run stage 04 for {row.predictions} first")
+    return json.loads(record_path.read_text())
+
+
 def predict_arguments(row: Row) -> str:
     """`predict` arguments that reproduce the row's stage 04 predictions: its checkpoint (path
     relative to the project root when inside it) with the TTA and precision stage 04 ran."""
-    record_path = paths.PREDICTIONS / row.predictions / "ensemble.json"
-    if not record_path.is_file():
-        raise PipelineError(f"{record_path}: missing; run stage 04 for {row.predictions} first")
-    record = json.loads(record_path.read_text())
+    record = _stage04_record(row)
     checkpoint = row.checkpoint.resolve()
     shown = checkpoint.relative_to(paths.ROOT) if checkpoint.is_relative_to(paths.ROOT) else checkpoint
     return f"--checkpoint {shown} --tta {record['tta']} --precision {record['precision']}"
@@ -322,16 +328,17 @@ def check_default(folder: Path, rows: list[Row]) -> str:
         predicted = folder / answer.name.replace("_answer", "_low")
         if not predicted.is_file():
             raise PipelineError(f"{predicted}: missing; predict did not write every test scene")
-        ours, theirs = io.read_image(predicted).astype(np.int16), io.read_image(answer).astype(np.int16)
-        if ours.shape != theirs.shape or not np.array_equal(ours, theirs):
+        ours, theirs = io.read_image(predicted), io.read_image(answer)
+        if not np.array_equal(ours, theirs):
             differing.append((predicted, answer))
             if ours.shape == theirs.shape:
-                values += int((ours != theirs).sum())
-                largest = max(largest, int(np.abs(ours - theirs).max()))
+                gap = np.abs(ours.astype(np.int16) - theirs)
+                values += int(np.count_nonzero(gap))
+                largest = max(largest, int(gap.max()))
     if differing:
         # fp32 convolutions on a CPU may round differently with another number of threads,
         # which moves a few values across a rounding boundary: say how many and how far
-        threads = json.loads((paths.PREDICTIONS / chosen.predictions / "ensemble.json").read_text()).get("threads")
+        threads = _stage04_record(chosen).get("threads")
         ran = f"; stage 04 ran on {threads} thread(s): run predict with OMP_NUM_THREADS={threads}" if threads else ""
         raise PipelineError(f"{differing[0][0]}: differs from stage 04's {differing[0][1]} "
                             f"({len(differing)} of {len(stage04)} scenes, {values} values, by at most {largest}{ran}): "
