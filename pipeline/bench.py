@@ -111,10 +111,12 @@ def _rows() -> list[Row]:
              Row("hat_s-fast-fp32", "infer", "hat_s", baseline="hat_s-ref-fp32", repeats=1),
              Row("hat_s-fast-bf16", "infer", "hat_s", precision="bf16", baseline="hat_s-fast-fp32", repeats=1),
              Row("hat_s-fast-fp32-tiled", "infer", "hat_s", mode="tiled", baseline="hat_s-fast-fp32", repeats=1),
-             Row("hat_s-train-ready", "train", "hat_s", "ready", mode="ready", repeats=1,
+             Row("hat_s-train-ref", "train", "hat_s", "reference", "fp32", "ready", repeats=1,
                  args={"batch": 2, "patch": 64}),
-             Row("hat_s-fast-train-ready", "train", "hat_s", "ready", mode="ready", repeats=1,
-                 baseline="hat_s-train-ready", args={"batch": 2, "patch": 64, "fast": True})]
+             Row("hat_s-train", "train", "hat_s", precision="auto", mode="ready", repeats=1,
+                 baseline="hat_s-train-ref", args={"batch": 2, "patch": 64}),
+             Row("hat_s-train-fp32", "train", "hat_s", precision="fp32", mode="ready", repeats=1,
+                 baseline="hat_s-train-ref", args={"batch": 2, "patch": 64})]
     return rows
 
 

@@ -18,7 +18,7 @@ from pipeline.io import read_image
 from pipeline.metrics import competition_ssim
 from pipeline.nets import available_nets, build_net
 from pipeline.nets.swinir import SwinIR
-from pipeline.nets import hat_fast
+from pipeline.nets import hat_fast, onednn_linear, window_attention_cpu
 from pipeline.nets.hat import HAT
 from pipeline.precision import choose
 from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, make_fast, make_reference
@@ -149,28 +149,106 @@ def test_fast_path_trains_with_the_reference_gradients():
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
 
 
-def test_training_attention_has_the_reference_gradients():
-    """A training step of the fast path on the CPU spells attention out (torch's fused CPU
-    kernel has no gradient for the learnt bias) in every block, interior and border windows
-    of shifted blocks alike, with the reference's loss and gradients (the bias tables' too),
-    on an odd size (padded to the window) and a batch."""
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_training_attention_has_the_reference_gradients(chunk_bytes):
+    """A training step of the fast path on the CPU runs attention through
+    `window_attention_cpu` (forward and backward by hand; torch's fused CPU kernel has no
+    gradient for the learnt bias) in every block, interior and border windows of shifted
+    blocks alike, with the reference's loss and gradients (the bias tables' too), on an odd
+    size (padded to the window) and a batch; in one chunk of windows, and (chunk_bytes=1)
+    in chunks of one window, so border windows span many chunks."""
     torch.manual_seed(9)
     ref = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.0).train()
     fast = make_fast(copy.deepcopy(ref)).train()
     x, y = torch.rand(2, 3, 21, 13), torch.rand(2, 3, 84, 52)
-    fused = []
+    fused, by_hand = [], []
     original = torch.nn.functional.scaled_dot_product_attention
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
                    lambda *a, **k: fused.append(1) or original(*a, **k))
+        mp.setattr(window_attention_cpu._WindowAttention, "forward", _counted(
+            window_attention_cpu._WindowAttention.forward, by_hand))
+        if chunk_bytes:
+            mp.setattr(window_attention_cpu, "_CHUNK_BYTES", chunk_bytes)
         losses = [(net(x) - y).abs().mean() for net in (ref, fast)]
         for loss in losses:
             loss.backward()
     assert not fused
+    assert len(by_hand) == 2 + 2 * 2     # 4 blocks; the 2 shifted ones in interior and border segments
     assert abs(losses[0].item() - losses[1].item()) < 1e-6
     for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
     assert fast.layers[0].residual_group.blocks[1].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def _counted(fn, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return staticmethod(wrapper)
+
+
+def _window_attention_by_autograd(qkv, bias, mask, heads, cells, scale):
+    """The products spelt out for autograd: what window_attention_cpu computes by hand."""
+    tokens, d = qkv.shape[0], qkv.shape[1] // (3 * heads)
+    q, k, v = qkv.view(tokens // cells, cells, 3, heads, d).permute(2, 0, 3, 1, 4)
+    scores = (q * scale) @ k.transpose(-2, -1) + (bias if mask is None else bias + mask).to(qkv.dtype)
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(tokens, heads * d)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_window_attention_by_hand_equals_autograd(dtype, bound, with_mask):
+    """Outputs and the gradients of qkv and the bias, chunk boundaries inside the windows
+    (3 windows a chunk of 7), a -inf shifted-window mask, fp32 and bf16 (bf16: each side
+    rounds its own products, relative to the largest value)."""
+    torch.manual_seed(0)
+    heads, cells, d, windows = 3, 16, 5, 7
+    qkv = torch.randn(windows * cells, 3 * heads * d).to(dtype).requires_grad_()
+    bias = torch.randn(1, heads, cells, cells, requires_grad=True)
+    mask = None
+    if with_mask:
+        mask = torch.zeros(windows, 1, cells, cells)
+        mask[::2, :, :, cells // 2:] = float("-inf")      # half the keys hidden from every other window
+    g = torch.randn(windows * cells, heads * d).to(dtype)
+    results = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(window_attention_cpu, "_CHUNK_BYTES", 3 * heads * cells * cells * qkv.element_size())
+        for fn in (_window_attention_by_autograd, window_attention_cpu.window_attention):
+            qkv.grad = bias.grad = None
+            out = fn(qkv, bias, mask, heads, cells, d ** -0.5)
+            out.backward(g)
+            results.append((out.detach().float(), qkv.grad.float(), bias.grad.float()))
+    assert results[1][2].dtype == torch.float32 and results[1][0].shape == (windows * cells, heads * d)
+    for want, got in zip(*results):
+        assert (got - want).abs().max() <= bound * want.abs().max()
+
+
+def test_onednn_linear_equals_f_linear_with_gradients():
+    """fp32 on the CPU through oneDNN, forward and all three gradients, with and without bias
+    and GELU; under autocast it is F.linear (bf16 out)."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 24, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    g = torch.randn(300, 40)
+    for bias in (b, None):
+        for gelu in (False, True):
+            grads = []
+            for fn in (lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, bias)) if gelu
+                       else torch.nn.functional.linear(x, w, bias),
+                       lambda: onednn_linear.linear(x, w, bias, gelu=gelu)):
+                x.grad = w.grad = b.grad = None
+                out = fn()
+                out.backward(g)
+                grads.append([out.detach(), x.grad, w.grad] + ([b.grad] if bias is not None else []))
+            for want, got in zip(*grads):
+                assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(onednn_linear.linear(x, w, b, gelu=True),
+                              torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert onednn_linear.linear(x, w, b).dtype == torch.bfloat16
 
 
 def test_drop_path_drops_whole_images():

@@ -29,7 +29,8 @@ path are imported from `swinir_fast.py`):
   per input size and cached for a few sizes (tiles and TTA views reuse them).
 With autograd (training) every step is differentiable: caches that depend on weights are
 rebuilt inside the graph when gradients are needed, attention takes SwinIR's training path
-(`swinir_fast.attend`: spelt out on the CPU, fused on CUDA), and
+(window attention: `window_attention_cpu` by hand on the CPU, the fused kernel on CUDA;
+the cross-attention: `swinir_fast.attend`, spelt out on the CPU), and
 stochastic depth drops whole images as the reference's DropPath does.
 """
 from __future__ import annotations
@@ -89,9 +90,10 @@ def _drop_path(blk: HAB, y: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _in_jobs(out: torch.Tensor, cells: int, attend, device: torch.device,
-             segments: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+             segments: list[tuple[int, int, torch.Tensor | None]]) -> torch.Tensor:
     """out[window rows] = attend(first, stop, mask) for chunks of windows: in one call where
-    gradients flow (training), else in jobs on the worker threads (inference)."""
+    gradients flow (training), else in jobs on the worker threads (inference). `mask` is
+    None or one row per window of its segment."""
     if torch.is_grad_enabled():
         return torch.cat([attend(a, e, m) for a, e, m in segments if e > a])
     jobs = [(a, min(a + _CHUNK_WINDOWS, e), first, m) for first, e, m in segments
@@ -99,7 +101,7 @@ def _in_jobs(out: torch.Tensor, cells: int, attend, device: torch.device,
 
     def run(job: tuple) -> None:
         a, e, first, m = job
-        out[a * cells:e * cells] = attend(a, e, m if m.shape[0] == 1 else m[a - first:e - first])
+        out[a * cells:e * cells] = attend(a, e, None if m is None else m[a - first:e - first])
 
     _run_jobs(run, jobs, device)
     return out
@@ -114,12 +116,12 @@ def _hab(blk: HAB, t: torch.Tensor, orders: _HatOrders, b: int, h: int, w: int) 
     order = "S" if blk.shift_size else "U"
     windows = y.index_select(0, orders.index("img", order))
     bias = _position_bias(blk.attn)
-    segments = [(0, windows.shape[0] // n, bias)]
+    segments = [(0, windows.shape[0] // n, None)]
     if blk.shift_size and orders.border_mask is not None:   # the windows after n_interior straddle the roll
-        segments = [(0, orders.n_interior, bias), (orders.n_interior, segments[0][1], bias + orders.border_mask)]
+        segments = [(0, orders.n_interior, None), (orders.n_interior, segments[0][1], orders.border_mask)]
 
-    def attend_windows(a: int, e: int, mask: torch.Tensor) -> torch.Tensor:
-        return _window_attention(blk.attn, windows[a * n:e * n], n, mask)
+    def attend_windows(a: int, e: int, mask: torch.Tensor | None) -> torch.Tensor:
+        return _window_attention(blk.attn, windows[a * n:e * n], n, bias, mask)
 
     y = _in_jobs(torch.empty_like(windows), n, attend_windows, t.device, segments)
     t = t + _drop_path(blk, y.index_select(0, orders.index(order, "img")), b) + conv_x * blk.conv_scale
@@ -135,15 +137,15 @@ def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> 
     kv = torch.cat([qkv[:, c:], qkv.new_zeros(1, 2 * c)])                       # + the zero padding row
     bias = _oca_bias(oca, rpi)
 
-    def attend_windows(a: int, e: int, mask: torch.Tensor) -> torch.Tensor:
+    def attend_windows(a: int, e: int, mask: None) -> torch.Tensor:
         qw = q[a * nq:e * nq].view(e - a, nq, heads, d).transpose(1, 2)
         kvw = kv.index_select(0, orders.kv_index[a * n:e * n]).view(e - a, n, 2, heads, d)
         k, v = kvw[:, :, 0].transpose(1, 2), kvw[:, :, 1].transpose(1, 2)
-        out = attend(qw, k, v, mask.to(qw.dtype), oca.scale)                     # (windows, heads, nq, d)
+        out = attend(qw, k, v, bias.to(qw.dtype), oca.scale)                     # (windows, heads, nq, d)
         return _linear(out.transpose(1, 2).reshape((e - a) * nq, c), oca.proj.weight, oca.proj.bias)
 
     n_windows = q.shape[0] // nq
-    y = _in_jobs(torch.empty_like(q), nq, attend_windows, t.device, [(0, n_windows, bias)])
+    y = _in_jobs(torch.empty_like(q), nq, attend_windows, t.device, [(0, n_windows, None)])
     t = t + y.index_select(0, orders.index("U", "img"))
     return t + _mlp(oca.mlp, oca.norm2(t))
 

@@ -18,7 +18,8 @@ What is faster, and why it computes the same thing:
 - Attention is `scaled_dot_product_attention` (a fused kernel on CPU and GPU: the
   (windows x heads x 64 x 64) score tensor is never written to memory), with the
   relative-position bias gathered once per weight version, not per call. Training on the
-  CPU spells it out instead (see `attend`: faster there, and it differentiates the bias).
+  CPU runs `window_attention_cpu` instead: forward and backward by hand in cache-sized
+  chunks of windows (faster there, and it differentiates the bias).
 - The shifted-window mask is zero except in the last row and column of windows. Those
   windows are put last in the shifted order, so the interior ones run with the bias
   alone (broadcast over windows) and only the few border ones carry bias + mask.
@@ -37,9 +38,10 @@ import torch.nn.functional as F
 from .drop_path import keep_mask
 from .fast_switch import cached_orders, to_fast, to_reference
 from .swinir import SwinIR, SwinTransformerBlock, WindowAttention
+from .onednn_linear import linear as _linear
+from .window_attention_cpu import window_attention
 
 _CHUNK_WINDOWS = 128  # windows per inference job of a block (8192 tokens of SwinIR-S)
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class _Orders:
@@ -108,20 +110,6 @@ def _head_dim(d: int, device: torch.device, fused: bool = True) -> int:
     return -(-d // align) * align
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """F.linear (then exact GELU). On CPU in plain fp32 inference it goes through oneDNN's
-    fused linear, the kernel torch.compile's CPU backend uses: bias (and GELU) are applied
-    inside the matrix product instead of in extra passes over memory (measured 20% faster
-    on SwinIR-S's linears, identical results)."""
-    if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
-                                                  "none" if gelu else "")
-    y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y
-
-
 def _cached(owner: torch.nn.Module, name: str, sources: list[torch.Tensor], build):
     """build() once per version of its source parameters (inference); every call where
     gradients must flow through it (training)."""
@@ -186,12 +174,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
 
 
-def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, mask: torch.Tensor) -> torch.Tensor:
-    """Attention within windows of `cells` consecutive tokens of `x` (L, C); `mask` is the
-    additive (1 or windows, heads, N, N) bias (+ shifted-window mask)."""
+def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, bias: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention within windows of `cells` consecutive tokens of `x` (L, C); `bias` is the
+    (1, heads, N, N) position bias, `mask` None or the (windows, 1, N, N) shifted-window mask."""
     tokens, c = x.shape
     heads = attn.num_heads
     drop = attn.attn_drop.p if attn.training else 0.0
+    if x.device.type == "cpu" and torch.is_grad_enabled() and not drop and (x.requires_grad or bias.requires_grad):
+        # training on the CPU: by hand, in cache-sized chunks (window_attention_cpu says why)
+        qkv = _linear(x, attn.qkv.weight, attn.qkv.bias)
+        out = window_attention(qkv, bias, mask, heads, cells, attn.scale)
+        return attn.proj_drop(_linear(out, attn.proj.weight, attn.proj.bias))
+    mask = bias if mask is None else bias + mask
     d = _head_dim(c // heads, x.device, fused=not _spelt_out(x.device, mask, drop))
     if d == c // heads:
         qkv_w, qkv_b, proj_w = attn.qkv.weight, attn.qkv.bias, attn.proj.weight
@@ -210,13 +205,13 @@ def _block(blk: SwinTransformerBlock, z: torch.Tensor, orders: _Orders, b: int) 
     n = orders.cells
     windows = z.shape[0] // n
     bias = _position_bias(blk.attn)
-    segments = [(0, windows, bias)]
+    segments = [(0, windows, None)]
     if blk.shift_size and orders.border_mask is not None:
         split = orders.n_interior          # the windows after it straddle the roll: bias + mask
-        segments = [(0, split, bias), (split, windows, bias + orders.border_mask)]
+        segments = [(0, split, None), (split, windows, orders.border_mask)]
     segments = [s for s in segments if s[1] > s[0]]
     if torch.is_grad_enabled() or blk.training:
-        y = torch.cat([_window_attention(blk.attn, blk.norm1(z[a * n:e * n]), n, mask) for a, e, mask in segments])
+        y = torch.cat([_window_attention(blk.attn, blk.norm1(z[a * n:e * n]), n, bias, mask) for a, e, mask in segments])
         z = z + _drop_path(blk, y, b, n)
         return z + _drop_path(blk, _mlp(blk.mlp, blk.norm2(z)), b, n)
     # inference: jobs of a few hundred windows, each updated in place (z is this path's
@@ -227,7 +222,7 @@ def _block(blk: SwinTransformerBlock, z: torch.Tensor, orders: _Orders, b: int) 
     def run(job: tuple) -> None:
         a, e, first, mask = job
         chunk = z[a * n:e * n]
-        chunk += _window_attention(blk.attn, blk.norm1(chunk), n, mask if mask.shape[0] == 1 else mask[a - first:e - first])
+        chunk += _window_attention(blk.attn, blk.norm1(chunk), n, bias, None if mask is None else mask[a - first:e - first])
         chunk += _mlp(blk.mlp, blk.norm2(chunk))
 
     _run_jobs(run, jobs, z.device)
