@@ -181,8 +181,10 @@ def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, bias: 
     tokens, c = x.shape
     heads = attn.num_heads
     drop = attn.attn_drop.p if attn.training else 0.0
-    if x.device.type == "cpu" and torch.is_grad_enabled() and not drop and (x.requires_grad or bias.requires_grad):
-        # training on the CPU: by hand, in cache-sized chunks (window_attention_cpu says why)
+    if (x.device.type == "cpu" and torch.is_grad_enabled() and not drop and (x.requires_grad or bias.requires_grad)
+            and not torch.compiler.is_compiling()):
+        # training on the CPU: by hand, in cache-sized chunks (window_attention_cpu says why);
+        # torch.compile traces the spelt-out products below instead
         qkv = _linear(x, attn.qkv.weight, attn.qkv.bias)
         out = window_attention(qkv, bias, mask, heads, cells, attn.scale)
         return attn.proj_drop(_linear(out, attn.proj.weight, attn.proj.bias))
