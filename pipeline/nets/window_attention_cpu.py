@@ -16,8 +16,9 @@ reasons measured on SwinIR-S (64-token windows, 6 heads of 10 channels; AMD EPYC
   writes its result transposed, (10 x 64), so P.v and the gradients of q, k and v are
   computed as their transposes and copied into place (in cache).
 The forward + backward of an unshifted SwinIR-S block's attention: 37-40 ms -> 22 ms in fp32,
-16-19 ms -> 15 ms in bf16 (scratch measurement, batch 12). Attention dropout is not here
-(`swinir_fast.attend` spells it out for autograd when a net has it).
+16-19 ms -> 15 ms in bf16 (scratch measurement, batch 12); a whole training step of batch 24
+on 2 shards 2.23 -> 1.87 s in fp32, 0.99 -> 0.92 s in bf16 (BENCHMARKS.md, training round 3).
+Attention dropout is not here (`swinir_fast.attend` spells it out for autograd when a net has it).
 """
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ class _WindowAttention(torch.autograd.Function):
             probs = qkv.new_empty(windows * heads, cells, cells)
             out_t = qkv.new_empty(windows * heads, d, cells)
             chunks = list(_chunks(windows, heads, cells, qkv.element_size()))
-            start = bias.to(qkv.dtype).expand(chunks[0][1], heads, cells, cells).reshape(-1, cells, cells)
+            per_chunk = chunks[0][1]
+            # the bias repeated for a chunk's windows, once: baddbmm starts every chunk's scores from it
+            bias_rows = bias.to(qkv.dtype).expand(per_chunk, heads, cells, cells).reshape(-1, cells, cells)
             for a, e in chunks:
                 rows = slice(a * heads, e * heads)
-                scores = torch.baddbmm(start[:(e - a) * heads], q[rows], k[rows].transpose(1, 2), alpha=scale)
+                scores = torch.baddbmm(bias_rows[:(e - a) * heads], q[rows], k[rows].transpose(1, 2), alpha=scale)
                 if mask is not None:
                     scores.view(e - a, heads, cells, cells).add_(mask[a:e])
                 torch.ops.aten._softmax.out(scores, -1, False, out=probs[rows])
