@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from .drop_path import keep_mask
 from .fast_switch import cached_orders, to_fast, to_reference
 from .hat import HAB, HAT, OCAB, overlap_window_size
-from .swinir_fast import _cached, _linear, _mlp, _Orders, _position_bias, _run_jobs, \
-    _window_attention, attend
+from .onednn_linear import linear as _linear
+from .swinir_fast import _cached, _mlp, _Orders, _position_bias, _run_jobs, _window_attention, attend
 
 _CHUNK_WINDOWS = 32  # windows per inference job (8192 query tokens of a 16x16 window)
 
@@ -137,7 +137,7 @@ def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> 
     kv = torch.cat([qkv[:, c:], qkv.new_zeros(1, 2 * c)])                       # + the zero padding row
     bias = _oca_bias(oca, rpi)
 
-    def attend_windows(a: int, e: int, mask: None) -> torch.Tensor:
+    def attend_windows(a: int, e: int, _no_window_mask: None) -> torch.Tensor:   # the bias alone
         qw = q[a * nq:e * nq].view(e - a, nq, heads, d).transpose(1, 2)
         kvw = kv.index_select(0, orders.kv_index[a * n:e * n]).view(e - a, n, 2, heads, d)
         k, v = kvw[:, :, 0].transpose(1, 2), kvw[:, :, 1].transpose(1, 2)
