@@ -107,16 +107,14 @@ def _rows() -> list[Row]:
              Row("ensemble-swinir_s", "ensemble", "swinir_s", mode="ensemble", repeats=1)]
     # HAT-S (issue 14): ~10x SwinIR-S's work per pixel, so one timed run per row; training
     # on the recipe's 64 -> 256 crops (batch 2 here, 8 in hat_s.yaml), reference and fast path
+    hat_crops = {"batch": 2, "patch": 64}
     rows += [Row("hat_s-ref-fp32", "infer", "hat_s", "reference", repeats=1),
              Row("hat_s-fast-fp32", "infer", "hat_s", baseline="hat_s-ref-fp32", repeats=1),
              Row("hat_s-fast-bf16", "infer", "hat_s", precision="bf16", baseline="hat_s-fast-fp32", repeats=1),
              Row("hat_s-fast-fp32-tiled", "infer", "hat_s", mode="tiled", baseline="hat_s-fast-fp32", repeats=1),
-             Row("hat_s-train-ref", "train", "hat_s", "reference", "fp32", "ready", repeats=1,
-                 args={"batch": 2, "patch": 64}),
-             Row("hat_s-train", "train", "hat_s", precision="auto", mode="ready", repeats=1,
-                 baseline="hat_s-train-ref", args={"batch": 2, "patch": 64}),
-             Row("hat_s-train-fp32", "train", "hat_s", precision="fp32", mode="ready", repeats=1,
-                 baseline="hat_s-train-ref", args={"batch": 2, "patch": 64})]
+             Row("hat_s-train-ref", "train", "hat_s", "reference", "fp32", "ready", repeats=1, args=hat_crops)]
+    rows += [Row(f"hat_s-train{suffix}", "train", "hat_s", precision=p, mode="ready", repeats=1,
+                 baseline="hat_s-train-ref", args=hat_crops) for suffix, p in (("", "auto"), ("-fp32", "fp32"))]
     return rows
 
 

@@ -161,7 +161,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     The fused kernel (scaled_dot_product_attention: the windows x heads x N x N scores never
     stored) wherever it can serve: inference, and CUDA, whose memory-efficient kernel also
     differentiates the mask. In training on the CPU it is spelt out and autograd does the
-    rest: torch's fused CPU kernel has no gradient for the mask, and the hand-written backward
+    rest (SwinIR's and HAT's window attention train through `window_attention_cpu` instead;
+    this serves attention dropout, torch.compile and HAT's cross-attention there): torch's
+    fused CPU kernel has no gradient for the mask, and the hand-written backward
     around that kernel this path used before measured slower than plain autograd through
     the products, at every setting tried on SwinIR-S's shapes (AMD EPYC, avx512_bf16:
     a training step of batch 12 took 1.49 s fused vs 1.00 s spelt out in bf16 on one thread,
@@ -181,15 +183,15 @@ def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, bias: 
     tokens, c = x.shape
     heads = attn.num_heads
     drop = attn.attn_drop.p if attn.training else 0.0
-    if (x.device.type == "cpu" and torch.is_grad_enabled() and not drop and (x.requires_grad or bias.requires_grad)
-            and not torch.compiler.is_compiling()):
-        # training on the CPU: by hand, in cache-sized chunks (window_attention_cpu says why);
-        # torch.compile traces the spelt-out products below instead
+    spelt_out = _spelt_out(x.device, bias, drop)     # training on the CPU
+    if spelt_out and not drop and not torch.compiler.is_compiling():
+        # by hand, in cache-sized chunks (window_attention_cpu says why); attention dropout
+        # and torch.compile (which traces them) take the spelt-out products of `attend`
         qkv = _linear(x, attn.qkv.weight, attn.qkv.bias)
         out = window_attention(qkv, bias, mask, heads, cells, attn.scale)
         return attn.proj_drop(_linear(out, attn.proj.weight, attn.proj.bias))
     mask = bias if mask is None else bias + mask
-    d = _head_dim(c // heads, x.device, fused=not _spelt_out(x.device, mask, drop))
+    d = _head_dim(c // heads, x.device, fused=not spelt_out)
     if d == c // heads:
         qkv_w, qkv_b, proj_w = attn.qkv.weight, attn.qkv.bias, attn.proj.weight
     else:
