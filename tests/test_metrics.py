@@ -92,6 +92,28 @@ def test_ssim_torch_is_differentiable_and_optimisable(tile_pairs):
     assert loss.item() < start - 0.3
 
 
+def test_ssim_loss_gradient_written_out_equals_autograd(tile_pairs):
+    """With a fixed target (the loss), ssim_torch's backward is written out by hand; with a
+    target that needs a gradient too, it is autograd through the same forward: the two
+    gradients of x agree, and the written-out one is the one that ran."""
+    answer, high = tile_pairs[0]
+    for dtype, tol in ((torch.float32, 2e-6), (torch.float64, 1e-13)):
+        x0, y0 = to_batch([answer[:40, :53], high[40:80, :53]]).to(dtype), to_batch([high[:40, :53], answer[:40, :53]]).to(dtype)
+        weights = torch.tensor([0.3, -1.7], dtype=dtype)     # per-image upstream gradient
+        grads = []
+        for target_needs_grad in (False, True):
+            x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_(target_needs_grad)
+            ssim = ssim_torch(x, y)
+            assert (type(ssim.grad_fn).__name__ == "_SSIMAgainstTargetBackward") != target_needs_grad
+            (ssim * weights).sum().backward()
+            grads.append(x.grad)
+        assert grads[0].abs().max() > 1e-4
+        assert (grads[0] - grads[1]).abs().max() < tol * grads[0].abs().max()
+        assert torch.equal(ssim_torch(x0, y0), ssim.detach())
+    x = (x0[:1, :, :12, :15]).clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: ssim_torch(a, y0[:1, :, :12, :15]), (x,))
+
+
 def test_ssim_torch_refuses_small_or_mismatched():
     with pytest.raises(PipelineError, match="window"):
         ssim_torch(torch.zeros(1, 3, 6, 20), torch.zeros(1, 3, 6, 20))
