@@ -33,7 +33,6 @@ from . import io, paths
 from .checkpoints import read_checkpoint, run_seconds
 from .config import load_config
 from .errors import PipelineError
-from .stages.s04_ensemble import ENSEMBLE_JSON
 
 AERIAL_WORKDIR = paths.ROOT / "data" / "benchmarks" / "aerial"
 REFERENCE_ROW = "pretrained-tta8"   # the gains are measured against pretrained RLFN + TTA
@@ -291,7 +290,7 @@ def choose_default(rows: list[Row], budget_hours: float = TRAINING_BUDGET_HOURS)
 
 def _stage04_record(row: Row) -> dict:
     """The row's stage 04 ensemble.json (what ran: checkpoints, TTA, precision, threads)."""
-    record_path = paths.PREDICTIONS / row.predictions / ENSEMBLE_JSON
+    record_path = paths.PREDICTIONS / row.predictions / paths.ENSEMBLE_JSON
     if not record_path.is_file():
         raise PipelineError(f"{record_path}: missing; run stage 04 for {row.predictions} first")
     return json.loads(record_path.read_text())

@@ -75,6 +75,11 @@ def predictions_dir(exp: str) -> Path:
     return PREDICTIONS / exp
 
 
+# stage 04's record beside its answers (checkpoints, TTA, precision): stage 05, the ledger and
+# the ablation table read it
+ENSEMBLE_JSON = "ensemble.json"
+
+
 def weights_search_dirs() -> list[Path]:
     """SR_WEIGHTS_DIR (':'-separated) first, then models/pretrained/."""
     dirs = [Path(p) for p in os.environ.get("SR_WEIGHTS_DIR", "").split(os.pathsep) if p]

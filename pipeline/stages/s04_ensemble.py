@@ -41,8 +41,6 @@ from ..tta import TTA_CHOICES
 from ..io import sha256_file
 from .s00_unzip import load_manifest
 
-ENSEMBLE_JSON = "ensemble.json"
-
 
 def relative_to_workdir(path: Path) -> str:
     """Paths in the JSON records are relative to the work folder, so it can move."""
@@ -167,7 +165,7 @@ def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = No
             "answers": [s["answer"] for s in scenes],
             "seconds": round(time.time() - start, 2),
         }
-        (tmp / ENSEMBLE_JSON).write_text(json.dumps(record, indent=2))
+        (tmp / paths.ENSEMBLE_JSON).write_text(json.dumps(record, indent=2))
         if (out_dir / ".gitkeep").exists():
             (tmp / ".gitkeep").touch()
     return record

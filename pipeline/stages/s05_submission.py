@@ -29,7 +29,7 @@ from ..checkpoints import find_checkpoints
 from ..config import load_config
 from ..errors import PipelineError
 from ..io import sha256_file
-from .s04_ensemble import ENSEMBLE_JSON, blend_config, test_scenes
+from .s04_ensemble import blend_config, test_scenes
 
 
 def latest_pointer(exp: str) -> Path:
@@ -42,7 +42,7 @@ def _short(names: list[str], limit: int = 5) -> str:
 
 
 def read_ensemble_record(exp: str) -> dict:
-    meta = paths.predictions_dir(exp) / ENSEMBLE_JSON
+    meta = paths.predictions_dir(exp) / paths.ENSEMBLE_JSON
     if not meta.is_file():
         raise PipelineError(f"{meta}: missing, no ensembled predictions; run `make ensemble EXP={exp}` first")
     try:
