@@ -38,9 +38,11 @@ def _format_warning(message, category, filename, lineno, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cpu_memory import retain_freed_memory
     from .errors import PipelineError
 
     warnings.formatwarning = _format_warning
+    retain_freed_memory()   # every command computes on the CPU, the stages step after step
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
