@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -273,12 +274,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, workdir,
     def build_failing(weights):
         loss = real_build(weights)
         calls = {"n": 0}
+        counting = threading.Lock()   # the shards' threads call it at once: one number each
         real_evaluate = loss.evaluate
 
         def evaluate(sr, hr):
-            calls["n"] += 1       # one call per shard and step
+            with counting:
+                calls["n"] += 1       # one call per shard and step
+                n = calls["n"]
             value, terms = real_evaluate(sr, hr)
-            return (value * float("nan"), terms) if calls["n"] == 4 * shards + 1 else (value, terms)
+            return (value * float("nan"), terms) if n == 4 * shards + 1 else (value, terms)
         loss.evaluate = evaluate
         return loss
 
