@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import PipelineError
 
     warnings.formatwarning = _format_warning
-    retain_freed_memory()   # every command computes on the CPU, the stages step after step
+    retain_freed_memory()   # the stages free and reallocate the same large tensors step after step
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
