@@ -56,6 +56,19 @@ def cli():
     return run_cli
 
 
+def _make_dry_run(*args: str) -> list[str]:
+    """The commands `make -n` would run (sub-makes included), from the project root."""
+    proc = subprocess.run(["make", "-n", "--no-print-directory", *args, "SETUP="], cwd=paths.ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+@pytest.fixture
+def make_dry_run():
+    return _make_dry_run
+
+
 @pytest.fixture
 def config_file(tmp_path):
     """Write an experiment YAML in the temp folder and return its path (for `--exp PATH`):

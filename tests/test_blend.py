@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -259,16 +258,8 @@ def test_blend_refuses_bad_members(blend_dir):
         blend.read_blend("bad")
 
 
-def _make_dry_run(*args: str) -> list[str]:
-    """The commands `make -n` would run (sub-makes included), from the project root."""
-    proc = subprocess.run(["make", "-n", "--no-print-directory", *args, "SETUP="], cwd=paths.ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()
-
-
-def test_make_default_trains_every_member_on_every_fold_then_submits_their_blend():
-    lines = _make_dry_run("default", "DEFAULT_EXPS=aerial aerial_rfdn", "DEFAULT_BLEND=pair")
+def test_make_default_trains_every_member_on_every_fold_then_submits_their_blend(make_dry_run):
+    lines = make_dry_run("default", "DEFAULT_EXPS=aerial aerial_rfdn", "DEFAULT_BLEND=pair")
     pipe = [line.split("-m pipeline ", 1)[1] for line in lines if "-m pipeline " in line]
     trains = [cmd for cmd in pipe if cmd.startswith("train ")]
     assert trains == [f"train --exp {exp} --fold {f} --seed 0 " for exp in ("aerial", "aerial_rfdn") for f in range(5)]
@@ -278,10 +269,10 @@ def test_make_default_trains_every_member_on_every_fold_then_submits_their_blend
     assert "blend --exps aerial aerial_rfdn --name pair" in pipe
     assert "ensemble --blend pair" in pipe and "submission --blend pair" in pipe
     # one member: the ordinary stages 00-05 of that experiment, no blend
-    single = _make_dry_run("default", "DEFAULT_EXPS=aerial")
+    single = make_dry_run("default", "DEFAULT_EXPS=aerial")
     assert not any("-m pipeline blend" in line for line in single)
     assert any("-m pipeline submission --exp aerial" in line for line in single)
     # the shipped default names experiments that exist
-    default = [line for line in _make_dry_run("default") if "-m pipeline blend " in line]
+    default = [line for line in make_dry_run("default") if "-m pipeline blend " in line]
     members = default[0].split("--exps ", 1)[1].split(" --name")[0].split() if default else []
     assert all((paths.CONFIGS / f"{exp}.yaml").is_file() for exp in members)
