@@ -226,12 +226,18 @@ def test_window_attention_by_hand_equals_autograd(dtype, bound, with_mask):
 
 def test_onednn_linear_equals_f_linear_with_gradients():
     """fp32 on the CPU through oneDNN, forward and all three gradients, with and without bias
-    and GELU; under autocast it is F.linear (bf16 out)."""
+    and GELU, widening and narrowing (the weight's gradient is formed either way round);
+    under autocast it is F.linear (bf16 out)."""
     torch.manual_seed(0)
-    x = torch.randn(300, 24, requires_grad=True)
-    w = torch.randn(40, 24, requires_grad=True)
-    b = torch.randn(40, requires_grad=True)
-    g = torch.randn(300, 40)
+    for features_in, features_out in ((24, 40), (40, 24)):
+        _check_onednn_linear(features_in, features_out)
+
+
+def _check_onednn_linear(features_in: int, features_out: int) -> None:
+    x = torch.randn(300, features_in, requires_grad=True)
+    w = torch.randn(features_out, features_in, requires_grad=True)
+    b = torch.randn(features_out, requires_grad=True)
+    g = torch.randn(300, features_out)
     for bias in (b, None):
         for gelu in (False, True):
             grads = []

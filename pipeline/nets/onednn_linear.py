@@ -42,7 +42,13 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()
         dx = _onednn(dy, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
-        dw = _onednn(dy.t(), x.t(), None) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            # dw = dy^T.x; oneDNN copies a transposed input (its first operand) to contiguous but
+            # reads a transposed weight in place, so the wider of the two goes second
+            # (qkv's (12288 x 180) gradient: 3.3 -> 1.9 ms a product, one thread)
+            dw = (_onednn(x.t(), dy.t(), None).t().contiguous() if dy.shape[1] >= x.shape[1]
+                  else _onednn(dy.t(), x.t(), None))
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 

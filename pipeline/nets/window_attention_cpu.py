@@ -14,10 +14,13 @@ reasons measured on SwinIR-S (64-token windows, 6 heads of 10 channels; AMD EPYC
   backward, as autograd keeps them too.
 - Layout. For a head dimension of 10 a (64 x 64)(64 x 10) product runs 2-3x faster when it
   writes its result transposed, (10 x 64), so P.v and the gradients of q, k and v are
-  computed as their transposes and copied into place (in cache).
+  computed as their transposes and copied into place (in cache). The split of qkv into q, k
+  and v batches is made a chunk at a time as well, so the products read it from cache.
 The forward + backward of an unshifted SwinIR-S block's attention: 37-40 ms -> 22 ms in fp32,
 16-19 ms -> 15 ms in bf16 (scratch measurement, batch 12); a whole training step of batch 24
 on 2 shards 2.23 -> 1.87 s in fp32, 0.99 -> 0.92 s in bf16 (BENCHMARKS.md, training round 3).
+Round 5: splitting and merging per chunk instead of once for the whole block, and the bf16
+bias gradient summed in bf16: 22.6 -> 20.4 ms in fp32, 14.6 -> 13.7 ms in bf16 (medians of 15).
 Attention dropout is not here (`swinir_fast.attend` spells it out for autograd when a net has it).
 """
 from __future__ import annotations
@@ -43,26 +46,29 @@ class _WindowAttention(torch.autograd.Function):
         tokens, windows = qkv.shape[0], qkv.shape[0] // cells
         d = qkv.shape[1] // (3 * heads)
         with torch.autocast(qkv.device.type, enabled=False):   # everything in qkv's dtype, as autocast runs it
-            # q, k, v as (windows * heads, cells, d) batches: one streaming copy, then views per chunk
-            q, k, v = qkv.view(windows, cells, 3, heads, d).permute(2, 0, 3, 1, 4).reshape(3, -1, cells, d)
-            probs = qkv.new_empty(windows * heads, cells, cells)
-            out_t = qkv.new_empty(windows * heads, d, cells)
             chunks = list(_chunks(windows, heads, cells, qkv.element_size()))
             per_chunk = chunks[0][1]
+            # q, k, v as (windows * heads, cells, d) batches, split from qkv a chunk at a time
+            split = qkv.new_empty(3, windows, heads, cells, d)
+            q, k, v = split.view(3, -1, cells, d)
+            probs = qkv.new_empty(windows * heads, cells, cells)
+            out = qkv.new_empty(windows, cells, heads, d)
+            out_t = qkv.new_empty(per_chunk * heads, d, cells)   # a chunk's P.v, transposed
             # the bias repeated for a chunk's windows, once: baddbmm starts every chunk's scores from it
             bias_rows = bias.to(qkv.dtype).expand(per_chunk, heads, cells, cells).reshape(-1, cells, cells)
             for a, e in chunks:
-                rows = slice(a * heads, e * heads)
-                scores = torch.baddbmm(bias_rows[:(e - a) * heads], q[rows], k[rows].transpose(1, 2), alpha=scale)
+                rows, n = slice(a * heads, e * heads), (e - a) * heads
+                split[:, a:e].copy_(qkv.view(windows, cells, 3, heads, d)[a:e].permute(2, 0, 3, 1, 4))
+                scores = torch.baddbmm(bias_rows[:n], q[rows], k[rows].transpose(1, 2), alpha=scale)
                 if mask is not None:
                     scores.view(e - a, heads, cells, cells).add_(mask[a:e])
                 torch.ops.aten._softmax.out(scores, -1, False, out=probs[rows])
-                torch.bmm(v[rows].transpose(1, 2), probs[rows].transpose(1, 2), out=out_t[rows])
-            out = out_t.view(windows, heads, d, cells).permute(0, 3, 1, 2).reshape(tokens, heads * d)
+                torch.bmm(v[rows].transpose(1, 2), probs[rows].transpose(1, 2), out=out_t[:n])
+                out[a:e].copy_(out_t[:n].view(e - a, heads, d, cells).permute(0, 3, 1, 2))
         ctx.save_for_backward(q, k, v, probs)
         ctx.shape = (windows, heads, cells, d, scale)
         ctx.bias_dtype = bias.dtype
-        return out
+        return out.view(tokens, heads * d)
 
     @staticmethod
     @once_differentiable
@@ -70,20 +76,25 @@ class _WindowAttention(torch.autograd.Function):
         q, k, v, probs = ctx.saved_tensors
         windows, heads, cells, d, scale = ctx.shape
         with torch.autocast(q.device.type, enabled=False):
-            g = d_out.view(windows, cells, heads, d).transpose(1, 2).reshape(-1, cells, d)
-            d_qkv_t = q.new_empty(3, windows * heads, d, cells)             # dq^T, dk^T, dv^T
+            g = d_out.view(windows, cells, heads, d)
+            d_qkv = q.new_empty(windows, cells, 3, heads, d)
+            chunks = list(_chunks(windows, heads, cells, q.element_size()))
+            d_qkv_t = q.new_empty(3, chunks[0][1] * heads, d, cells)     # a chunk's dq^T, dk^T, dv^T
             d_bias = probs.new_zeros(heads, cells, cells, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-            for a, e in _chunks(windows, heads, cells, q.element_size()):
-                rows = slice(a * heads, e * heads)
-                p, g_c = probs[rows], g[rows]
-                torch.bmm(g_c.transpose(1, 2), p, out=d_qkv_t[2, rows])                        # dv^T = g^T P
+            for a, e in chunks:
+                rows, n = slice(a * heads, e * heads), (e - a) * heads
+                p, g_c = probs[rows], g[a:e].transpose(1, 2).reshape(-1, cells, d)
+                torch.bmm(g_c.transpose(1, 2), p, out=d_qkv_t[2, :n])                       # dv^T = g^T P
                 d_scores = torch._softmax_backward_data(torch.bmm(g_c, v[rows].transpose(1, 2)), p, -1, p.dtype)
                 if d_bias is not None:
-                    d_bias += d_scores.view(e - a, heads, cells, cells).sum(0, dtype=torch.float32)
-                d_q, d_k = d_qkv_t[0, rows], d_qkv_t[1, rows]
+                    # summed over windows in the scores' dtype (float32 inside the sum), as autograd
+                    # sums a bf16 bias's gradient; a float32 result would first copy the bf16 scores
+                    d_bias += d_scores.view(e - a, heads, cells, cells).sum(0)
+                d_q, d_k = d_qkv_t[0, :n], d_qkv_t[1, :n]
                 torch.baddbmm(d_q, k[rows].transpose(1, 2), d_scores.transpose(1, 2), beta=0, alpha=scale, out=d_q)
                 torch.baddbmm(d_k, q[rows].transpose(1, 2), d_scores, beta=0, alpha=scale, out=d_k)
-            d_qkv = d_qkv_t.view(3, windows, heads, d, cells).permute(1, 4, 0, 2, 3).reshape(windows * cells, -1)
+                d_qkv[a:e].copy_(d_qkv_t[:, :n].view(3, e - a, heads, d, cells).permute(1, 4, 0, 2, 3))
+            d_qkv = d_qkv.view(windows * cells, -1)
         if d_bias is not None:
             d_bias = d_bias.unsqueeze(0).to(ctx.bias_dtype)
         return d_qkv, d_bias, None, None, None, None
