@@ -25,6 +25,8 @@ Attention dropout is not here (`swinir_fast.attend` spells it out for autograd w
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -33,38 +35,46 @@ from torch.autograd.function import once_differentiable
 _CHUNK_BYTES = 3 << 19
 
 
-def _chunks(windows: int, heads: int, cells: int, itemsize: int):
-    step = max(1, _CHUNK_BYTES // (heads * cells * cells * itemsize))
-    for a in range(0, windows, step):
-        yield a, min(a + step, windows)
+def _chunk_windows(windows: int, heads: int, cells: int, itemsize: int) -> int:
+    """Windows a chunk: _CHUNK_BYTES of scores."""
+    return min(windows, max(1, _CHUNK_BYTES // (heads * cells * cells * itemsize)))
 
 
 class _WindowAttention(torch.autograd.Function):
+    """The loops take every operand's chunk views from one `split` each, and slice only the last,
+    shorter chunk: a batch's shards run on threads that share Python's lock, and per-chunk
+    slicing was most of the lock time of a SwinIR-S step (py-spy --gil)."""
+
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
                 heads: int, cells: int, scale: float) -> torch.Tensor:
         tokens, windows = qkv.shape[0], qkv.shape[0] // cells
         d = qkv.shape[1] // (3 * heads)
         with torch.autocast(qkv.device.type, enabled=False):   # everything in qkv's dtype, as autocast runs it
-            chunks = list(_chunks(windows, heads, cells, qkv.element_size()))
-            per_chunk = chunks[0][1]
+            step = _chunk_windows(windows, heads, cells, qkv.element_size())
+            rows = step * heads
             # q, k, v as (windows * heads, cells, d) batches, split from qkv a chunk at a time
             split = qkv.new_empty(3, windows, heads, cells, d)
-            q, k, v = split.view(3, -1, cells, d)
+            q, k, v = split.view(3, -1, cells, d).unbind(0)
             probs = qkv.new_empty(windows * heads, cells, cells)
             out = qkv.new_empty(windows, cells, heads, d)
-            out_t = qkv.new_empty(per_chunk * heads, d, cells)   # a chunk's P.v, transposed
+            out_t = qkv.new_empty(step, heads, d, cells)          # a chunk's P.v, transposed
+            out_t_rows, out_t_tokens = out_t.view(rows, d, cells), out_t.permute(0, 3, 1, 2)
             # the bias repeated for a chunk's windows, once: baddbmm starts every chunk's scores from it
-            bias_rows = bias.to(qkv.dtype).expand(per_chunk, heads, cells, cells).reshape(-1, cells, cells)
-            for a, e in chunks:
-                rows, n = slice(a * heads, e * heads), (e - a) * heads
-                split[:, a:e].copy_(qkv.view(windows, cells, 3, heads, d)[a:e].permute(2, 0, 3, 1, 4))
-                scores = torch.baddbmm(bias_rows[:n], q[rows], k[rows].transpose(1, 2), alpha=scale)
-                if mask is not None:
-                    scores.view(e - a, heads, cells, cells).add_(mask[a:e])
-                torch.ops.aten._softmax.out(scores, -1, False, out=probs[rows])
-                torch.bmm(v[rows].transpose(1, 2), probs[rows].transpose(1, 2), out=out_t[:n])
-                out[a:e].copy_(out_t[:n].view(e - a, heads, d, cells).permute(0, 3, 1, 2))
+            bias_rows = bias.to(qkv.dtype).expand(step, heads, cells, cells).reshape(rows, cells, cells)
+            chunks = zip(qkv.view(windows, cells, 3, heads, d).permute(2, 0, 3, 1, 4).split(step, 1),
+                         split.split(step, 1), q.split(rows), k.transpose(1, 2).split(rows),
+                         v.transpose(1, 2).split(rows), probs.split(rows), probs.transpose(1, 2).split(rows),
+                         out.split(step), itertools.repeat(None) if mask is None else mask.split(step))
+            for qkv_c, split_c, q_c, k_t, v_t, p_c, p_t, out_c, mask_c in chunks:
+                n = q_c.shape[0]
+                split_c.copy_(qkv_c)
+                scores = torch.baddbmm(bias_rows if n == rows else bias_rows[:n], q_c, k_t, alpha=scale)
+                if mask_c is not None:
+                    scores.view(-1, heads, cells, cells).add_(mask_c)
+                torch._softmax(scores, -1, False, out=p_c)
+                torch.bmm(v_t, p_t, out=out_t_rows if n == rows else out_t_rows[:n])
+                out_c.copy_(out_t_tokens if n == rows else out_t_tokens[:n // heads])
         ctx.save_for_backward(q, k, v, probs)
         ctx.shape = (windows, heads, cells, d, scale)
         ctx.bias_dtype = bias.dtype
@@ -76,24 +86,30 @@ class _WindowAttention(torch.autograd.Function):
         q, k, v, probs = ctx.saved_tensors
         windows, heads, cells, d, scale = ctx.shape
         with torch.autocast(q.device.type, enabled=False):
-            g = d_out.view(windows, cells, heads, d)
+            step = _chunk_windows(windows, heads, cells, q.element_size())
+            rows = step * heads
             d_qkv = q.new_empty(windows, cells, 3, heads, d)
-            chunks = list(_chunks(windows, heads, cells, q.element_size()))
-            d_qkv_t = q.new_empty(3, chunks[0][1] * heads, d, cells)     # a chunk's dq^T, dk^T, dv^T
+            d_t = q.new_empty(3, step, heads, d, cells)             # a chunk's dq^T, dk^T, dv^T
+            d_q_t, d_k_t, d_v_t = d_t.view(3, rows, d, cells).unbind(0)
+            d_t_tokens = d_t.permute(1, 4, 0, 2, 3)                 # as (windows, cells, 3, heads, d)
             d_bias = probs.new_zeros(heads, cells, cells, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-            for a, e in chunks:
-                rows, n = slice(a * heads, e * heads), (e - a) * heads
-                p, g_c = probs[rows], g[a:e].transpose(1, 2).reshape(-1, cells, d)
-                torch.bmm(g_c.transpose(1, 2), p, out=d_qkv_t[2, :n])                       # dv^T = g^T P
-                d_scores = torch._softmax_backward_data(torch.bmm(g_c, v[rows].transpose(1, 2)), p, -1, p.dtype)
+            chunks = zip(d_out.view(windows, cells, heads, d).transpose(1, 2).split(step), probs.split(rows),
+                         q.transpose(1, 2).split(rows), k.transpose(1, 2).split(rows),
+                         v.transpose(1, 2).split(rows), d_qkv.split(step))
+            for g_c, p, q_t, k_t, v_t, d_qkv_c in chunks:
+                n = p.shape[0]
+                g_c = g_c.reshape(n, cells, d)
+                d_v = d_v_t if n == rows else d_v_t[:n]
+                torch.bmm(g_c.transpose(1, 2), p, out=d_v)                                  # dv^T = g^T P
+                d_scores = torch._softmax_backward_data(torch.bmm(g_c, v_t), p, -1, p.dtype)
                 if d_bias is not None:
                     # summed over windows in the scores' dtype (float32 inside the sum), as autograd
                     # sums a bf16 bias's gradient; a float32 result would first copy the bf16 scores
-                    d_bias += d_scores.view(e - a, heads, cells, cells).sum(0)
-                d_q, d_k = d_qkv_t[0, :n], d_qkv_t[1, :n]
-                torch.baddbmm(d_q, k[rows].transpose(1, 2), d_scores.transpose(1, 2), beta=0, alpha=scale, out=d_q)
-                torch.baddbmm(d_k, q[rows].transpose(1, 2), d_scores, beta=0, alpha=scale, out=d_k)
-                d_qkv[a:e].copy_(d_qkv_t[:, :n].view(3, e - a, heads, d, cells).permute(1, 4, 0, 2, 3))
+                    d_bias += d_scores.view(-1, heads, cells, cells).sum(0)
+                d_q, d_k = (d_q_t, d_k_t) if n == rows else (d_q_t[:n], d_k_t[:n])
+                torch.baddbmm(d_q, k_t, d_scores.transpose(1, 2), beta=0, alpha=scale, out=d_q)
+                torch.baddbmm(d_k, q_t, d_scores, beta=0, alpha=scale, out=d_k)
+                d_qkv_c.copy_(d_t_tokens if n == rows else d_t_tokens[:n // heads])
             d_qkv = d_qkv.view(windows * cells, -1)
         if d_bias is not None:
             d_bias = d_bias.unsqueeze(0).to(ctx.bias_dtype)
