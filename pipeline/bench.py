@@ -27,7 +27,10 @@ precision is native (pipeline.precision: bf16 on CUDA >= 8.0 or a CPU with AVX51
 fp16 on CUDA): emulated, they are 10-90x slower than fp32 and say nothing about the
 hardware that has them.
 
-Writes `bench/results.csv` and `bench/results.md` (the table, the machine, the command);
+Before and after the rows a cores probe (`cores_probe`) times fp32 matrix products on one core
+alone and on every core at once: on a shared (virtualised) machine its share falls while other
+work takes the cores, so a run says whether its figures were disturbed.
+Writes `bench/results.csv` and `bench/results.md` (the table, the machine, the probe, the command);
 BENCHMARKS.md keeps the latest full run. `--quick` is a smoke run on tiny inputs.
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +63,7 @@ QUICK_LR = (40, 48)
 TILE, OVERLAP = 160, 16        # LR pixels, tiled rows: 2 x 3 tiles cover 300x375 (1.37x its pixels)
 QUICK_TILE, QUICK_OVERLAP = 24, 4
 TRAIN_PATCH = 32
+PROBE_SIZE, PROBE_SECONDS = 512, 0.3   # the cores probe: fp32 (512 x 512) products, 0.3 s a measure
 QUICK_BATCH = 2
 CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial", "hat_s": "hat_s"}   # experiment whose training recipe a row uses
 COLUMNS = ["row", "net", "path", "precision", "shards", "mode", "input", "tile", "tta", "batch", "repeats",
@@ -446,15 +451,47 @@ def machine() -> dict:
     return info
 
 
+def cores_probe(cores: int, seconds: float = PROBE_SECONDS) -> dict:
+    """GFLOP/s of fp32 matrix products on one core alone, then on `cores` cores at once (one
+    thread each; the product releases Python's lock), the slowest of them. On a shared
+    (virtualised) machine the second falls while other work takes the cores, which the
+    machine's own load average does not show: bench runs it before and after its rows, so a
+    run whose figures were disturbed says so."""
+    a, b = torch.randn(PROBE_SIZE, PROBE_SIZE), torch.randn(PROBE_SIZE, PROBE_SIZE)
+    out = torch.empty(PROBE_SIZE, PROBE_SIZE)
+
+    def rate(_=None) -> float:
+        torch.mm(a, b, out=out)                     # warm-up
+        done, began = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - began) < seconds:
+            torch.mm(a, b, out=out)
+            done += 1
+        return done * 2 * PROBE_SIZE ** 3 / elapsed / 1e9
+
+    with ThreadPoolExecutor(cores, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        alone = pool.submit(rate).result()
+        together = min(pool.map(rate, range(cores)))
+    return {"cores": cores, "alone": alone, "together": together, "share": together / alone}
+
+
+def probe_text(before: dict, after: dict) -> str:
+    return (f"Cores probe (fp32 {PROBE_SIZE}^3 products, one thread a core): one core alone "
+            f"{before['alone']:.0f} GFLOP/s, {before['cores']} at once {before['together']:.0f} at the slowest "
+            f"(x{before['share']:.2f}) before the rows; {after['alone']:.0f} and {after['together']:.0f} "
+            f"(x{after['share']:.2f}) after. A share lower than this machine's usual means other work "
+            "took the cores during the run.")
+
+
 def _fmt(value, spec: str) -> str:
     return "" if value is None or value != value else format(value, spec)
 
 
-def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float) -> str:
+def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float, probe: str = "") -> str:
     lines = [f"Command: `{command}` ({seconds / 60:.1f} min)", "",
              f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
              f"flags {info['simd']} (torch kernels {info['torch_cpu_capability']}), native bf16 on CPU: "
              f"{info['cpu_bf16']}, GPU: {info['gpu']}; torch {info['torch']}, Python {info['python']}", "",
+             *([probe, ""] if probe else []),
              "| row | precision | shards | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB "
              "| vs baseline | 1-min load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -528,16 +565,20 @@ def main(args: argparse.Namespace) -> int:
     rows = select_rows(args.rows)
     began = time.perf_counter()
     with locked(paths.BENCH / "results.csv", what=f"{paths.BENCH} (benchmark results)"):
+        cores, probe_s = args.threads or torch.get_num_threads(), PROBE_SECONDS / 5 if args.quick else PROBE_SECONDS
+        before = cores_probe(cores, probe_s)
         table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile,
                         interleave=args.interleave)
+        probe = probe_text(before, cores_probe(cores, probe_s))
         seconds = time.perf_counter() - began
         command = "python -m pipeline bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
         paths.BENCH.mkdir(parents=True, exist_ok=True)
         with atomic_path(paths.BENCH / "results.csv") as tmp:
             table.to_csv(tmp, index=False, float_format="%.6g")
         with atomic_path(paths.BENCH / "results.md") as tmp:
-            tmp.write_text(markdown(table, machine(), command.strip(), seconds))
+            tmp.write_text(markdown(table, machine(), command.strip(), seconds, probe))
     print_table(table)
+    print(probe)
     ok = int((table["status"] == "ok").sum())
     print(f"bench: {ok} of {len(table)} rows measured in {seconds / 60:.1f} min -> {paths.BENCH / 'results.csv'}")
     return 0 if not table["status"].str.startswith("error").any() else 1

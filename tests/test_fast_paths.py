@@ -4,6 +4,7 @@ right across input sizes and weight changes; and a smoke run of `bench`."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pandas as pd
@@ -490,7 +491,15 @@ def test_bench_quick_writes_the_table(workdir, cli):
     assert rows.loc["rlfn-train", "baseline"] == "rlfn-train-ref" and rows.loc["rlfn-train-ref", "precision"] == "fp32"
     assert rows.loc["rlfn-train", "precision"] == choose("auto", "cpu", build_net("rlfn")).name
     assert rows.loc["rlfn-train-fp16", "status"].startswith("skipped: no native fp16")    # a CPU
-    assert "| rlfn-fast-fp32 | fp32 |" in (workdir / "bench" / "results.md").read_text()
+    report = (workdir / "bench" / "results.md").read_text()
+    assert "| rlfn-fast-fp32 | fp32 |" in report
+    # the cores probe, before and after the rows, between the machine and the table
+    probe = re.search(r"^Cores probe \(fp32 512\^3 products, one thread a core\): one core alone (\d+) GFLOP/s, "
+                      r"1 at once (\d+) at the slowest \(x([\d.]+)\) before the rows; (\d+) and (\d+) "
+                      r"\(x([\d.]+)\) after\.", report, re.M)
+    assert probe and all(float(v) > 0 for v in probe.groups()), report
+    assert report.index("Machine:") < probe.start() < report.index("| row |")
+    assert probe.group(0) in proc.stdout
     assert "rows measured" in proc.stdout
     assert rows.loc["rlfn-train", "shards"] == 1                                 # one thread: one shard
     # two threads: the default training row splits its batch in two, the reference never
@@ -498,6 +507,13 @@ def test_bench_quick_writes_the_table(workdir, cli):
     assert proc.returncode == 0, proc.stderr
     shards = pd.read_csv(workdir / "bench" / "results.csv").set_index("row")["shards"]
     assert (shards["rlfn-train-ref"], shards["rlfn-train"]) == (1, 2)
+
+
+def test_cores_probe_measures_every_core():
+    from pipeline.bench import cores_probe
+    probe = cores_probe(2, seconds=0.05)
+    assert probe["cores"] == 2 and probe["alone"] > 1 and probe["together"] > 1
+    assert probe["share"] == pytest.approx(probe["together"] / probe["alone"])
 
 
 def test_bench_refuses_an_unknown_row(workdir, capsys):
