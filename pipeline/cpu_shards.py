@@ -17,7 +17,9 @@ order, so a run stays a function of its seed and resumes exactly.
 Measured (AMD EPYC, 2 cores, avx512_bf16, torch 2.14.1; 2 shards of one thread against one
 batch on 2 intra-op threads): RLFN batch 16 fp32 0.353 -> 0.271 s a step, bf16 0.272 ->
 0.217 s; SwinIR-S batch 24 fp32 2.99 -> 2.24 s, bf16 2.46 -> 1.68 s (BENCHMARKS.md has
-the bench rows).
+the bench rows). The shards share Python's lock, being threads of one process: a SwinIR-S
+shard, whose step runs thousands of small operations from Python, ran 6-15 % slower beside its
+twin than alone, where two processes lost nothing (BENCHMARKS.md, training round 5).
 
 `auto` is one shard per torch thread on the CPU, and one shard (the plain step) where
 sharding cannot serve, each with its reason: on CUDA (one device runs one stream of
