@@ -100,4 +100,12 @@ def use_fast_path(net: nn.Module, fast: bool = True) -> nn.Module:
     for conv in edge_convs(net):
         conv.__class__ = Fp32Conv2d if fast else nn.Conv2d
     layout = torch.channels_last if fast else torch.contiguous_format
-    return net.to(memory_format=layout)
+    net.to(memory_format=layout)
+    # buffers keep their plain strides: none feeds a convolution, and DDP's buffer broadcast
+    # copies a buffer that is alone of its dtype (SwinIR's and HAT's (1, 3, 1, 1) `mean`) back
+    # onto itself through a plain view, which torch refuses when the strides differ
+    for module in net.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.stride() != torch.empty(buf.shape, device="meta").stride():
+                setattr(module, name, buf.clone(memory_format=torch.contiguous_format))
+    return net
