@@ -328,6 +328,21 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+def train_in_two_processes(cfg: str, workdir, out) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    """Stage 02 of `cfg` under torchrun on 2 CPU processes: the run, and each rank's weights
+    (asserted identical)."""
+    script = out / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "SR_WORKDIR": str(workdir), "PYTHONPATH": str(paths.ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), cfg, str(out)], cwd=paths.ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    assert states_equal(rank0["net"], rank1["net"]) and states_equal(rank0["ema"], rank1["ema"])
+    return proc, rank0, rank1
+
+
 def test_ddp_trains_a_transformer_on_its_fast_path(workdir, tmp_path_factory):
     """DDP broadcasts the nets' buffers every step: SwinIR's (1, 3, 1, 1) `mean`, made
     channels-last with the convolutions by the fast path, failed that broadcast (torch refused
@@ -337,30 +352,12 @@ def test_ddp_trains_a_transformer_on_its_fast_path(workdir, tmp_path_factory):
         "name": "swinir_s", "args": {"depths": [1], "num_heads": [2], "embed_dim": 12, "window_size": 4,
                                      "img_size": 8}},
                           train={"steps": 2, "val_every": 2, "ckpt_every": 2})
-    out = tmp_path_factory.mktemp("ranks")
-    script = out / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "SR_WORKDIR": str(workdir), "PYTHONPATH": str(paths.ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), swinir, str(out)], cwd=paths.ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
-    assert states_equal(rank0["net"], rank1["net"]) and states_equal(rank0["ema"], rank1["ema"])
+    train_in_two_processes(swinir, workdir, tmp_path_factory.mktemp("ranks"))
     assert list(pd.read_csv(paths.run_dir("tiny_swinir", 0, 0) / "log.csv")["step"]) == [0, 1, 2]
 
 
 def test_ddp_two_cpu_processes_hold_identical_weights(tiny, workdir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    script = out / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "SR_WORKDIR": str(workdir), "PYTHONPATH": str(paths.ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), tiny, str(out)], cwd=paths.ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
-    assert states_equal(rank0["net"], rank1["net"]) and states_equal(rank0["ema"], rank1["ema"])
+    proc, rank0, _ = train_in_two_processes(tiny, workdir, tmp_path_factory.mktemp("ranks"))
     # rank 0 alone wrote the log, once per step
     folder = paths.run_dir("tiny", 0, 0)
     assert list(pd.read_csv(folder / "log.csv")["step"]) == list(range(STEPS + 1))
