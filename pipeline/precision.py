@@ -11,10 +11,12 @@ prints and writes to log.csv.
   in training (fp16's range is too small for gradients without it).
 - CPU with AMX (`amx_bf16`: Xeon Sapphire Rapids and later): bf16; its tile unit runs bf16
   matrix products and convolutions several times faster than fp32.
-- CPU with AVX512-BF16 but no AMX (AMD Zen 4/5, Cooper Lake): bf16 too. Measured on an AMD
-  EPYC with avx512_bf16 (2 cores, shared with other jobs, interleaved runs; BENCHMARKS.md):
-  RLFN's training step x1.95 of the same fast path in fp32, SwinIR-S's x1.77, their
-  inference x2.10 and x1.10: faster everywhere, never slower, so no per-net rule.
+- CPU with AVX512-BF16 but no AMX (AMD Zen 4/5, Cooper Lake): bf16 too, with one exception.
+  Measured on an AMD EPYC with avx512_bf16 (2 cores; BENCHMARKS.md): RLFN's training step
+  x1.95 of the same fast path in fp32, SwinIR-S's x1.3-1.5, RLFN's inference x1.63; but the
+  inference of the window transformers is slower in bf16 since their fp32 linears go through
+  oneDNN (training round 3): SwinIR-S x0.93 (round 5), HAT-S x0.91. So at inference a net
+  holding a SwinIR or a HAT stays in fp32 there (bf16 would also move its SSIM).
 - any other CPU (AVX2 only, ...) and other devices: fp32 (bf16 would be emulated, 10-90x slower).
 An explicit name is honoured where the device runs it, with these exceptions and notes:
 `bf16` on a device without native bf16 trains in fp32 (emulated bf16 is 10-90x slower;
@@ -31,6 +33,8 @@ import torch
 import torch.nn as nn
 
 from .errors import PipelineError
+from .nets.hat import HAT
+from .nets.swinir import SwinIR
 
 NAMES = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -111,14 +115,14 @@ def native(name: str, hw: Hardware) -> bool:
 def choose(name: str, device: torch.device | str, net: nn.Module | None = None, *,
            training: bool = True, hw: Hardware | None = None) -> Precision:
     """The precision `name` resolves to for `net` on `device` (see the module docstring).
-    `net` is not used by today's rules (bf16 paid for every net measured); it is there so a
-    rule that depends on the architecture stays in this one place."""
+    `net` (a module, or a ModuleList of an ensemble's nets) matters in one rule: inference
+    of a window transformer on a CPU with AVX512-BF16 and no AMX stays fp32."""
     if name not in NAMES:
         raise PipelineError(f"precision '{name}' unknown (choose {', '.join(NAMES)})")
     hw = hw or hardware(device)
     where = _describe(hw)
     if name == "auto":
-        return _auto(hw, net, where)
+        return _auto(hw, net, where, training)
     if name == "fp32":
         return Precision("fp32", name, "asked")
     if native(name, hw):
@@ -130,7 +134,13 @@ def choose(name: str, device: torch.device | str, net: nn.Module | None = None, 
                      emulated=True)
 
 
-def _auto(hw: Hardware, net: nn.Module | None, where: str) -> Precision:
+def _window_transformer(net: nn.Module | None) -> str:
+    """The name of the first SwinIR or HAT inside `net` ('' if none)."""
+    found = next((m for m in (net.modules() if net is not None else ()) if isinstance(m, (SwinIR, HAT))), None)
+    return type(found).__name__ if found is not None else ""
+
+
+def _auto(hw: Hardware, net: nn.Module | None, where: str, training: bool) -> Precision:
     if hw.device_type == "cuda":
         if native("bf16", hw):
             return Precision("bf16", "auto", f"auto: {where}: native bf16 (compute capability >= 8.0)")
@@ -142,6 +152,10 @@ def _auto(hw: Hardware, net: nn.Module | None, where: str) -> Precision:
         if hw.cpu_bf16 == "amx":
             return Precision("bf16", "auto", "auto: this CPU has AMX (native bf16 matrix units)")
         if hw.cpu_bf16 == "avx512_bf16":
+            transformer = _window_transformer(net)
+            if transformer and not training:
+                return Precision("fp32", "auto", f"auto: this CPU has AVX512-BF16 but no AMX, where {transformer}'s "
+                                                 "inference measured slower in bf16 than in fp32 (x0.91-0.93)")
             return Precision("bf16", "auto", "auto: this CPU has AVX512-BF16 (no AMX), where bf16 "
                                              "measured faster than fp32 (convolutions and attention)")
         return Precision("fp32", "auto", "auto: this CPU has no native bf16 (needs AVX512-BF16 or AMX)")
