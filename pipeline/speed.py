@@ -92,20 +92,18 @@ def prepare_for_training(net: nn.Module, fast: bool = True) -> nn.Module:
 def use_fast_path(net: nn.Module, fast: bool = True) -> nn.Module:
     """Every SwinIR and HAT inside `net` on its fast path (or back), in place, with channels-last
     convolutions and fp32 edge convolutions; the fast paths train too (autograd)."""
+    layout = torch.channels_last if fast else torch.contiguous_format
     for module in net.modules():   # a SwinIR or HAT may also sit inside a wrapper
         if isinstance(module, SwinIR):
             make_fast(module) if fast else make_reference(module)
         elif isinstance(module, HAT):
             hat_fast.make_fast(module) if fast else hat_fast.make_reference(module)
+        elif isinstance(module, nn.Conv2d):
+            # convolution weights only: buffers and other parameters keep their plain strides
+            # (DDP's per-step broadcast copies a buffer that is alone of its dtype, like SwinIR's
+            # (1, 3, 1, 1) `mean`, back onto itself through a plain view, and torch refuses
+            # that for a channels-last one)
+            module.to(memory_format=layout)
     for conv in edge_convs(net):
         conv.__class__ = Fp32Conv2d if fast else nn.Conv2d
-    layout = torch.channels_last if fast else torch.contiguous_format
-    net.to(memory_format=layout)
-    # buffers keep their plain strides: none feeds a convolution, and DDP's buffer broadcast
-    # copies a buffer that is alone of its dtype (SwinIR's and HAT's (1, 3, 1, 1) `mean`) back
-    # onto itself through a plain view, which torch refuses when the strides differ
-    for module in net.modules():
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and buf.stride() != torch.empty(buf.shape, device="meta").stride():
-                setattr(module, name, buf.clone(memory_format=torch.contiguous_format))
     return net
