@@ -290,7 +290,7 @@ def choose_default(rows: list[Row], budget_hours: float = TRAINING_BUDGET_HOURS)
 
 def _stage04_record(row: Row) -> dict:
     """The row's stage 04 ensemble.json (what ran: checkpoints, TTA, precision, threads)."""
-    record_path = paths.PREDICTIONS / row.predictions / paths.ENSEMBLE_JSON
+    record_path = paths.ensemble_record(row.predictions)
     if not record_path.is_file():
         raise PipelineError(f"{record_path}: missing; run stage 04 for {row.predictions} first")
     return json.loads(record_path.read_text())

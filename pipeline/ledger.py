@@ -142,7 +142,7 @@ def _cv_of_old_zip(zip_path: Path, exp: str) -> float | None:
     (CRC32), stage 04's current predictions of `exp`, whose ensemble.json names the checkpoints."""
     pred_dir = paths.predictions_dir(exp)
     try:
-        record = json.loads((pred_dir / paths.ENSEMBLE_JSON).read_text())
+        record = json.loads(paths.ensemble_record(exp).read_text())
         with zipfile.ZipFile(zip_path) as zf:
             members = {i.filename: i.CRC for i in zf.infolist()}
     except (OSError, ValueError, zipfile.BadZipFile):

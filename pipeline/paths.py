@@ -80,6 +80,11 @@ def predictions_dir(exp: str) -> Path:
 ENSEMBLE_JSON = "ensemble.json"
 
 
+def ensemble_record(exp: str) -> Path:
+    """Stage 04's record of `exp`'s current predictions."""
+    return predictions_dir(exp) / ENSEMBLE_JSON
+
+
 def weights_search_dirs() -> list[Path]:
     """SR_WEIGHTS_DIR (':'-separated) first, then models/pretrained/."""
     dirs = [Path(p) for p in os.environ.get("SR_WEIGHTS_DIR", "").split(os.pathsep) if p]

@@ -42,7 +42,7 @@ def _short(names: list[str], limit: int = 5) -> str:
 
 
 def read_ensemble_record(exp: str) -> dict:
-    meta = paths.predictions_dir(exp) / paths.ENSEMBLE_JSON
+    meta = paths.ensemble_record(exp)
     if not meta.is_file():
         raise PipelineError(f"{meta}: missing, no ensembled predictions; run `make ensemble EXP={exp}` first")
     try:
