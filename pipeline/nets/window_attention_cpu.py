@@ -76,7 +76,7 @@ class _WindowAttention(torch.autograd.Function):
                 torch.bmm(v_t, p_t, out=out_t_rows if n == rows else out_t_rows[:n])
                 out_c.copy_(out_t_tokens if n == rows else out_t_tokens[:n // heads])
         ctx.save_for_backward(q, k, v, probs)
-        ctx.shape = (windows, heads, cells, d, scale)
+        ctx.shape = (windows, heads, cells, d, scale, step)
         ctx.bias_dtype = bias.dtype
         return out.view(tokens, heads * d)
 
@@ -84,10 +84,9 @@ class _WindowAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out: torch.Tensor):
         q, k, v, probs = ctx.saved_tensors
-        windows, heads, cells, d, scale = ctx.shape
+        windows, heads, cells, d, scale, step = ctx.shape
         with torch.autocast(q.device.type, enabled=False):
-            step = _chunk_windows(windows, heads, cells, q.element_size())
-            rows = step * heads
+            rows = step * heads                                     # the forward's chunks
             d_qkv = q.new_empty(windows, cells, 3, heads, d)
             d_t = q.new_empty(3, step, heads, d, cells)             # a chunk's dq^T, dk^T, dv^T
             d_q_t, d_k_t, d_v_t = d_t.view(3, rows, d, cells).unbind(0)
