@@ -27,10 +27,16 @@ MMAP_THRESHOLD = 32 << 20         # glibc's largest on 64-bit (DEFAULT_MMAP_THRE
 TRIM_THRESHOLD = 1 << 30
 
 
+def on_glibc() -> bool:
+    """Whether this process allocates through glibc (Linux with the GNU C library)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def retain_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds as the module docstring says, once per process;
-    True when they were set, False where this is not glibc or the user set malloc tunables."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    """Set glibc's mmap and trim thresholds as the module docstring says (calling it again sets
+    the same values); True when they were set, False where this is not glibc or the user set
+    malloc tunables."""
+    if not on_glibc():
         return False
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False

@@ -3,13 +3,13 @@ tensors stop coming back as new pages (counted as the process's minor page fault
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from pipeline import paths
+from pipeline.cpu_memory import on_glibc
 
 # the SSIM loss's forward + backward on 8 crops, 20 times after a warm-up: the page faults
 # of one step, with retain_freed_memory() called first or not
@@ -31,8 +31,7 @@ for _ in range(20):
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's allocator only")
+glibc_only = pytest.mark.skipif(not on_glibc(), reason="glibc's allocator only")
 
 
 def _faults_per_step(mode: str, tunables: str | None = None) -> tuple[str, float]:
