@@ -19,10 +19,11 @@ from pipeline.io import read_image
 from pipeline.metrics import competition_ssim
 from pipeline.nets import available_nets, build_net
 from pipeline.nets.swinir import SwinIR
-from pipeline.nets import hat_fast, onednn_linear, window_attention_cpu
+from pipeline.nets import hat_fast, onednn_linear, swinir_fast, window_attention_cpu
+from pipeline.nets.fast_switch import cached_orders, reorder
 from pipeline.nets.hat import HAT
 from pipeline.precision import choose
-from pipeline.nets.swinir_fast import FastSwinIR, _drop_path, make_fast, make_reference
+from pipeline.nets.swinir_fast import FastSwinIR, _add_drop_path, make_fast, make_reference
 from pipeline.speed import Fp32Conv2d, edge_convs, prepare_for_inference
 from pipeline.weights import load_weights
 
@@ -259,16 +260,34 @@ def _check_onednn_linear(features_in: int, features_out: int) -> None:
 
 
 def test_drop_path_drops_whole_images():
+    """z + DropPath(y) in the (window, image, cell) layout: an image's path kept or dropped whole."""
     blk = build_net("swinir_s", drop_path_rate=0.5).layers[3].residual_group.blocks[5].train()
     torch.manual_seed(0)
     b, cells = 8, 64
     y = torch.ones(3 * b * cells, 60)              # (window, image, cell) layout
-    out = _drop_path(blk, y, b, cells).view(3, b, cells, 60)
+    z = torch.full_like(y, 2.0)
+    out = _add_drop_path(blk, z, y, b, cells).view(3, b, cells, 60)
     keep = 1 - blk.drop_path.drop_prob
     per_image = out.permute(1, 0, 2, 3).reshape(b, -1)
     for image in per_image:                        # an image is kept or dropped as a whole
-        assert image.unique().tolist() in ([0.0], [1 / keep])
-    assert 0 < (per_image[:, 0] == 0).sum() < b
+        assert image.unique().tolist() in ([2.0], [2 + 1 / keep])
+    assert 0 < (per_image[:, 0] == 2).sum() < b
+    assert torch.equal(_add_drop_path(blk.eval(), z, y, b, cells), z + y)
+
+
+def test_reorder_differentiates_as_index_select():
+    """The gather between window orders has index_select's gradient (taken through the inverse
+    permutation instead of a scatter), in fp32 and bf16."""
+    net = make_fast(build_net("swinir_s", depths=[2, 2], num_heads=[6, 6]))
+    orders = cached_orders(net, 2, 16, 16, torch.device("cpu"), swinir_fast._Orders)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2 * 16 * 16, 60, dtype=dtype, requires_grad=True)
+        g = torch.randn_like(x)
+        for src, dst in (("U", "S"), ("S", "img"), ("img", "U")):
+            ours = reorder(x, orders, src, dst)
+            theirs = x.index_select(0, orders.index(src, dst))
+            assert torch.equal(ours, theirs)
+            assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (ours, theirs)))
 
 
 # --- HAT ---------------------------------------------------------------------------------

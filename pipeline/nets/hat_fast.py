@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .drop_path import keep_mask
-from .fast_switch import cached_orders, to_fast, to_reference
+from .fast_switch import cached_orders, reorder, to_fast, to_reference
 from .hat import HAB, HAT, OCAB, overlap_window_size
 from .onednn_linear import linear as _linear
 from .swinir_fast import _cached, _mlp, _Orders, _position_bias, _run_jobs, _window_attention, attend
@@ -114,7 +114,7 @@ def _hab(blk: HAB, t: torch.Tensor, orders: _HatOrders, b: int, h: int, w: int) 
     conv_x = blk.conv_block(y.view(b, h, w, c).permute(0, 3, 1, 2))   # channels-last in and out
     conv_x = conv_x.permute(0, 2, 3, 1).reshape(-1, c)
     order = "S" if blk.shift_size else "U"
-    windows = y.index_select(0, orders.index("img", order))
+    windows = reorder(y, orders, "img", order)
     bias = _position_bias(blk.attn)
     segments = [(0, windows.shape[0] // n, None)]
     if blk.shift_size and orders.border_mask is not None:   # the windows after n_interior straddle the roll
@@ -124,7 +124,7 @@ def _hab(blk: HAB, t: torch.Tensor, orders: _HatOrders, b: int, h: int, w: int) 
         return _window_attention(blk.attn, windows[a * n:e * n], n, bias, mask)
 
     y = _in_jobs(torch.empty_like(windows), n, attend_windows, t.device, segments)
-    t = t + _drop_path(blk, y.index_select(0, orders.index(order, "img")), b) + conv_x * blk.conv_scale
+    t = t + _drop_path(blk, reorder(y, orders, order, "img"), b) + conv_x * blk.conv_scale
     return t + _drop_path(blk, _mlp(blk.mlp, blk.norm2(t)), b)
 
 
@@ -133,7 +133,7 @@ def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> 
     c, heads = t.shape[1], oca.num_heads
     d, nq, n = c // heads, orders.cells, orders.kv_cells
     qkv = _linear(oca.norm1(t), oca.qkv.weight, oca.qkv.bias)
-    q = qkv[:, :c].index_select(0, orders.index("img", "U"))                    # windows of queries
+    q = reorder(qkv[:, :c], orders, "img", "U")                    # windows of queries
     kv = torch.cat([qkv[:, c:], qkv.new_zeros(1, 2 * c)])                       # + the zero padding row
     bias = _oca_bias(oca, rpi)
 
@@ -146,7 +146,7 @@ def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> 
 
     n_windows = q.shape[0] // nq
     y = _in_jobs(torch.empty_like(q), nq, attend_windows, t.device, [(0, n_windows, None)])
-    t = t + y.index_select(0, orders.index("U", "img"))
+    t = t + reorder(y, orders, "U", "img")
     return t + _mlp(oca.mlp, oca.norm2(t))
 
 
