@@ -22,7 +22,8 @@ that ran it:
   config's inference defaults (whole scene, 8 images per pass), no warm-up.
 Weights are random (speed does not depend on them). Every row runs in its own child
 process (forked where possible, so torch is imported once), so its peak memory is its
-own (a training row's is the memory of a training step). bf16/fp16 rows run only where the
+own (a training row's is the memory of a training step; where the step's shards run in
+processes of their own, each one's peak growth over what it inherited is added). bf16/fp16 rows run only where the
 precision is native (pipeline.precision: bf16 on CUDA >= 8.0 or a CPU with AVX512-BF16/AMX,
 fp16 on CUDA): emulated, they are 10-90x slower than fp32 and say nothing about the
 hardware that has them.
@@ -129,11 +130,13 @@ ROWS = {r.name: r for r in _rows()}
 @dataclass
 class Setup:
     """A row ready to run: `warmup()` once, then `run()` is timed; `meta` describes it;
-    `loader_waits`, on loader rows, collects each run's wait for its batch."""
+    `loader_waits`, on loader rows, collects each run's wait for its batch; `other_processes_mb`,
+    where the row also computes in processes of its own (shards), their peak memory growth."""
     warmup: Callable[[], Any]
     run: Callable[[], Any]
     meta: dict
     loader_waits: list[float] | None = None
+    other_processes_mb: Callable[[], float] | None = None
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -214,7 +217,8 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     amp = prec.dtype
     scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
     shards = cpu_shards.plan(t["cpu_shards"], device, net, t["batch_size"], compiled=t["compile"])
-    sharded = stack.enter_context(cpu_shards.ShardedStep(forward_net, loss_fn, shards.shards, amp, device))
+    sharded = stack.enter_context(cpu_shards.ShardedStep(forward_net, loss_fn, shards.shards, amp, device,
+                                                         shards.processes))
     scale = cfg["data"]["scale"]
     lr_shape = QUICK_LR if quick else SCENE_LR
     scenes = [data.Scene(str(i), _scene(lr_shape, i), _scene((lr_shape[0] * scale, lr_shape[1] * scale), 100 + i))
@@ -253,7 +257,7 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
                  meta={"out_mpix": t["batch_size"] * side * side / 1e6,
                        "precision": prec.name, "shards": shards.shards,
                        "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]},
-                 loader_waits=waits if row.mode == "loader" else None)
+                 loader_waits=waits if row.mode == "loader" else None, other_processes_mb=sharded.peak_growth_mb)
 
 
 def _setup_ensemble(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
@@ -336,6 +340,8 @@ def _worker(rows: list[Row], quick: bool, repeats: int, device: str, threads: in
                 if setup.loader_waits:
                     result["loader_s"] = statistics.median(setup.loader_waits)
                 result["peak_rss_mb"] = peak_rss_mb()
+                if result["peak_rss_mb"] is not None and setup.other_processes_mb is not None:
+                    result["peak_rss_mb"] += setup.other_processes_mb()
                 if profile:
                     result["profile"] = _profile(setup.run, dev)
                 if dev.type == "cuda":

@@ -33,8 +33,7 @@ import torch
 import torch.nn as nn
 
 from .errors import PipelineError
-from .nets.hat import HAT
-from .nets.swinir import SwinIR
+from .nets import window_transformer
 
 NAMES = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -134,12 +133,6 @@ def choose(name: str, device: torch.device | str, net: nn.Module | None = None, 
                      emulated=True)
 
 
-def _window_transformer(net: nn.Module | None) -> str:
-    """The name of the first SwinIR or HAT inside `net` ('' if none)."""
-    found = next((m for m in (net.modules() if net is not None else ()) if isinstance(m, (SwinIR, HAT))), None)
-    return type(found).__name__ if found is not None else ""
-
-
 def _auto(hw: Hardware, net: nn.Module | None, where: str, training: bool) -> Precision:
     if hw.device_type == "cuda":
         if native("bf16", hw):
@@ -152,7 +145,7 @@ def _auto(hw: Hardware, net: nn.Module | None, where: str, training: bool) -> Pr
         if hw.cpu_bf16 == "amx":
             return Precision("bf16", "auto", "auto: this CPU has AMX (native bf16 matrix units)")
         if hw.cpu_bf16 == "avx512_bf16":
-            transformer = _window_transformer(net)
+            transformer = window_transformer(net)
             if transformer and not training:
                 return Precision("fp32", "auto", f"auto: this CPU has AVX512-BF16 but no AMX, where {transformer}'s "
                                                  "inference measured slower in bf16 than in fp32 (x0.91-0.93)")

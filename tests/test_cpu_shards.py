@@ -4,6 +4,12 @@ scaled gradients, and says why it does not split where it cannot."""
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +137,107 @@ def test_drop_path_draws_what_timms_does():
     with thread_generator(torch.Generator().manual_seed(7)):
         assert torch.equal(b, ours(x))
     assert torch.allclose(a.unique(), torch.tensor([0.0, 1 / 0.7]))
+
+
+# --- shards in forked processes ------------------------------------------------------------
+
+def steps_of(net: nn.Module, processes: bool, shards: int, amp=None, steps: int = 2) -> list:
+    """`steps` sharded steps, each followed by an SGD update of the parameters in place (what
+    the shard processes must see): the loss, terms and gradients of every step."""
+    torch.manual_seed(0)
+    lr, hr = batch(6)
+    loss_fn = losses.build_loss({"ssim": 1.0, "l1": 0.5})
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    out = []
+    with cpu_shards.ShardedStep(net, loss_fn, shards, amp, torch.device("cpu"), processes) as step:
+        for _ in range(steps):
+            net.zero_grad(set_to_none=True)
+            loss, terms = step.step(lr, hr, scaler)
+            out.append((loss, terms, [p.grad.clone() for p in net.parameters()]))
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.sub_(0.1 * p.grad)
+    return out
+
+
+@pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shard_processes_compute_what_shard_threads_do(amp, shards):
+    """SwinIR with drop path: forked shard processes compute what threads compute, step after
+    step (the parent's in-place updates reach them through the shared parameters): the same
+    bits in fp32. In bf16 two runs of the same threads already differ in the last bits of a
+    few gradients (oneDNN's bf16 products), so there it is the same within bf16 rounding."""
+    torch.manual_seed(0)
+    net = prepare_for_training(build_net("swinir_s", **SMALL_SWINIR, drop_path_rate=0.5)).train()
+    start = copy.deepcopy(net.state_dict())
+    in_threads = steps_of(net, False, shards, amp)
+    net.load_state_dict(start)
+    in_processes = steps_of(net, True, shards, amp)
+    for (loss_t, terms_t, grads_t), (loss_p, terms_p, grads_p) in zip(in_threads, in_processes):
+        if amp is None:
+            assert torch.equal(loss_t, loss_p) and terms_t == terms_p
+        assert torch.allclose(loss_t, loss_p, rtol=1e-3) and terms_t == pytest.approx(terms_p, rel=1e-3)
+        for a, b in zip(grads_t, grads_p):
+            assert a.stride() == b.stride()
+            if amp is None:
+                assert torch.equal(a, b)
+            else:
+                assert torch.allclose(a, b, rtol=0.05, atol=0.02 * float(a.abs().max()))
+    assert not torch.equal(in_processes[0][2][0], in_processes[1][2][0])     # the update reached them
+
+
+@pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
+def test_a_shard_process_that_dies_stops_the_step_with_its_cause():
+    net = prepare_for_training(build_net("rlfn")).train()
+    lr, hr = batch()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with cpu_shards.ShardedStep(net, losses.build_loss({"l1": 1.0}), 2, None, torch.device("cpu"), True) as step:
+        step.step(lr, hr, scaler)
+        os.kill(step.workers[0].pid, signal.SIGKILL)
+        with pytest.raises(PipelineError, match=r"shard process \d+ ended in the middle of a step "
+                                                r"\(killed by signal 9\); cpu_shards: 1 runs without it"):
+            step.step(lr, hr, scaler)
+
+
+KILLED_PARENT = """
+import sys, time, torch
+from pipeline import cpu_shards, losses
+from pipeline.nets import build_net
+net = build_net("rlfn")
+step = cpu_shards.ShardedStep(net, losses.build_loss({"l1": 1.0}), 2, None, torch.device("cpu"), True)
+print(step.workers[0].pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
+def test_a_killed_run_leaves_no_shard_process_behind():
+    run = subprocess.Popen([sys.executable, "-c", KILLED_PARENT], stdout=subprocess.PIPE, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    child = int(run.stdout.readline())
+    run.kill()
+    run.wait()
+    for _ in range(100):
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"shard process {child} outlived its killed parent")
+
+
+def test_plan_puts_window_transformers_shards_in_processes():
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        swinir = cpu_shards.plan("auto", cpu, build_net("swinir_s", **SMALL_SWINIR), 16)
+        rlfn = cpu_shards.plan("auto", cpu, build_net("rlfn"), 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert not rlfn.processes and "on 2 threads" in rlfn.reason
+    if cpu_shards.processes_reason():
+        assert not swinir.processes and "Linux only" in swinir.reason
+    else:
+        assert swinir.processes and swinir.reason.startswith(
+            "2 shards of the batch in 2 processes (this one and 1 forked: SwinIR's many small operations")

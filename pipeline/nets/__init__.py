@@ -52,3 +52,13 @@ def build_net(name: str, **kwargs) -> nn.Module:
         if "keyword argument" not in str(exc) and "positional argument" not in str(exc):
             raise
         raise PipelineError(f"net '{name}': {exc} (check model.args in the experiment config)") from None
+
+
+def window_transformer(net: nn.Module | None) -> str:
+    """The class name of the first SwinIR or HAT inside `net` ('' if none): nets whose steps are
+    thousands of small operations run from Python, which some choices (precision, shards) weigh."""
+    from .hat import HAT
+    from .swinir import SwinIR
+
+    found = next((m for m in (net.modules() if net is not None else ()) if isinstance(m, (SwinIR, HAT))), None)
+    return type(found).__name__ if found is not None else ""

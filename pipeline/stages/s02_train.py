@@ -509,7 +509,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                disable=not d.main or None, dynamic_ncols=True)
     model.train()
     skipped_in_a_row = 0
-    with cpu_shards.ShardedStep(model, loss_fn, shards.shards, amp_dtype, d.device) as sharded:
+    with cpu_shards.ShardedStep(model, loss_fn, shards.shards, amp_dtype, d.device, shards.processes) as sharded:
         for step, (lr_u8, hr_u8) in zip(range(start, t["steps"]), data.batches(stream, start, t["num_workers"], d.device)):
             lr_img, hr_img = data.to_float(lr_u8, d.device), data.to_float(hr_u8, d.device)
             optimizer.zero_grad(set_to_none=True)
