@@ -10,7 +10,8 @@ one process), and the shards' gradients are summed in a fixed order into `.grad`
 What it computes: the loss is a mean over the batch's images, so shard i's loss counts
 n_i / N and the summed gradients are the whole batch's (up to float rounding: the sums
 are grouped differently). The same shards give the same bits every time, whichever thread
-finishes first. Random numbers drawn inside the net (stochastic depth) come from a
+finishes first; but in bf16, shards on threads (SwinIR, 2-3 of them) were seen to differ in
+the last bits of a few gradients from one run to the next, which shard processes never did. Random numbers drawn inside the net (stochastic depth) come from a
 generator per shard (nets/drop_path.py) seeded from torch's global generator in shard
 order, so a run stays a function of its seed and resumes exactly.
 
