@@ -202,11 +202,18 @@ def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, cap
     assert not np.allclose(log_table(other_seed)["loss"][1:], log_table(first)["loss"][1:])
 
 
-def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory):
+# a tiny SwinIR with shifted windows and stochastic depth: its shards run in forked processes
+TINY_SWINIR = {"name": "swinir_s", "args": {"depths": [2], "num_heads": [2], "embed_dim": 12, "window_size": 4,
+                                            "img_size": 8, "drop_path_rate": 0.3}}
+
+
+@pytest.mark.parametrize("model", [TINY["model"], TINY_SWINIR], ids=["espcn-shard-threads", "swinir-shard-processes"])
+def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory, model):
     """Killed and resumed with 2 DataLoader workers, equal to a run with none that never stopped
-    (both with the batch in 2 shards on their own threads)."""
+    (both with the batch in 2 shards: on threads of their own for ESPCN, in a forked process
+    for SwinIR, which the kill ends too)."""
     steps = 24
-    cfg = write_config(workdir, name="tiny", train={"steps": steps, "val_every": 8, "cpu_shards": 2})
+    cfg = write_config(workdir, name="tiny", model=model, train={"steps": steps, "val_every": 8, "cpu_shards": 2})
     env = {**os.environ, "SR_WORKDIR": str(workdir)}
     workers = ["train.num_workers=2"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--exp", cfg, "--fold", "0",
