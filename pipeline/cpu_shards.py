@@ -22,15 +22,17 @@ the bench rows).
 
 Threads or processes. Threads of one process share Python's lock: a SwinIR-S shard, whose
 step runs thousands of small operations from Python, ran 6-15 % slower beside its twin than
-alone (BENCHMARKS.md, training round 5). So for a net holding a SwinIR or HAT, on Linux, the
-shards after the first run in forked processes: the parameters are moved (in place) into
-memory shared with them, so the optimizer's updates here are what they compute with; each
-writes its gradients into shared memory of its own, which is summed here in shard order as
-before; crops, seeds and losses go by a pipe. Same numbers as threads (the same bits in fp32),
-whole SwinIR-S steps (batch 24, 2 shards, AMD EPYC, in-process A/B) 0.864 -> 0.832 s in bf16
-and 1.187 -> 1.136 s in fp32. RLFN's few large operations lose nothing to the lock, and the
-transfers made it 3-5 % slower, so convolutional nets keep threads. A shard process ends with
-the run (with its parent, even a killed one); one that dies stops the step with its cause.
+alone (BENCHMARKS.md, training round 5). So for a net holding a SwinIR, on Linux, the shards
+after the first run in forked processes: the parameters are moved (in place) into memory
+shared with them, so the optimizer's updates here are what they compute with; each writes its
+gradients into shared memory of its own, which is summed here in shard order as before;
+crops, seeds and losses go by a pipe. Same numbers as threads (the same bits in fp32). Whole
+steps, in one process alternating the two (AMD EPYC, 2 shards; BENCHMARKS.md, round 6):
+SwinIR-S (batch 24) 0.864 -> 0.832 s and 0.853 -> 0.805 s in bf16, 1.187 -> 1.136 s in fp32;
+but HAT-S (batch 2 of 64 x 64 crops: one image a shard, far larger operations) 2.548 -> 2.470 s
+in bf16 and 4.351 -> 4.676 s in fp32, and RLFN 3-5 % slower, so those keep threads. A shard
+process ends with the run (with its parent, even a killed one); one that dies stops the step
+with its cause.
 
 `auto` is one shard per torch thread on the CPU, and one shard (the plain step) where
 sharding cannot serve, each with its reason: on CUDA (one device runs one stream of
@@ -90,12 +92,13 @@ def plan(setting: int | str, device: torch.device, net: nn.Module, batch_size: i
     per = threads_per_shard(shards)
     why = "auto: one per torch thread" if setting == "auto" else f"cpu_shards {setting}"
     each = f"{per} torch thread{'s' * (per > 1)} each ({why})"
-    transformer, no_fork = window_transformer(net), processes_reason()
-    if transformer and not no_fork:
+    # processes where they measured faster: SwinIR's steps (see the module docstring)
+    swinir, no_fork = window_transformer(net) == "SwinIR", processes_reason()
+    if swinir and not no_fork:
         return ShardPlan(shards, f"{shards} shards of the batch in {shards} processes (this one and {shards - 1} "
-                                 f"forked: {transformer}'s many small operations from Python would share one lock "
+                                 f"forked: SwinIR's many small operations from Python would share one lock "
                                  f"as threads), {each}", processes=True)
-    why_threads = f"; {no_fork}" if transformer else ""
+    why_threads = f"; {no_fork}" if swinir else ""
     return ShardPlan(shards, f"{shards} shards of the batch on {shards} threads, {each}{why_threads}")
 
 
