@@ -19,6 +19,7 @@ from timm.layers import DropPath as TimmDropPath
 from pipeline import cpu_shards, losses
 from pipeline.errors import PipelineError
 from pipeline.nets import build_net
+from pipeline.nets.swinir_fast import make_fast
 from pipeline.speed import prepare_for_training
 
 SMALL_SWINIR = {"depths": [2, 2], "num_heads": [6, 6]}
@@ -234,7 +235,8 @@ def test_plan_puts_swinirs_shards_in_processes():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        swinir = cpu_shards.plan("auto", cpu, build_net("swinir_s", **SMALL_SWINIR), 16)
+        # on its fast path (FastSwinIR), as stage 02 and the bench hand it over
+        swinir = cpu_shards.plan("auto", cpu, make_fast(build_net("swinir_s", **SMALL_SWINIR)), 16)
         rlfn = cpu_shards.plan("auto", cpu, build_net("rlfn"), 16)
         hat = cpu_shards.plan("auto", cpu, build_net("hat", **SMALL_HAT), 16)
     finally:

@@ -208,7 +208,7 @@ TINY_SWINIR = {"name": "swinir_s", "args": {"depths": [2], "num_heads": [2], "em
 
 
 @pytest.mark.parametrize("model", [TINY["model"], TINY_SWINIR], ids=["espcn-shard-threads", "swinir-shard-processes"])
-def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory, model):
+def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory, model, capsys):
     """Killed and resumed with 2 DataLoader workers, equal to a run with none that never stopped
     (both with the batch in 2 shards: on threads of their own for ESPCN, in a forked process
     for SwinIR, which the kill ends too)."""
@@ -240,6 +240,8 @@ def test_killed_run_resumes_to_the_same_result(tiny, workdir, tmp_path_factory, 
     make_competition()
     straight = run(cfg)
     assert straight.steps_done == steps
+    where = "in 2 processes" if model is TINY_SWINIR else "on 2 threads"
+    assert f"2 shards of the batch {where}" in capsys.readouterr().out
     assert states_equal(resumed.net.state_dict(), straight.net.state_dict())
     assert states_equal(resumed.ema.state_dict(), straight.ema.state_dict())
     assert log_table(resumed).equals(log_table(straight))

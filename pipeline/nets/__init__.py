@@ -55,10 +55,13 @@ def build_net(name: str, **kwargs) -> nn.Module:
 
 
 def window_transformer(net: nn.Module | None) -> str:
-    """The class name of the first SwinIR or HAT inside `net` ('' if none): nets whose steps are
+    """"SwinIR" or "HAT", the first of them inside `net` ('' if none): nets whose steps are
     thousands of small operations run from Python, which some choices (precision, shards) weigh."""
     from .hat import HAT
     from .swinir import SwinIR
 
-    found = next((m for m in (net.modules() if net is not None else ()) if isinstance(m, (SwinIR, HAT))), None)
-    return type(found).__name__ if found is not None else ""
+    for m in net.modules() if net is not None else ():
+        for kind in (SwinIR, HAT):          # a fast path's subclass (FastSwinIR) counts as its net
+            if isinstance(m, kind):
+                return kind.__name__
+    return ""
