@@ -298,19 +298,25 @@ class _ShardProcess:
         self.pid, self.conn = pid, here
 
     def submit(self, lr: torch.Tensor, hr: torch.Tensor, seed: int, scale: torch.Tensor, weight: float) -> None:
-        _send(self.conn, (lr, hr, seed, scale, weight))
+        try:
+            _send(self.conn, (lr, hr, seed, scale, weight))
+        except OSError:
+            raise self._ended() from None
 
     def result(self) -> tuple[torch.Tensor, dict[str, float], list]:
         try:
             reply = _receive(self.conn)
         except (EOFError, OSError):
-            raise PipelineError(f"train: the shard process {self.pid} ended in the middle of a step "
-                                f"({self._exit_status()}); cpu_shards: 1 runs without it") from None
+            raise self._ended() from None
         if reply[0] == "error":
             raise PipelineError(f"train: shard process: {reply[1]}")
         _, loss, terms, missing, peak_growth_kb = reply
         self.peak_growth_kb = max(self.peak_growth_kb, peak_growth_kb)
         return loss, terms, [None if j in missing else g for j, g in enumerate(self.grads)]
+
+    def _ended(self) -> PipelineError:
+        return PipelineError(f"train: the shard process {self.pid} ended in the middle of a step "
+                             f"({self._exit_status()}); cpu_shards: 1 runs without it")
 
     def _exit_status(self) -> str:
         try:
@@ -322,15 +328,16 @@ class _ShardProcess:
                 else f"exit code {os.WEXITSTATUS(status)}")
 
     def close(self) -> None:
-        if self.pid is None:
-            return
-        try:
-            _send(self.conn, None)
-        except OSError:
-            pass
+        """End the process (after the job it may be running) and reap it."""
+        if self.pid is not None:
+            try:
+                _send(self.conn, None)
+            except OSError:
+                pass
         self.conn.close()
-        os.waitpid(self.pid, 0)
-        self.pid = None
+        if self.pid is not None:
+            os.waitpid(self.pid, 0)
+            self.pid = None
 
 
 def _serve(owner: ShardedStep, conn, grads: list[torch.Tensor], threads: int, parent: int) -> None:

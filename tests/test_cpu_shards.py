@@ -192,13 +192,19 @@ def test_shard_processes_compute_what_shard_threads_do(amp, shards):
 
 
 @pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
-def test_a_shard_process_that_dies_stops_the_step_with_its_cause():
+@pytest.mark.parametrize("gone", [False, True], ids=["dying", "gone"])
+def test_a_shard_process_that_dies_stops_the_step_with_its_cause(gone):
+    """Killed between steps: the next step stops with its cause, whether the crops still reach
+    the pipe (dying) or the pipe is already closed (gone)."""
     net = prepare_for_training(build_net("rlfn")).train()
     lr, hr = batch()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     with cpu_shards.ShardedStep(net, losses.build_loss({"l1": 1.0}), 2, None, torch.device("cpu"), True) as step:
         step.step(lr, hr, scaler)
-        os.kill(step.workers[0].pid, signal.SIGKILL)
+        pid = step.workers[0].pid
+        os.kill(pid, signal.SIGKILL)
+        while gone and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
         with pytest.raises(PipelineError, match=r"shard process \d+ ended in the middle of a step "
                                                 r"\(killed by signal 9\); cpu_shards: 1 runs without it"):
             step.step(lr, hr, scaler)
