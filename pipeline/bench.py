@@ -23,10 +23,10 @@ that ran it:
 Weights are random (speed does not depend on them). Every row runs in its own child
 process (forked where possible, so torch is imported once), so its peak memory is its
 own (a training row's is the memory of a training step; where the step's shards run in
-processes of their own, each one's peak growth over what it inherited is added). bf16/fp16 rows run only where the
-precision is native (pipeline.precision: bf16 on CUDA >= 8.0 or a CPU with AVX512-BF16/AMX,
-fp16 on CUDA): emulated, they are 10-90x slower than fp32 and say nothing about the
-hardware that has them.
+processes of their own, each one's peak growth over what it inherited is added). bf16/fp16
+rows run only where the precision is native (pipeline.precision: bf16 on CUDA >= 8.0 or a
+CPU with AVX512-BF16/AMX, fp16 on CUDA): emulated, they are 10-90x slower than fp32 and say
+nothing about the hardware that has them.
 
 Before and after the rows a cores probe (`cores_probe`) times fp32 matrix products on one core
 alone and on every core at once: on a shared (virtualised) machine its share falls while other

@@ -9,11 +9,12 @@ one process), and the shards' gradients are summed in a fixed order into `.grad`
 
 What it computes: the loss is a mean over the batch's images, so shard i's loss counts
 n_i / N and the summed gradients are the whole batch's (up to float rounding: the sums
-are grouped differently). The same shards give the same bits every time, whichever thread
-finishes first; but in bf16, shards on threads (SwinIR, 2-3 of them) were seen to differ in
-the last bits of a few gradients from one run to the next, which shard processes never did. Random numbers drawn inside the net (stochastic depth) come from a
-generator per shard (nets/drop_path.py) seeded from torch's global generator in shard
-order, so a run stays a function of its seed and resumes exactly.
+are grouped differently). The same shards give the same bits every time in fp32, whichever
+thread finishes first; in bf16, shards on threads (SwinIR, 2-3 of them) were seen to differ
+in the last bits of a few gradients from one run to the next, which shard processes never
+did. Random numbers drawn inside the net (stochastic depth) come from a generator per shard
+(nets/drop_path.py) seeded from torch's global generator in shard order, so a run stays a
+function of its seed and resumes exactly.
 
 Measured (AMD EPYC, 2 cores, avx512_bf16, torch 2.14.1; 2 shards of one thread against one
 batch on 2 intra-op threads): RLFN batch 16 fp32 0.353 -> 0.271 s a step, bf16 0.272 ->
@@ -123,8 +124,8 @@ class ShardedStep:
     `step(lr, hr, scaler)` returns (the batch's loss, detached; its unweighted terms) and
     adds the gradients of the loss (scaled by `scaler`, as `scaler.scale(loss).backward()`
     would) to the parameters' `.grad`. Shard 0 runs on a thread of this process, the others
-    in forked processes (`processes=True`, see `processes_reason`) or on threads of their own;
-    both give the same bits. Use it as a context manager: the threads and processes end with it.
+    in forked processes (`processes=True`, see `processes_reason`) or on threads of their own
+    (the same bits in fp32). Use it as a context manager: the threads and processes end with it.
     """
 
     def __init__(self, model: nn.Module, loss_fn, shards: int, amp_dtype: torch.dtype | None,
@@ -239,24 +240,28 @@ def _span(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
-def _alike_in(memory: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Tensors of `tensors`' dtypes, sizes and strides laid out in `memory` (None: the bytes it needs)."""
-    views, offset = [], 0
+def _offsets(tensors: list[torch.Tensor]) -> list[int]:
+    """Where each tensor starts in one block of bytes holding them all (cache-line aligned),
+    then the block's size."""
+    offsets = [0]
     for t in tensors:
-        nbytes = _span(t) * t.element_size()
-        if memory is not None:
-            flat = memory[offset:offset + nbytes].view(t.dtype)
-            views.append(flat.as_strided(t.shape, t.stride()))
-        offset += -(-nbytes // 64) * 64          # each one cache-line aligned
-    return views if memory is not None else offset
+        offsets.append(offsets[-1] + -(-_span(t) * t.element_size() // 64) * 64)
+    return offsets
+
+
+def _shared_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """New tensors of `tensors`' dtypes, sizes and strides, all in one block of shared memory."""
+    offsets = _offsets(tensors)
+    memory = _shared_memory(offsets[-1])
+    return [memory[a:a + _span(t) * t.element_size()].view(t.dtype).as_strided(t.shape, t.stride())
+            for t, a in zip(tensors, offsets)]
 
 
 def _share_parameters(params: list[torch.Tensor]) -> None:
     """Move the parameters into shared memory, in place (same objects, sizes and strides): the
     optimizer's updates in this process are what the shard processes compute with."""
-    memory = _shared_memory(_alike_in(None, params))
     with torch.no_grad():
-        for p, shared in zip(params, _alike_in(memory, params)):
+        for p, shared in zip(params, _shared_like(params)):
             shared.copy_(p)
             p.data = shared
 
@@ -280,7 +285,7 @@ class _ShardProcess:
     this process reads. Jobs and results (small: the shard's crops, the loss) go by a pipe."""
 
     def __init__(self, owner: ShardedStep, threads: int):
-        self.grads = _alike_in(_shared_memory(_alike_in(None, owner.params)), owner.params)
+        self.grads = _shared_like(owner.params)
         self.peak_growth_kb = 0
         here, there = multiprocessing.Pipe()
         parent = os.getpid()
@@ -312,6 +317,7 @@ class _ShardProcess:
             raise PipelineError(f"train: shard process: {reply[1]}")
         _, loss, terms, missing, peak_growth_kb = reply
         self.peak_growth_kb = max(self.peak_growth_kb, peak_growth_kb)
+        missing = set(missing)
         return loss, terms, [None if j in missing else g for j, g in enumerate(self.grads)]
 
     def _ended(self) -> PipelineError:
