@@ -9,10 +9,9 @@ one process), and the shards' gradients are summed in a fixed order into `.grad`
 
 What it computes: the loss is a mean over the batch's images, so shard i's loss counts
 n_i / N and the summed gradients are the whole batch's (up to float rounding: the sums
-are grouped differently). The same shards give the same bits every time in fp32, whichever
-thread finishes first; in bf16, shards on threads (SwinIR, 2-3 of them) were seen to differ
-in the last bits of a few gradients from one run to the next, which shard processes never
-did. Random numbers drawn inside the net (stochastic depth) come from a generator per shard
+are grouped differently). The same shards give the same bits every time, whichever thread
+finishes first (in bf16 too: each shard casts its weights to bf16 uncached, see
+`shard_gradients`). Random numbers drawn inside the net (stochastic depth) come from a generator per shard
 (nets/drop_path.py) seeded from torch's global generator in shard order, so a run stays a
 function of its seed and resumes exactly.
 
@@ -27,7 +26,7 @@ alone (BENCHMARKS.md, training round 5). So for a net holding a SwinIR, on Linux
 after the first run in forked processes: the parameters are moved (in place) into memory
 shared with them, so the optimizer's updates here are what they compute with; each writes its
 gradients into shared memory of its own, which is summed here in shard order as before;
-crops, seeds and losses go by a pipe. Same numbers as threads (the same bits in fp32). Whole
+crops, seeds and losses go by a pipe. The same bits as threads. Whole
 steps, in one process alternating the two (AMD EPYC, 2 shards; BENCHMARKS.md, round 6):
 SwinIR-S (batch 24) 0.864 -> 0.832 s and 0.853 -> 0.805 s in bf16, 1.187 -> 1.136 s in fp32;
 but HAT-S (batch 2 of 64 x 64 crops: one image a shard, far larger operations) 2.548 -> 2.470 s
@@ -125,7 +124,7 @@ class ShardedStep:
     adds the gradients of the loss (scaled by `scaler`, as `scaler.scale(loss).backward()`
     would) to the parameters' `.grad`. Shard 0 runs on a thread of this process, the others
     in forked processes (`processes=True`, see `processes_reason`) or on threads of their own
-    (the same bits in fp32). Use it as a context manager: the threads and processes end with it.
+    (the same bits). Use it as a context manager: the threads and processes end with it.
     """
 
     def __init__(self, model: nn.Module, loss_fn, shards: int, amp_dtype: torch.dtype | None,
@@ -165,9 +164,10 @@ class ShardedStep:
         (MB, summed): the step's memory outside this process."""
         return sum(worker.peak_growth_kb for worker in self.workers) / 2 ** 10
 
-    def _loss(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, lr: torch.Tensor, hr: torch.Tensor, cache_casts: bool = True
+              ) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+                            enabled=self.amp_dtype is not None, cache_enabled=cache_casts):
             sr = self.model(lr)
         return self.loss_fn.evaluate(sr, hr)
 
@@ -176,7 +176,12 @@ class ShardedStep:
         """One shard's (loss x weight, detached; terms x weight; gradients of loss x scale x weight),
         stochastic depth drawn from a generator seeded with `seed`."""
         with thread_generator(torch.Generator(self.device).manual_seed(seed)):
-            loss, terms = self._loss(lr, hr)
+            # autocast's cache of cast weights is shared by the process's threads, and a thread
+            # leaving autocast empties it while another is inside: shards on threads then took a
+            # weight used twice (SwinIR's shifted blocks) through one cast or two, in no fixed
+            # order, and bf16 gradients varied in their last bits from run to run (7 runs in 8).
+            # Uncached, every use casts its weight: the same bits every run, threads or processes.
+            loss, terms = self._loss(lr, hr, cache_casts=False)
             grads = torch.autograd.grad(loss * (scale * weight), self.params, allow_unused=True)
         return loss.detach() * weight, {k: v * weight for k, v in terms.items()}, grads
 

@@ -60,20 +60,22 @@ SMALL_HAT = {"embed_dim": 24, "depths": [2], "num_heads": [2], "window_size": 4,
              "compress_ratio": 3, "squeeze_factor": 4, "mlp_ratio": 2, "upscale": 4}
 
 
+@pytest.mark.parametrize("amp,shards", [(None, 2), (torch.bfloat16, 3)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name,args", [("swinir_s", SMALL_SWINIR), ("hat", SMALL_HAT)])
-def test_sharded_steps_are_the_same_bits_every_time_with_stochastic_depth(name, args):
+def test_sharded_steps_are_the_same_bits_every_time_with_stochastic_depth(name, args, amp, shards):
     """SwinIR and HAT with drop path 0.5: each shard draws from a generator of its own, seeded
     from the global one in shard order, so a seed gives the same gradients whichever thread
-    runs first, and another seed other ones."""
+    runs first, and another seed other ones. In bf16 too, with more shards than cores: with
+    autocast's cache of cast weights (shared by the threads) 7 runs in 8 differed."""
     net = prepare_for_training(build_net(name, **args, drop_path_rate=0.5)).train()
     lr, hr = batch(6)
     runs = []
-    for seed in (0, 0, 0, 1):
+    for seed in (0, 0, 0, 0, 1):
         torch.manual_seed(seed)
-        runs.append(grads_of(net, 2, lr, hr)[2])
-    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
-    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
-    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[3]))
+        runs.append(grads_of(net, shards, lr, hr, amp=amp)[2])
+    for again in runs[1:4]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[4]))
     net.eval()          # and drop path is off outside training: shards equal the whole batch
     assert grads_of(net, 2, lr, hr)[0] == pytest.approx(grads_of(net, 1, lr, hr)[0], abs=1e-6)
 
@@ -165,10 +167,8 @@ def steps_of(net: nn.Module, processes: bool, shards: int, amp=None, steps: int 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 @pytest.mark.parametrize("shards", [2, 3])
 def test_shard_processes_compute_what_shard_threads_do(amp, shards):
-    """SwinIR with drop path: forked shard processes compute what threads compute, step after
-    step (the parent's in-place updates reach them through the shared parameters): the same
-    bits in fp32. In bf16 two runs of the same threads may already differ in the last bits of a
-    few gradients, so there it is the same within bf16 rounding; processes repeat their bits."""
+    """SwinIR with drop path: forked shard processes compute the bits threads compute, step
+    after step (the parent's in-place updates reach them through the shared parameters)."""
     torch.manual_seed(0)
     net = prepare_for_training(build_net("swinir_s", **SMALL_SWINIR, drop_path_rate=0.5)).train()
     start = copy.deepcopy(net.state_dict())
@@ -176,19 +176,10 @@ def test_shard_processes_compute_what_shard_threads_do(amp, shards):
     net.load_state_dict(start)
     in_processes = steps_of(net, True, shards, amp)
     for (loss_t, terms_t, grads_t), (loss_p, terms_p, grads_p) in zip(in_threads, in_processes):
-        if amp is None:
-            assert torch.equal(loss_t, loss_p) and terms_t == terms_p
-        assert torch.allclose(loss_t, loss_p, rtol=1e-3) and terms_t == pytest.approx(terms_p, rel=1e-3)
+        assert torch.equal(loss_t, loss_p) and terms_t == terms_p
         for a, b in zip(grads_t, grads_p):
-            assert a.stride() == b.stride()
-            if amp is None:
-                assert torch.equal(a, b)
-            else:
-                assert torch.allclose(a, b, rtol=0.05, atol=0.02 * float(a.abs().max()))
+            assert torch.equal(a, b) and a.stride() == b.stride()
     assert not torch.equal(in_processes[0][2][0], in_processes[1][2][0])     # the update reached them
-    net.load_state_dict(start)
-    again = steps_of(net, True, shards, amp)            # and processes repeat their bits, bf16 too
-    assert all(torch.equal(a, b) for step, other in zip(in_processes, again) for a, b in zip(step[2], other[2]))
 
 
 @pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
