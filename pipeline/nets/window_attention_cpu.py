@@ -40,9 +40,16 @@ def _chunk_windows(windows: int, heads: int, cells: int, itemsize: int) -> int:
     return min(windows, max(1, _CHUNK_BYTES // (heads * cells * cells * itemsize)))
 
 
+def _scratch(windows: int, step: int, whole: tuple, cut) -> itertools.chain:
+    """The loop's scratch views chunk by chunk: `whole` for each chunk of `step` windows, then
+    `cut(w)` for a last, shorter chunk of w windows."""
+    full, last = divmod(windows, step)
+    return itertools.chain(itertools.repeat(whole, full), [cut(last)] if last else [])
+
+
 class _WindowAttention(torch.autograd.Function):
-    """The loops take every operand's chunk views from one `split` each, and slice only the last,
-    shorter chunk: a batch's shards run on threads that share Python's lock, and these loops
+    """The loops take every operand's chunk views from one `split` each (the scratch buffers'
+    from `_scratch`): a batch's shards run on threads that share Python's lock, and these loops
     held about half of its samples in a SwinIR-S step (py-spy --gil), ~25 % fewer since."""
 
     @staticmethod
@@ -62,19 +69,20 @@ class _WindowAttention(torch.autograd.Function):
             out_t_rows, out_t_tokens = out_t.view(rows, d, cells), out_t.permute(0, 3, 1, 2)
             # the bias repeated for a chunk's windows, once: baddbmm starts every chunk's scores from it
             bias_rows = bias.to(qkv.dtype).expand(step, heads, cells, cells).reshape(rows, cells, cells)
+            scratch = _scratch(windows, step, (bias_rows, out_t_rows, out_t_tokens),
+                               lambda w: (bias_rows[:w * heads], out_t_rows[:w * heads], out_t_tokens[:w]))
             chunks = zip(qkv.view(windows, cells, 3, heads, d).permute(2, 0, 3, 1, 4).split(step, 1),
                          split.split(step, 1), q.split(rows), k.transpose(1, 2).split(rows),
                          v.transpose(1, 2).split(rows), probs.split(rows), probs.transpose(1, 2).split(rows),
-                         out.split(step), itertools.repeat(None) if mask is None else mask.split(step))
-            for qkv_c, split_c, q_c, k_t, v_t, p_c, p_t, out_c, mask_c in chunks:
-                n = q_c.shape[0]
+                         out.split(step), itertools.repeat(None) if mask is None else mask.split(step), scratch)
+            for qkv_c, split_c, q_c, k_t, v_t, p_c, p_t, out_c, mask_c, (bias_c, out_t_c, out_t_tokens_c) in chunks:
                 split_c.copy_(qkv_c)
-                scores = torch.baddbmm(bias_rows if n == rows else bias_rows[:n], q_c, k_t, alpha=scale)
+                scores = torch.baddbmm(bias_c, q_c, k_t, alpha=scale)
                 if mask_c is not None:
                     scores.view(-1, heads, cells, cells).add_(mask_c)
                 torch._softmax(scores, -1, False, out=p_c)
-                torch.bmm(v_t, p_t, out=out_t_rows if n == rows else out_t_rows[:n])
-                out_c.copy_(out_t_tokens if n == rows else out_t_tokens[:n // heads])
+                torch.bmm(v_t, p_t, out=out_t_c)
+                out_c.copy_(out_t_tokens_c)
         ctx.save_for_backward(q, k, v, probs)
         ctx.shape = (windows, heads, cells, d, scale, step)
         ctx.bias_dtype = bias.dtype
@@ -92,23 +100,22 @@ class _WindowAttention(torch.autograd.Function):
             d_q_t, d_k_t, d_v_t = d_t.view(3, rows, d, cells).unbind(0)
             d_t_tokens = d_t.permute(1, 4, 0, 2, 3)                 # as (windows, cells, 3, heads, d)
             d_bias = probs.new_zeros(heads, cells, cells, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            scratch = _scratch(windows, step, (d_q_t, d_k_t, d_v_t, d_t_tokens),
+                               lambda w: (d_q_t[:w * heads], d_k_t[:w * heads], d_v_t[:w * heads], d_t_tokens[:w]))
             chunks = zip(d_out.view(windows, cells, heads, d).transpose(1, 2).split(step), probs.split(rows),
                          q.transpose(1, 2).split(rows), k.transpose(1, 2).split(rows),
-                         v.transpose(1, 2).split(rows), d_qkv.split(step))
-            for g_c, p, q_t, k_t, v_t, d_qkv_c in chunks:
-                n = p.shape[0]
-                g_c = g_c.reshape(n, cells, d)
-                d_v = d_v_t if n == rows else d_v_t[:n]
+                         v.transpose(1, 2).split(rows), d_qkv.split(step), scratch)
+            for g_c, p, q_t, k_t, v_t, d_qkv_c, (d_q, d_k, d_v, d_t_tokens_c) in chunks:
+                g_c = g_c.reshape(-1, cells, d)
                 torch.bmm(g_c.transpose(1, 2), p, out=d_v)                                  # dv^T = g^T P
                 d_scores = torch._softmax_backward_data(torch.bmm(g_c, v_t), p, -1, p.dtype)
                 if d_bias is not None:
                     # summed over windows in the scores' dtype (float32 inside the sum), as autograd
                     # sums a bf16 bias's gradient; a float32 result would first copy the bf16 scores
                     d_bias += d_scores.view(-1, heads, cells, cells).sum(0)
-                d_q, d_k = (d_q_t, d_k_t) if n == rows else (d_q_t[:n], d_k_t[:n])
                 torch.baddbmm(d_q, k_t, d_scores.transpose(1, 2), beta=0, alpha=scale, out=d_q)
                 torch.baddbmm(d_k, q_t, d_scores, beta=0, alpha=scale, out=d_k)
-                d_qkv_c.copy_(d_t_tokens if n == rows else d_t_tokens[:n // heads])
+                d_qkv_c.copy_(d_t_tokens_c)
             d_qkv = d_qkv.view(windows * cells, -1)
         if d_bias is not None:
             d_bias = d_bias.unsqueeze(0).to(ctx.bias_dtype)
