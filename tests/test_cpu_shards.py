@@ -182,6 +182,14 @@ def test_shard_processes_compute_what_shard_threads_do(amp, shards):
     assert not torch.equal(in_processes[0][2][0], in_processes[1][2][0])     # the update reached them
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter from /proc (Z: ended, not yet reaped), None once it is reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
 @pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
 @pytest.mark.parametrize("gone", [False, True], ids=["dying", "gone"])
 def test_a_shard_process_that_dies_stops_the_step_with_its_cause(gone):
@@ -194,7 +202,7 @@ def test_a_shard_process_that_dies_stops_the_step_with_its_cause(gone):
         step.step(lr, hr, scaler)
         pid = step.workers[0].pid
         os.kill(pid, signal.SIGKILL)
-        while gone and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        while gone and _state(pid) != "Z":
             time.sleep(0.01)
         with pytest.raises(PipelineError, match=r"shard process \d+ ended in the middle of a step "
                                                 r"\(killed by signal 9\); cpu_shards: 1 runs without it"):
@@ -220,7 +228,7 @@ def test_a_killed_run_leaves_no_shard_process_behind():
     run.kill()
     run.wait()
     for _ in range(100):
-        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+        if _state(child) in (None, "Z"):
             break
         time.sleep(0.05)
     else:

@@ -357,9 +357,7 @@ def test_ddp_trains_a_transformer_on_its_fast_path(workdir, tmp_path_factory):
     channels-last with the convolutions by the fast path, failed that broadcast (torch refused
     to copy it onto itself) until buffers kept their plain strides."""
     make_competition()
-    swinir = write_config(workdir, name="tiny_swinir", model={
-        "name": "swinir_s", "args": {"depths": [1], "num_heads": [2], "embed_dim": 12, "window_size": 4,
-                                     "img_size": 8}},
+    swinir = write_config(workdir, name="tiny_swinir", model=TINY_SWINIR,
                           train={"steps": 2, "val_every": 2, "ckpt_every": 2})
     train_in_two_processes(swinir, workdir, tmp_path_factory.mktemp("ranks"))
     assert list(pd.read_csv(paths.run_dir("tiny_swinir", 0, 0) / "log.csv")["step"]) == [0, 1, 2]

@@ -14,7 +14,8 @@ What is faster, and why it computes the same thing:
   attention needs the windows. The reference pays four copies per shifted block (roll,
   partition, reverse, roll back); here going from one block's windows to the next
   block's shifted windows is one gather through a precomputed permutation (the roll is
-  folded into it; its gradient the gather through the inverse), and convolutions see the tokens as a channels-last image (a view).
+  folded into it; its gradient is the gather through the inverse), and convolutions see the
+  tokens as a channels-last image (a view).
 - Attention is `scaled_dot_product_attention` (a fused kernel on CPU and GPU: the
   (windows x heads x 64 x 64) score tensor is never written to memory), with the
   relative-position bias gathered once per weight version, not per call. Training on the
