@@ -145,8 +145,8 @@ def _auto(hw: Hardware, net: nn.Module | None, where: str, training: bool) -> Pr
         if hw.cpu_bf16 == "amx":
             return Precision("bf16", "auto", "auto: this CPU has AMX (native bf16 matrix units)")
         if hw.cpu_bf16 == "avx512_bf16":
-            transformer = window_transformer(net)
-            if transformer and not training:
+            transformer = "" if training else window_transformer(net)
+            if transformer:
                 return Precision("fp32", "auto", f"auto: this CPU has AVX512-BF16 but no AMX, where {transformer}'s "
                                                  "inference measured slower in bf16 than in fp32 (x0.91-0.93)")
             return Precision("bf16", "auto", "auto: this CPU has AVX512-BF16 (no AMX), where bf16 "
