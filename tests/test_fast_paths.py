@@ -157,8 +157,9 @@ def test_training_attention_has_the_reference_gradients(chunk_bytes):
     `window_attention_cpu` (forward and backward by hand; torch's fused CPU kernel has no
     gradient for the learnt bias) in every block, interior and border windows of shifted
     blocks alike, with the reference's loss and gradients (the bias tables' too), on an odd
-    size (padded to the window) and a batch; in one chunk of windows, and (chunk_bytes=1)
-    in chunks of one window, so border windows span many chunks."""
+    size (padded to the window) and a batch, one call a block (a shifted block's mask
+    covers its last windows); in one chunk of windows, and (chunk_bytes=1) in chunks of one
+    window, so border windows span many chunks."""
     torch.manual_seed(9)
     ref = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.0).train()
     fast = make_fast(copy.deepcopy(ref)).train()
@@ -176,7 +177,7 @@ def test_training_attention_has_the_reference_gradients(chunk_bytes):
         for loss in losses:
             loss.backward()
     assert not fused
-    assert len(by_hand) == 2 + 2 * 2     # 4 blocks; the 2 shifted ones in interior and border segments
+    assert len(by_hand) == 4             # 4 blocks, shifted or not
     assert abs(losses[0].item() - losses[1].item()) < 1e-6
     for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
@@ -194,23 +195,26 @@ def _window_attention_by_autograd(qkv, bias, mask, heads, cells, scale):
     """The products spelt out for autograd: what window_attention_cpu computes by hand."""
     tokens, d = qkv.shape[0], qkv.shape[1] // (3 * heads)
     q, k, v = qkv.view(tokens // cells, cells, 3, heads, d).permute(2, 0, 3, 1, 4)
+    if mask is not None:      # the mask of the last windows; the others unmasked
+        mask = torch.cat([mask.new_zeros(tokens // cells - len(mask), *mask.shape[1:]), mask])
     scores = (q * scale) @ k.transpose(-2, -1) + (bias if mask is None else bias + mask).to(qkv.dtype)
     return (scores.softmax(-1) @ v).transpose(1, 2).reshape(tokens, heads * d)
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_window_attention_by_hand_equals_autograd(dtype, bound, with_mask):
+@pytest.mark.parametrize("masked_windows", [0, 7, 5])
+def test_window_attention_by_hand_equals_autograd(dtype, bound, masked_windows):
     """Outputs and the gradients of qkv and the bias, chunk boundaries inside the windows
-    (3 windows a chunk of 7), a -inf shifted-window mask, fp32 and bf16 (bf16: each side
-    rounds its own products, relative to the largest value)."""
+    (3 windows a chunk of 7), a -inf shifted-window mask on all windows or on the last 5
+    (from inside the first chunk), fp32 and bf16 (bf16: each side rounds its own products,
+    relative to the largest value)."""
     torch.manual_seed(0)
     heads, cells, d, windows = 3, 16, 5, 7
     qkv = torch.randn(windows * cells, 3 * heads * d).to(dtype).requires_grad_()
     bias = torch.randn(1, heads, cells, cells, requires_grad=True)
     mask = None
-    if with_mask:
-        mask = torch.zeros(windows, 1, cells, cells)
+    if masked_windows:
+        mask = torch.zeros(masked_windows, 1, cells, cells)
         mask[::2, :, :, cells // 2:] = float("-inf")      # half the keys hidden from every other window
     g = torch.randn(windows * cells, heads * d).to(dtype)
     results = []

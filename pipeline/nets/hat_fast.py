@@ -93,9 +93,10 @@ def _in_jobs(out: torch.Tensor, cells: int, attend, device: torch.device,
              segments: list[tuple[int, int, torch.Tensor | None]]) -> torch.Tensor:
     """out[window rows] = attend(first, stop, mask) for chunks of windows: in one call where
     gradients flow (training), else in jobs on the worker threads (inference). `mask` is
-    None or one row per window of its segment."""
+    None or one row per window of its segment; the segments run from window 0 in order, so
+    the last one's mask is that of the last windows, as `attend` takes it in one call."""
     if torch.is_grad_enabled():
-        return torch.cat([attend(a, e, m) for a, e, m in segments if e > a])
+        return attend(0, segments[-1][1], segments[-1][2])
     jobs = [(a, min(a + _CHUNK_WINDOWS, e), first, m) for first, e, m in segments
             for a in range(first, e, _CHUNK_WINDOWS)]
 

@@ -183,7 +183,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, bias: torch.Tensor,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention within windows of `cells` consecutive tokens of `x` (L, C); `bias` is the
-    (1, heads, N, N) position bias, `mask` None or the (windows, 1, N, N) shifted-window mask."""
+    (1, heads, N, N) position bias, `mask` None or the (m, 1, N, N) shifted-window mask of
+    the last m windows (the border windows: `_Orders` puts them last)."""
     tokens, c = x.shape
     heads = attn.num_heads
     drop = attn.attn_drop.p if attn.training else 0.0
@@ -194,6 +195,10 @@ def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, bias: 
         qkv = _linear(x, attn.qkv.weight, attn.qkv.bias)
         out = window_attention(qkv, bias, mask, heads, cells, attn.scale)
         return attn.proj_drop(_linear(out, attn.proj.weight, attn.proj.bias))
+    unmasked = tokens // cells - (0 if mask is None else mask.shape[0])
+    if mask is not None and unmasked:   # the interior windows take the bias alone, broadcast
+        return torch.cat([_window_attention(attn, x[:unmasked * cells], cells, bias),
+                          _window_attention(attn, x[unmasked * cells:], cells, bias, mask)])
     mask = bias if mask is None else bias + mask
     d = _head_dim(c // heads, x.device, fused=not spelt_out)
     if d == c // heads:
@@ -213,15 +218,14 @@ def _block(blk: SwinTransformerBlock, z: torch.Tensor, orders: _Orders, b: int) 
     n = orders.cells
     windows = z.shape[0] // n
     bias = _position_bias(blk.attn)
-    segments = [(0, windows, None)]
-    if blk.shift_size and orders.border_mask is not None:
-        split = orders.n_interior          # the windows after it straddle the roll: bias + mask
-        segments = [(0, split, None), (split, windows, orders.border_mask)]
-    segments = [s for s in segments if s[1] > s[0]]
+    border_mask = orders.border_mask if blk.shift_size else None   # the windows from n_interior on
     if torch.is_grad_enabled() or blk.training:
-        parts = [_window_attention(blk.attn, blk.norm1(z[a * n:e * n]), n, bias, mask) for a, e, mask in segments]
-        z = _add_drop_path(blk, z, parts[0] if len(parts) == 1 else torch.cat(parts), b, n)
+        z = _add_drop_path(blk, z, _window_attention(blk.attn, blk.norm1(z), n, bias, border_mask), b, n)
         return _add_drop_path(blk, z, _mlp(blk.mlp, blk.norm2(z)), b, n)
+    segments = [(0, windows, None)]
+    if border_mask is not None:
+        segments = [(0, orders.n_interior, None), (orders.n_interior, windows, border_mask)]
+    segments = [s for s in segments if s[1] > s[0]]
     # inference: jobs of a few hundred windows, each updated in place (z is this path's
     # own gather) so its intermediates stay in cache; the jobs run on worker threads
     jobs = [(a, min(a + _CHUNK_WINDOWS, stop), first, mask)
