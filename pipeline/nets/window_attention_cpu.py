@@ -21,6 +21,9 @@ The forward + backward of an unshifted SwinIR-S block's attention: 37-40 ms -> 2
 on 2 shards 2.23 -> 1.87 s in fp32, 0.99 -> 0.92 s in bf16 (BENCHMARKS.md, training round 3).
 Round 5: splitting and merging per chunk instead of once for the whole block, and the bf16
 bias gradient summed in bf16: 22.6 -> 20.4 ms in fp32, 14.6 -> 13.7 ms in bf16 (medians of 15).
+Round 7: a shifted block is one call, its mask covering the last (border) windows, instead of
+interior and border segments joined by a cat, and the mask is cast to the scores' dtype once a
+call: a SwinIR-S step of 2 shards in processes 1.046 -> 0.988 s in bf16, 1.395 -> 1.332 s in fp32.
 Attention dropout is not here (`swinir_fast.attend` spells it out for autograd when a net has it).
 """
 from __future__ import annotations
