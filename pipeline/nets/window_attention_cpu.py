@@ -82,7 +82,7 @@ class _WindowAttention(torch.autograd.Function):
             # the bias repeated for a chunk's windows, once: baddbmm starts every chunk's scores from it
             bias_rows = bias.to(qkv.dtype).expand(step, heads, cells, cells).reshape(rows, cells, cells)
             # the mask in the scores' dtype, once: a float32 mask added into bf16 scores is cast
-            # chunk by chunk (a 32-window chunk's add: 2.5 ms, against 0.15 ms in bf16)
+            # chunk by chunk (a 32-window chunk's add: 0.18 ms, against 0.11 ms in bf16)
             mask = None if mask is None else mask.to(qkv.dtype)
             scratch = _scratch(windows, step, (bias_rows, out_t_rows, out_t_tokens),
                                lambda w: (bias_rows[:w * heads], out_t_rows[:w * heads], out_t_tokens[:w]))
