@@ -55,6 +55,7 @@ import pandas as pd
 import torch
 
 from . import paths
+from .cpu_memory import peak_rss_mb
 from .errors import PipelineError
 from .io import atomic_path, locked
 from .precision import choose, hardware, native
@@ -155,16 +156,6 @@ def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[fl
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory (MB), None where the OS does not tell."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10   # bytes on macOS, KiB on Linux
 
 
 def _scene(shape: tuple[int, int], seed: int = 0) -> np.ndarray:

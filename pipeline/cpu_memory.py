@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 
 _M_TRIM_THRESHOLD = -1            # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
@@ -46,3 +47,13 @@ def retain_freed_memory() -> bool:
         return False
     # mallopt returns 1 on success; setting either turns off glibc's own moving of both
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (MB), None where the OS does not tell."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10   # bytes on macOS, KiB on Linux

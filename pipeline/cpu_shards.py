@@ -56,6 +56,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .cpu_memory import peak_rss_mb
 from .errors import PipelineError
 from .nets import window_transformer
 from .nets.drop_path import DropPath, thread_generator
@@ -162,7 +163,7 @@ class ShardedStep:
     def peak_growth_mb(self) -> float:
         """The shard processes' peak resident memory over what each had when it was forked
         (MB, summed): the step's memory outside this process."""
-        return sum(worker.peak_growth_kb for worker in self.workers) / 2 ** 10
+        return sum(worker.peak_growth_mb for worker in self.workers)
 
     def _loss(self, lr: torch.Tensor, hr: torch.Tensor, cache_casts: bool = True
               ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -291,7 +292,7 @@ class _ShardProcess:
 
     def __init__(self, owner: ShardedStep, threads: int):
         self.grads = _shared_like(owner.params)
-        self.peak_growth_kb = 0
+        self.peak_growth_mb = 0.0
         here, there = multiprocessing.Pipe()
         parent = os.getpid()
         pid = os.fork()
@@ -320,8 +321,8 @@ class _ShardProcess:
             raise self._ended() from None
         if reply[0] == "error":
             raise PipelineError(f"train: shard process: {reply[1]}")
-        _, loss, terms, missing, peak_growth_kb = reply
-        self.peak_growth_kb = max(self.peak_growth_kb, peak_growth_kb)
+        _, loss, terms, missing, peak_growth_mb = reply
+        self.peak_growth_mb = max(self.peak_growth_mb, peak_growth_mb)
         missing = set(missing)
         return loss, terms, [None if j in missing else g for j, g in enumerate(self.grads)]
 
@@ -357,7 +358,7 @@ def _serve(owner: ShardedStep, conn, grads: list[torch.Tensor], threads: int, pa
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
-    forked_kb = _peak_rss_kb()
+    forked_mb = peak_rss_mb()
     while True:
         try:
             job = _receive(conn)
@@ -373,7 +374,7 @@ def _serve(owner: ShardedStep, conn, grads: list[torch.Tensor], threads: int, pa
                     missing.append(j)
                 else:
                     shared.copy_(g)
-            _send(conn, ("ok", loss, terms, missing, _peak_rss_kb() - forked_kb))
+            _send(conn, ("ok", loss, terms, missing, peak_rss_mb() - forked_mb))
         except Exception as exc:        # reported in the parent, which stops the run
             _send(conn, ("error", f"{type(exc).__name__}: {exc}"))
 
@@ -409,8 +410,3 @@ def _send(conn, obj: Any) -> None:
 
 def _receive(conn) -> Any:
     return _unpack(pickle.loads(conn.recv_bytes()))
-
-
-def _peak_rss_kb() -> int:
-    import resource             # Unix only, as the processes are
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss    # KiB on Linux
