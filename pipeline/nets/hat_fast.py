@@ -117,9 +117,7 @@ def _hab(blk: HAB, t: torch.Tensor, orders: _HatOrders, b: int, h: int, w: int) 
     order = "S" if blk.shift_size else "U"
     windows = reorder(y, orders, "img", order)
     bias = _position_bias(blk.attn)
-    segments = [(0, windows.shape[0] // n, None)]
-    if blk.shift_size and orders.border_mask is not None:   # the windows after n_interior straddle the roll
-        segments = [(0, orders.n_interior, None), (orders.n_interior, segments[0][1], orders.border_mask)]
+    segments = orders.segments(bool(blk.shift_size))
 
     def attend_windows(a: int, e: int, mask: torch.Tensor | None) -> torch.Tensor:
         return _window_attention(blk.attn, windows[a * n:e * n], n, bias, mask)

@@ -91,6 +91,16 @@ class _Orders:
         self._device = device
         self._maps: dict[tuple[str, str], torch.Tensor] = {}
 
+    def segments(self, shifted: bool) -> list[tuple[int, int, torch.Tensor | None]]:
+        """A block's windows as (first, stop, mask) runs in window order: all of them unmasked,
+        or in a shifted block the interior ones, then the border ones with their mask (so the
+        last run's mask is that of the last windows); empty runs left out."""
+        windows = self.to_img["U"].numel() // self.cells
+        if not shifted or self.border_mask is None:
+            return [(0, windows, None)]
+        runs = [(0, self.n_interior, None), (self.n_interior, windows, self.border_mask)]
+        return [run for run in runs if run[1] > run[0]]
+
     def index(self, src: str, dst: str) -> torch.Tensor:
         key = (src, dst)
         if key not in self._maps:
@@ -216,16 +226,11 @@ def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, bias: 
 def _block(blk: SwinTransformerBlock, z: torch.Tensor, orders: _Orders, b: int) -> torch.Tensor:
     """One Swin block on tokens `z` already in its window order ("S" if shifted, else "U")."""
     n = orders.cells
-    windows = z.shape[0] // n
     bias = _position_bias(blk.attn)
-    border_mask = orders.border_mask if blk.shift_size else None   # the windows from n_interior on
-    if torch.is_grad_enabled() or blk.training:
-        z = _add_drop_path(blk, z, _window_attention(blk.attn, blk.norm1(z), n, bias, border_mask), b, n)
+    segments = orders.segments(bool(blk.shift_size))
+    if torch.is_grad_enabled() or blk.training:      # one call: the last run's mask covers the last windows
+        z = _add_drop_path(blk, z, _window_attention(blk.attn, blk.norm1(z), n, bias, segments[-1][2]), b, n)
         return _add_drop_path(blk, z, _mlp(blk.mlp, blk.norm2(z)), b, n)
-    segments = [(0, windows, None)]
-    if border_mask is not None:
-        segments = [(0, orders.n_interior, None), (orders.n_interior, windows, border_mask)]
-    segments = [s for s in segments if s[1] > s[0]]
     # inference: jobs of a few hundred windows, each updated in place (z is this path's
     # own gather) so its intermediates stay in cache; the jobs run on worker threads
     jobs = [(a, min(a + _CHUNK_WINDOWS, stop), first, mask)
