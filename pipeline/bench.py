@@ -46,7 +46,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +58,7 @@ from . import paths
 from .cpu_memory import peak_rss_mb
 from .errors import PipelineError
 from .io import atomic_path, locked
+from .nets import window_attention_native
 from .precision import choose, hardware, native
 
 SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
@@ -108,6 +109,10 @@ def _rows() -> list[Row]:
                  for p in ("fp32", "bf16", "fp16")]
         rows += [Row(f"{net}-train-loader", "train", net, precision="auto", mode="loader",
                      baseline=f"{net}-train")]
+    # the same steps with torch's products for the window attention instead of the compiled kernel
+    rows += [Row(f"swinir_s-train{suffix}-torch-attn", "train", "swinir_s", precision=p, mode="ready",
+                 baseline="swinir_s-train-ref", args={"native_attention": False})
+             for suffix, p in (("", "auto"), ("-fp32", "fp32"))]
     rows += [Row("rlfn-train-compile", "train", "rlfn", precision="auto", mode="compile",
                  baseline="rlfn-train")]
     rows += [Row("ensemble-rlfn", "ensemble", "rlfn", mode="ensemble"),
@@ -189,6 +194,20 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     from .config import load_config
     from .stages import s02_train as s02
 
+    if row.args.get("native_attention") is False:
+        # torch's products in this row's step, its forked shards included (forked below), and
+        # only in its runs when rows run in turn in one process (--interleave)
+        torch_attention = lambda: window_attention_native.disabled("the bench row's choice")   # noqa: E731
+        with torch_attention():
+            setup = _setup_train(replace(row, args={**row.args, "native_attention": True}), quick, device, stack)
+
+        def in_torch_attention(fn: Callable[[], Any]) -> Callable[[], Any]:
+            def call() -> Any:
+                with torch_attention():
+                    return fn()
+            return call
+        setup.warmup, setup.run = in_torch_attention(setup.warmup), in_torch_attention(setup.run)
+        return setup
     cfg = load_config(CONFIGS[row.net])
     t = cfg["train"]
     if quick:
@@ -444,7 +463,8 @@ def machine() -> dict:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": (f"{torch.cuda.get_device_name(0)} (compute capability "
-                    f"{'.'.join(map(str, torch.cuda.get_device_capability(0)))})" if torch.cuda.is_available() else "none")}
+                    f"{'.'.join(map(str, torch.cuda.get_device_capability(0)))})" if torch.cuda.is_available() else "none"),
+            "window_attention": window_attention_native.status()}
     return info
 
 
@@ -488,6 +508,7 @@ def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float, prob
              f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
              f"flags {info['simd']} (torch kernels {info['torch_cpu_capability']}), native bf16 on CPU: "
              f"{info['cpu_bf16']}, GPU: {info['gpu']}; torch {info['torch']}, Python {info['python']}", "",
+             f"Window attention of CPU training steps (one torch thread a shard): {info['window_attention']}", "",
              *([probe, ""] if probe else []),
              "| row | precision | shards | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB "
              "| vs baseline | 1-min load |",

@@ -82,7 +82,8 @@ def prepare_for_inference(net: nn.Module, device: str | torch.device, precision:
 
 def prepare_for_training(net: nn.Module, fast: bool = True) -> nn.Module:
     """The same fast paths for training (stage 02, `train.fast`), in place: SwinIR's and HAT's
-    window orders with autograd (on the CPU: window attention by hand, `window_attention_cpu`;
+    window orders with autograd (on the CPU: window attention by hand, `window_attention_cpu`, through
+    a compiled kernel where a C compiler exists;
     fp32 linears through oneDNN, `onednn_linear`), channels-last convolutions (weights, so the
     gradients and the optimizer state too), fp32 edge convolutions under autocast. Call it before the EMA copy
     and the optimizer are made, so they share the layout."""

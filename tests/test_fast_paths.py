@@ -4,7 +4,9 @@ right across input sizes and weight changes; and a smoke run of `bench`."""
 from __future__ import annotations
 
 import copy
+import os
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -19,7 +21,7 @@ from pipeline.io import read_image
 from pipeline.metrics import competition_ssim
 from pipeline.nets import available_nets, build_net
 from pipeline.nets.swinir import SwinIR
-from pipeline.nets import hat_fast, onednn_linear, swinir_fast, window_attention_cpu
+from pipeline.nets import hat_fast, onednn_linear, swinir_fast, window_attention_cpu, window_attention_native
 from pipeline.nets.fast_switch import cached_orders, reorder
 from pipeline.nets.hat import HAT
 from pipeline.precision import choose
@@ -151,26 +153,32 @@ def test_fast_path_trains_with_the_reference_gradients():
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1])
-def test_training_attention_has_the_reference_gradients(chunk_bytes):
+@pytest.mark.parametrize("kernel,chunk_bytes", [("native", None), ("torch", None), ("torch", 1)])
+def test_training_attention_has_the_reference_gradients(kernel, chunk_bytes):
     """A training step of the fast path on the CPU runs attention through
     `window_attention_cpu` (forward and backward by hand; torch's fused CPU kernel has no
     gradient for the learnt bias) in every block, interior and border windows of shifted
     blocks alike, with the reference's loss and gradients (the bias tables' too), on an odd
     size (padded to the window) and a batch, one call a block (a shifted block's mask
-    covers its last windows); in one chunk of windows, and (chunk_bytes=1) in chunks of one
-    window, so border windows span many chunks."""
+    covers its last windows); through the compiled kernel, and through torch's products in
+    one chunk of windows and (chunk_bytes=1) in chunks of one window, so border windows span
+    many chunks."""
+    if kernel == "native":
+        _require_native_kernel()
     torch.manual_seed(9)
     ref = build_net("swinir_s", depths=[2, 2], num_heads=[6, 6], drop_path_rate=0.0).train()
     fast = make_fast(copy.deepcopy(ref)).train()
     x, y = torch.rand(2, 3, 21, 13), torch.rand(2, 3, 84, 52)
     fused, by_hand = [], []
     original = torch.nn.functional.scaled_dot_product_attention
+    function = (window_attention_cpu._NativeWindowAttention if kernel == "native"
+                else window_attention_cpu._WindowAttention)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
                    lambda *a, **k: fused.append(1) or original(*a, **k))
-        mp.setattr(window_attention_cpu._WindowAttention, "forward", _counted(
-            window_attention_cpu._WindowAttention.forward, by_hand))
+        mp.setattr(function, "forward", _counted(function.forward, by_hand))
+        if kernel == "torch":
+            mp.setattr(window_attention_cpu, "runs_natively", lambda *a: False)
         if chunk_bytes:
             mp.setattr(window_attention_cpu, "_CHUNK_BYTES", chunk_bytes)
         losses = [(net(x) - y).abs().mean() for net in (ref, fast)]
@@ -182,6 +190,13 @@ def test_training_attention_has_the_reference_gradients(chunk_bytes):
     for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
     assert fast.layers[0].residual_group.blocks[1].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def _require_native_kernel() -> None:
+    """The compiled kernel must build wherever there is a C compiler (CI has one)."""
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler: the native window attention kernel cannot be built here")
+    assert window_attention_native.kernel() is not None, window_attention_native.status()
 
 
 def _counted(fn, calls: list):
@@ -201,13 +216,17 @@ def _window_attention_by_autograd(qkv, bias, mask, heads, cells, scale):
     return (scores.softmax(-1) @ v).transpose(1, 2).reshape(tokens, heads * d)
 
 
+@pytest.mark.parametrize("kernel", ["native", "torch"])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("masked_windows", [0, 7, 5])
-def test_window_attention_by_hand_equals_autograd(dtype, bound, masked_windows):
-    """Outputs and the gradients of qkv and the bias, chunk boundaries inside the windows
-    (3 windows a chunk of 7), a -inf shifted-window mask on all windows or on the last 5
-    (from inside the first chunk), fp32 and bf16 (bf16: each side rounds its own products,
-    relative to the largest value)."""
+def test_window_attention_by_hand_equals_autograd(kernel, dtype, bound, masked_windows):
+    """Outputs and the gradients of qkv and the bias, a -inf shifted-window mask on all
+    windows or on the last 5, fp32 and bf16 (bf16: each side rounds its own products,
+    relative to the largest value); the compiled kernel (at a shape it runs with n and d
+    read at run time) and torch's products with chunk boundaries inside the windows (3
+    windows a chunk of 7, the mask starting inside the first chunk)."""
+    if kernel == "native":
+        _require_native_kernel()
     torch.manual_seed(0)
     heads, cells, d, windows = 3, 16, 5, 7
     qkv = torch.randn(windows * cells, 3 * heads * d).to(dtype).requires_grad_()
@@ -220,6 +239,7 @@ def test_window_attention_by_hand_equals_autograd(dtype, bound, masked_windows):
     results = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(window_attention_cpu, "_CHUNK_BYTES", 3 * heads * cells * cells * qkv.element_size())
+        mp.setattr(window_attention_cpu, "runs_natively", lambda *a: kernel == "native")
         for fn in (_window_attention_by_autograd, window_attention_cpu.window_attention):
             qkv.grad = bias.grad = None
             out = fn(qkv, bias, mask, heads, cells, d ** -0.5)
@@ -228,6 +248,70 @@ def test_window_attention_by_hand_equals_autograd(dtype, bound, masked_windows):
     assert results[1][2].dtype == torch.float32 and results[1][0].shape == (windows * cells, heads * d)
     for want, got in zip(*results):
         assert (got - want).abs().max() <= bound * want.abs().max()
+
+
+@pytest.mark.parametrize("cells,d,heads", [(64, 10, 6), (64, 30, 2), (256, 24, 2)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+def test_native_window_attention_equals_float64(cells, d, heads, dtype, bound):
+    """The compiled kernel at the shapes it is specialised for (SwinIR-S, SwinIR, HAT-S), with
+    SwinIR's -100 shifted-window mask on the last 3 of 4 windows, against the products in
+    float64 from the same inputs: output and gradients of qkv and of the bias, relative to the
+    largest value. In bf16 the kernel computes in float32 and rounds what it stores (output,
+    probabilities, gradients) to bf16 (2^-8 relative); it is deterministic, bit for bit."""
+    _require_native_kernel()
+    torch.manual_seed(1)
+    windows = 4
+    qkv = torch.randn(windows * cells, 3 * heads * d).to(dtype)
+    bias = torch.randn(1, heads, cells, cells) * 2
+    mask = torch.zeros(3, 1, cells, cells)
+    mask[:, :, : cells // 3, cells // 2:] = mask[:, :, cells // 2:, : cells // 3] = -100.0
+    g = torch.randn(windows * cells, heads * d).to(dtype)
+    results = []
+    for fn, kind in ((_window_attention_by_autograd, torch.float64),
+                     (window_attention_cpu._NativeWindowAttention.apply, dtype),
+                     (window_attention_cpu._NativeWindowAttention.apply, dtype)):
+        x = qkv.to(kind).clone().requires_grad_()
+        b = bias.to(kind if kind == torch.float64 else torch.float32).clone().requires_grad_()
+        out = fn(x, b, mask.to(b.dtype), heads, cells, d ** -0.5)
+        out.backward(g.to(kind))
+        assert out.dtype == kind and x.grad.dtype == kind
+        results.append((out.detach(), x.grad, b.grad))
+    for want, got, again in zip(*results):
+        assert torch.equal(got, again)
+        assert (got.double() - want).abs().max() <= bound * want.abs().max()
+
+
+def test_native_kernel_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path):
+    """No compiler, or SR_NATIVE_KERNELS=0: status() says so in one line and window attention
+    runs torch's products; with one, the library is built once into the cache (a second load
+    reuses the file), by a rename from a temporary name."""
+    monkeypatch.setenv("SR_KERNEL_CACHE", str(tmp_path))
+    qkv = torch.randn(2 * 16, 3 * 2 * 4)
+    bias = torch.zeros(1, 2, 16, 16)
+    try:
+        monkeypatch.setenv("CC", "no-such-compiler-sr")
+        window_attention_native.forget()
+        assert window_attention_native.kernel() is None
+        assert window_attention_native.status() == ("torch products (no C compiler: 'no-such-compiler-sr' not "
+                                                   "found; set CC to build the native kernel)")
+        assert not window_attention_cpu.runs_natively(qkv, 2, 16)
+        assert window_attention_cpu.window_attention(qkv, bias, None, 2, 16, 0.5).shape == (32, 8)
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("SR_NATIVE_KERNELS", "0")
+        window_attention_native.forget()
+        assert window_attention_native.status() == "torch products (SR_NATIVE_KERNELS=0)"
+        monkeypatch.delenv("SR_NATIVE_KERNELS")
+        window_attention_native.forget()
+        _require_native_kernel()
+        assert "built in" in window_attention_native.status() and window_attention_cpu.runs_natively(qkv, 2, 16)
+        built = list(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so" and not built[0].name.startswith(".")
+        stamp = built[0].stat().st_mtime_ns
+        window_attention_native.forget()
+        assert window_attention_native.kernel() is not None and "built in" not in window_attention_native.status()
+        assert built[0].stat().st_mtime_ns == stamp
+    finally:
+        window_attention_native.forget()
 
 
 def test_onednn_linear_equals_f_linear_with_gradients():

@@ -19,7 +19,8 @@ What is faster, and why it computes the same thing:
 - Attention is `scaled_dot_product_attention` (a fused kernel on CPU and GPU: the
   (windows x heads x 64 x 64) score tensor is never written to memory), with the
   relative-position bias gathered once per weight version, not per call. Training on the
-  CPU runs `window_attention_cpu` instead: forward and backward by hand in cache-sized
+  CPU runs `window_attention_cpu` instead: forward and backward by hand, through a compiled
+  kernel that keeps each window-head's scores in cache, or torch's products in cache-sized
   chunks of windows (faster there, and it differentiates the bias).
 - The shifted-window mask is zero except in the last row and column of windows. Those
   windows are put last in the shifted order, so the interior ones run with the bias

@@ -4,8 +4,19 @@
 HAT's) windows, softmax(q.k * scale + bias + mask).v per window and head, taking the qkv
 projection's output and returning the input of `proj`, both (tokens, channels) with the
 tokens of one window consecutive. It computes what autograd through the spelt-out products
-computes (tests/test_fast_paths.py holds it to the reference's gradients), faster, for two
-reasons measured on SwinIR-S (64-token windows, 6 heads of 10 channels; AMD EPYC, one thread):
+computes (tests/test_fast_paths.py holds it to the reference's gradients), faster, two ways:
+
+Through the compiled kernel (`kernels/window_attention.c`, built on first use by
+`window_attention_native`) wherever it is built and the call runs on one torch thread (a
+training step's shards): each window-head's scores stay in cache from the first product to
+the last. Round 8, SwinIR-S (AMD EPYC, avx512_bf16, no AMX): one block's attention forward +
+backward, 192 windows, one thread, 21 -> 12 ms in fp32, 13 -> 10 ms in bf16; a training step
+of batch 24 on 2 shards in processes 1.23 -> 1.00 s in fp32, 0.81 -> 0.71 s in bf16
+(alternating in one process).
+
+Elsewhere (no C compiler, several torch threads, `SR_NATIVE_KERNELS=0`), through torch's
+batched products in chunks of windows, faster than autograd for two reasons measured on
+SwinIR-S (64-token windows, 6 heads of 10 channels; AMD EPYC, one thread):
 - Cache. Spelt out, every product, the softmax and their gradients each make a pass over the
   whole block's (windows x heads x 64 x 64) scores: 19 MB for a shard of 12 crops, far past
   the core's cache, so those passes wait on memory (q.kT of 1152 windows x heads: 2.5 ms at
@@ -28,10 +39,13 @@ Attention dropout is not here (`swinir_fast.attend` spells it out for autograd w
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from . import window_attention_native as native
 
 # scores per chunk: 1.5 MiB, 16 SwinIR-S windows in fp32, 32 in bf16. A whole SwinIR-S step (2 shards)
 # ran fastest with it: fp32 1.41 / 1.36 / 1.50 s, bf16 0.97 / 0.94 / 0.96 s at 0.75 / 1.5 / 3 MiB
@@ -138,6 +152,74 @@ class _WindowAttention(torch.autograd.Function):
         return d_qkv, d_bias, None, None, None, None
 
 
+def _address(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("window attention kernel: out of memory for its scratch buffers")
+
+
+def _native_forward(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, heads: int,
+                    cells: int, scale: float, keep_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The compiled kernel's forward: (output, the probabilities transposed if kept)."""
+    tokens, windows, d = qkv.shape[0], qkv.shape[0] // cells, qkv.shape[1] // (3 * heads)
+    bias_t = bias.detach().float().reshape(heads, cells, cells).transpose(1, 2).contiguous()
+    masked = 0 if mask is None else mask.shape[0]
+    mask_t = None if mask is None else mask.float().reshape(masked, cells, cells).transpose(1, 2).contiguous()
+    out = qkv.new_empty(tokens, heads * d)
+    probs_t = qkv.new_empty(windows, heads, cells, cells) if keep_probs else None
+    _check(getattr(native.kernel(), f"window_attention_forward_{_SUFFIX[qkv.dtype]}")(
+        _address(qkv), _address(bias_t), None if mask_t is None else _address(mask_t), masked,
+        windows, heads, cells, d, scale, _address(out), None if probs_t is None else _address(probs_t)))
+    return out, probs_t
+
+
+class _NativeWindowAttention(torch.autograd.Function):
+    """The same attention through the compiled kernel (`kernels/window_attention.c`), which
+    keeps each window-head's scores in cache from the first product to the last. The
+    probabilities it keeps for the backward are transposed (key, query), in qkv's dtype."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
+                heads: int, cells: int, scale: float) -> torch.Tensor:
+        qkv = qkv.contiguous()
+        out, probs_t = _native_forward(qkv, bias, mask, heads, cells, scale, keep_probs=True)
+        ctx.save_for_backward(qkv, probs_t)
+        ctx.shape = (qkv.shape[0] // cells, heads, cells, qkv.shape[1] // (3 * heads), scale)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: torch.Tensor):
+        qkv, probs_t = ctx.saved_tensors
+        windows, heads, cells, d, scale = ctx.shape
+        d_out = d_out.to(qkv.dtype).contiguous()
+        d_qkv = torch.empty_like(qkv)
+        d_bias_t = torch.zeros(heads, cells, cells)
+        _check(getattr(native.kernel(), f"window_attention_backward_{_SUFFIX[qkv.dtype]}")(
+            _address(qkv), _address(probs_t), _address(d_out), windows, heads, cells, d, scale,
+            _address(d_qkv), _address(d_bias_t)))
+        d_bias = d_bias_t.transpose(1, 2).unsqueeze(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return d_qkv, d_bias, None, None, None, None
+
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def runs_natively(qkv: torch.Tensor, heads: int, cells: int) -> bool:
+    """Whether `window_attention` takes the compiled kernel for these inputs: a CPU float32
+    or bfloat16 qkv, windows of a multiple of 16 tokens up to 256, heads of up to 32
+    channels, one torch thread (the kernel runs on one core: a training step's shards run one
+    a core; on 2 threads unsharded, torch's products on both cores were as fast), and the
+    kernel built (window_attention_native.status() says why not)."""
+    d = qkv.shape[1] // (3 * heads)
+    return (qkv.device.type == "cpu" and qkv.dtype in _SUFFIX and cells % 16 == 0 and cells <= 256
+            and d <= 32 and torch.get_num_threads() == 1 and native.kernel() is not None)
+
+
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
                      heads: int, cells: int, scale: float) -> torch.Tensor:
     """Attention within windows of `cells` consecutive tokens.
@@ -148,4 +230,8 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor |
     windows (the shifted-window mask, -inf where tokens must not see each other; SwinIR and
     HAT put the windows it touches last, so a shifted block is one call);
     returns (tokens, heads * d), heads then d: the input of the output projection."""
+    if runs_natively(qkv, heads, cells):
+        if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
+            return _NativeWindowAttention.apply(qkv, bias, mask, heads, cells, scale)
+        return _native_forward(qkv.contiguous(), bias, mask, heads, cells, scale, keep_probs=False)[0]
     return _WindowAttention.apply(qkv, bias, mask, heads, cells, scale)

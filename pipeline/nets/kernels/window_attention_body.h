@@ -1,0 +1,164 @@
+/* The forward and backward for one storage type T, included by window_attention.c once per
+   type (T, SUFFIX, LOAD/STORE of 16 values, GET/PUT of one).
+
+   qkv: (windows * n, 3 * heads * d), q then k then v, each heads then d; out: (windows * n,
+   heads * d). bias_t: float32 (heads, n, n), the position bias transposed (key, query); mask_t:
+   float32 (masked, n, n), the mask of the last `masked` windows transposed, or NULL. probs_t:
+   (windows, heads, n, n), the probabilities transposed (key, query), written by the forward for
+   the backward (NULL: not kept, inference). d_bias_t: float32 (heads, n, n), transposed, added to (summed over windows). */
+#define FN(name) CAT(name, SUFFIX)
+
+INLINE void FN(forward_)(const T *qkv, const float *bias_t, const float *mask_t, int64_t masked,
+                         int64_t windows, int64_t heads, const int64_t n, const int64_t d,
+                         float scale, T *out, T *probs_t, float *scratch) {
+    const int64_t width = 3 * heads * d;
+    float *q_t = scratch, *k = q_t + d * n, *v = k + n * d, *s_t = v + n * d;   /* (d, n), (n, d), (n, d), (n, n) */
+    for (int64_t w = 0; w < windows; ++w)
+        for (int64_t h = 0; h < heads; ++h) {
+            const T *q_in = qkv + w * n * width + h * d, *k_in = q_in + heads * d, *v_in = k_in + heads * d;
+            for (int64_t i = 0; i < n; ++i)
+                for (int64_t c = 0; c < d; ++c) {
+                    q_t[c * n + i] = GET(q_in + i * width + c) * scale;
+                    k[i * d + c] = GET(k_in + i * width + c);
+                    v[i * d + c] = GET(v_in + i * width + c);
+                }
+            const float *bias_h = bias_t + h * n * n;
+            const float *mask_w = mask_t && w >= windows - masked ? mask_t + (w - windows + masked) * n * n : NULL;
+            T *probs_wh = probs_t ? probs_t + (w * heads + h) * n * n : NULL;   /* NULL: inference, none kept */
+            T *out_wh = out + w * n * heads * d + h * d;
+            for (int64_t i0 = 0; i0 < n; i0 += 16) {                     /* 16 queries a vector */
+                vf q[MAX_D], top = splat(-__builtin_inff());
+                for (int64_t c = 0; c < d; ++c) q[c] = load_f32(q_t + c * n + i0);
+                for (int64_t j = 0; j < n; ++j) {                           /* scores, transposed */
+                    vf s = load_f32(bias_h + j * n + i0);
+                    if (mask_w) s += load_f32(mask_w + j * n + i0);
+                    for (int64_t c = 0; c < d; ++c) s += splat(k[j * d + c]) * q[c];
+                    store_f32(s_t + j * n + i0, s);
+                    top = vmax(top, s);
+                }
+                vf total = splat(0.f), o[MAX_D];
+                for (int64_t c = 0; c < d; ++c) o[c] = splat(0.f);
+                for (int64_t j = 0; j < n; ++j) {                           /* exp, its sum, and P.v unscaled */
+                    vf e = vexp(load_f32(s_t + j * n + i0) - top);
+                    store_f32(s_t + j * n + i0, e);
+                    total += e;
+                    for (int64_t c = 0; c < d; ++c) o[c] += splat(v[j * d + c]) * e;
+                }
+                const vf inv = splat(1.f) / total;
+                if (probs_wh)
+                    for (int64_t j = 0; j < n; ++j) STORE(probs_wh + j * n + i0, load_f32(s_t + j * n + i0) * inv);
+                for (int64_t c = 0; c < d; ++c) {
+                    const vf oc = o[c] * inv;
+                    for (int lane = 0; lane < 16; ++lane) PUT(out_wh + (i0 + lane) * heads * d + c, oc[lane]);
+                }
+            }
+        }
+}
+
+INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_t windows,
+                          int64_t heads, const int64_t n, const int64_t d, float scale,
+                          T *d_qkv, float *d_bias_t, float *scratch) {
+    const int64_t width = 3 * heads * d;
+    float *q = scratch, *k = q + n * d, *v = k + n * d, *g = v + n * d, *g_t = g + n * d;  /* (n, d) x4, (d, n) */
+    float *p_t = g_t + d * n, *ds_t = p_t + n * n, *p = ds_t + n * n, *ds = p + n * n;     /* (n, n) x4 */
+    for (int64_t w = 0; w < windows; ++w)
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t at = w * n * width + h * d;
+            const T *q_in = qkv + at, *k_in = q_in + heads * d, *v_in = k_in + heads * d;
+            const T *g_in = d_out + w * n * heads * d + h * d, *probs_wh = probs_t + (w * heads + h) * n * n;
+            T *d_q = d_qkv + at, *d_k = d_q + heads * d, *d_v = d_k + heads * d;
+            for (int64_t i = 0; i < n; ++i)
+                for (int64_t c = 0; c < d; ++c) {
+                    q[i * d + c] = GET(q_in + i * width + c);
+                    k[i * d + c] = GET(k_in + i * width + c);
+                    v[i * d + c] = GET(v_in + i * width + c);
+                    g_t[c * n + i] = g[i * d + c] = GET(g_in + i * heads * d + c);
+                }
+            for (int64_t j = 0; j < n * n; j += 16) store_f32(p_t + j, LOAD(probs_wh + j));
+            float *d_bias_h = d_bias_t + h * n * n;
+            for (int64_t i0 = 0; i0 < n; i0 += 16) {                     /* query side: 16 queries a vector */
+                vf gq[MAX_D], row_dot = splat(0.f);
+                for (int64_t c = 0; c < d; ++c) gq[c] = load_f32(g_t + c * n + i0);
+                for (int64_t j = 0; j < n; ++j) {                           /* dP^T = v.g^T */
+                    vf dp = splat(0.f);
+                    for (int64_t c = 0; c < d; ++c) dp += splat(v[j * d + c]) * gq[c];
+                    row_dot += dp * load_f32(p_t + j * n + i0);
+                    store_f32(ds_t + j * n + i0, dp);
+                }
+                vf dq[MAX_D];
+                for (int64_t c = 0; c < d; ++c) dq[c] = splat(0.f);
+                for (int64_t j = 0; j < n; ++j) {                           /* the softmax's backward, then dq = dS.k */
+                    vf s = load_f32(p_t + j * n + i0) * (load_f32(ds_t + j * n + i0) - row_dot);
+                    store_f32(ds_t + j * n + i0, s);
+                    store_f32(d_bias_h + j * n + i0, load_f32(d_bias_h + j * n + i0) + s);
+                    for (int64_t c = 0; c < d; ++c) dq[c] += splat(k[j * d + c]) * s;
+                }
+                for (int64_t c = 0; c < d; ++c) {
+                    const vf dqc = dq[c] * splat(scale);
+                    for (int lane = 0; lane < 16; ++lane) PUT(d_q + (i0 + lane) * width + c, dqc[lane]);
+                }
+            }
+            transpose(p_t, p, n);
+            transpose(ds_t, ds, n);
+            for (int64_t j0 = 0; j0 < n; j0 += 16) {                     /* key side: 16 keys a vector */
+                vf acc[MAX_D];
+                for (int64_t c = 0; c < d; ++c) acc[c] = splat(0.f);
+                for (int64_t i = 0; i < n; ++i) {                           /* dk = dS^T.q */
+                    const vf s = load_f32(ds + i * n + j0);
+                    for (int64_t c = 0; c < d; ++c) acc[c] += splat(q[i * d + c]) * s;
+                }
+                for (int64_t c = 0; c < d; ++c) {
+                    const vf dkc = acc[c] * splat(scale);
+                    for (int lane = 0; lane < 16; ++lane) PUT(d_k + (j0 + lane) * width + c, dkc[lane]);
+                    acc[c] = splat(0.f);
+                }
+                for (int64_t i = 0; i < n; ++i) {                           /* dv = P^T.g */
+                    const vf pi = load_f32(p + i * n + j0);
+                    for (int64_t c = 0; c < d; ++c) acc[c] += splat(g[i * d + c]) * pi;
+                }
+                for (int64_t c = 0; c < d; ++c)
+                    for (int lane = 0; lane < 16; ++lane) PUT(d_v + (j0 + lane) * width + c, acc[c][lane]);
+            }
+        }
+}
+
+/* The nets' shapes compiled with n and d constant, so a block's vectors stay in registers:
+   SwinIR-S (8x8 windows, heads of 10), SwinIR (8x8, 30), HAT-S (16x16, 24); any other shape
+   runs the same code with n and d read at run time. Returns 0, or -1 if scratch memory ran out. */
+int FN(window_attention_forward_)(const T *qkv, const float *bias_t, const float *mask_t,
+                                  int64_t masked, int64_t windows, int64_t heads, int64_t n,
+                                  int64_t d, float scale, T *out, T *probs_t) {
+    float *scratch = malloc(sizeof(float) * (3 * n * d + n * n));
+    if (!scratch) return -1;
+#define FORWARD(N, D) FN(forward_)(qkv, bias_t, mask_t, masked, windows, heads, N, D, scale, out, probs_t, scratch)
+    if (n == 64 && d == 10) FORWARD(64, 10);
+    else if (n == 64 && d == 30) FORWARD(64, 30);
+    else if (n == 256 && d == 24) FORWARD(256, 24);
+    else FORWARD(n, d);
+#undef FORWARD
+    free(scratch);
+    return 0;
+}
+
+int FN(window_attention_backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_t windows,
+                                   int64_t heads, int64_t n, int64_t d, float scale, T *d_qkv,
+                                   float *d_bias_t) {
+    float *scratch = malloc(sizeof(float) * (5 * n * d + 4 * n * n));
+    if (!scratch) return -1;
+#define BACKWARD(N, D) FN(backward_)(qkv, probs_t, d_out, windows, heads, N, D, scale, d_qkv, d_bias_t, scratch)
+    if (n == 64 && d == 10) BACKWARD(64, 10);
+    else if (n == 64 && d == 30) BACKWARD(64, 30);
+    else if (n == 256 && d == 24) BACKWARD(256, 24);
+    else BACKWARD(n, d);
+#undef BACKWARD
+    free(scratch);
+    return 0;
+}
+
+#undef FN
+#undef T
+#undef SUFFIX
+#undef LOAD
+#undef STORE
+#undef GET
+#undef PUT
