@@ -104,19 +104,32 @@ def test_caches_follow_input_size_batch_and_weights():
     assert _max_diff(ref, fast, torch.rand(1, 3, 16, 24)) < FP32_BOUND
 
 
-def test_inference_uses_the_fused_attention_kernel():
-    """Caches built inside inference mode carry no autograd state (else attention would take
-    the slow training path), and stay usable for training afterwards."""
+@pytest.mark.parametrize("kernel", ["native", "fused"])
+def test_inference_attention_kernel(kernel):
+    """Inference on the CPU runs attention through the compiled kernel where it is built, else
+    torch's fused kernel, one call for the unshifted block and two for the shifted one
+    (interior and border windows apart), with the reference's outputs; caches built inside
+    inference mode carry no autograd state, and stay usable for training afterwards."""
+    if kernel == "native":
+        _require_native_kernel()
+    torch.manual_seed(5)
     net = make_fast(build_net("swinir_s", depths=[2], num_heads=[6]))
+    ref = make_reference(copy.deepcopy(net)).eval()
     attn = net.layers[0].residual_group.blocks[0].attn
-    calls = []
-    original = torch.nn.functional.scaled_dot_product_attention
+    x = torch.rand(1, 3, 16, 24)
+    fused, compiled = [], []
+    original_fused, original_native = torch.nn.functional.scaled_dot_product_attention, window_attention_cpu._native_forward
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                   lambda *a, **k: calls.append(1) or original(*a, **k))
+                   lambda *a, **k: fused.append(1) or original_fused(*a, **k))
+        mp.setattr(window_attention_cpu, "_native_forward", lambda *a, **k: compiled.append(1) or original_native(*a, **k))
+        if kernel == "fused":
+            mp.setattr(window_attention_cpu, "native_kernel_takes", lambda *a: False)
         with torch.inference_mode():
-            net.eval()(torch.rand(1, 3, 16, 16))
-    assert len(calls) == 3      # unshifted block; shifted block: interior + border windows
+            out = net.eval()(x)
+    assert (len(compiled), len(fused)) == ((3, 0) if kernel == "native" else (0, 3))
+    with torch.no_grad():
+        assert (out - ref(x)).abs().max().item() < FP32_BOUND
     assert not attn._fast_bias[1].requires_grad
     net.train()(torch.rand(1, 3, 16, 16)).mean().backward()
     assert attn.relative_position_bias_table.grad.abs().sum() > 0
@@ -178,7 +191,7 @@ def test_training_attention_has_the_reference_gradients(kernel, chunk_bytes):
                    lambda *a, **k: fused.append(1) or original(*a, **k))
         mp.setattr(function, "forward", _counted(function.forward, by_hand))
         if kernel == "torch":
-            mp.setattr(window_attention_cpu, "runs_natively", lambda *a: False)
+            mp.setattr(window_attention_cpu, "native_kernel_takes", lambda *a: False)
         if chunk_bytes:
             mp.setattr(window_attention_cpu, "_CHUNK_BYTES", chunk_bytes)
         losses = [(net(x) - y).abs().mean() for net in (ref, fast)]
@@ -239,7 +252,7 @@ def test_window_attention_by_hand_equals_autograd(kernel, dtype, bound, masked_w
     results = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(window_attention_cpu, "_CHUNK_BYTES", 3 * heads * cells * cells * qkv.element_size())
-        mp.setattr(window_attention_cpu, "runs_natively", lambda *a: kernel == "native")
+        mp.setattr(window_attention_cpu, "native_kernel_takes", lambda *a: kernel == "native")
         for fn in (_window_attention_by_autograd, window_attention_cpu.window_attention):
             qkv.grad = bias.grad = None
             out = fn(qkv, bias, mask, heads, cells, d ** -0.5)
@@ -294,7 +307,7 @@ def test_native_kernel_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_p
         assert window_attention_native.kernel() is None
         assert window_attention_native.status() == ("torch products (no C compiler: 'no-such-compiler-sr' not "
                                                    "found; set CC to build the native kernel)")
-        assert not window_attention_cpu.runs_natively(qkv, 2, 16)
+        assert not window_attention_cpu.native_kernel_takes(qkv.device, qkv.dtype, 2, 16, 4)
         assert window_attention_cpu.window_attention(qkv, bias, None, 2, 16, 0.5).shape == (32, 8)
         monkeypatch.delenv("CC")
         monkeypatch.setenv("SR_NATIVE_KERNELS", "0")
@@ -303,7 +316,7 @@ def test_native_kernel_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_p
         monkeypatch.delenv("SR_NATIVE_KERNELS")
         window_attention_native.forget()
         _require_native_kernel()
-        assert "built in" in window_attention_native.status() and window_attention_cpu.runs_natively(qkv, 2, 16)
+        assert "built in" in window_attention_native.status() and window_attention_cpu.native_kernel_takes(qkv.device, qkv.dtype, 2, 16, 4)
         built = list(tmp_path.iterdir())
         assert len(built) == 1 and built[0].suffix == ".so" and not built[0].name.startswith(".")
         stamp = built[0].stat().st_mtime_ns
@@ -434,16 +447,28 @@ def test_hat_caches_follow_input_size_batch_and_weights():
     assert _max_diff(ref, fast, torch.rand(1, 3, 16, 24)) < FP32_BOUND
 
 
-def test_hat_inference_uses_the_fused_attention_kernel():
-    _, net = _hat_pair(depths=[2], num_heads=[2])
-    calls = []
-    original = torch.nn.functional.scaled_dot_product_attention
+@pytest.mark.parametrize("kernel", ["native", "fused"])
+def test_hat_inference_attention_kernels(kernel):
+    """HAT's window attention at inference on the CPU: the compiled kernel where it is built,
+    else torch's fused kernel (unshifted block; shifted: interior + border windows); its
+    overlapping cross-attention (OCAB) takes the fused kernel either way."""
+    if kernel == "native":
+        _require_native_kernel()
+    ref, net = _hat_pair(depths=[2], num_heads=[2])
+    x = torch.rand(1, 3, 16, 16)
+    fused, compiled = [], []
+    original_fused, original_native = torch.nn.functional.scaled_dot_product_attention, window_attention_cpu._native_forward
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                   lambda *a, **k: calls.append(1) or original(*a, **k))
+                   lambda *a, **k: fused.append(1) or original_fused(*a, **k))
+        mp.setattr(window_attention_cpu, "_native_forward", lambda *a, **k: compiled.append(1) or original_native(*a, **k))
+        if kernel == "fused":
+            mp.setattr(window_attention_cpu, "native_kernel_takes", lambda *a: False)
         with torch.inference_mode():
-            net(torch.rand(1, 3, 16, 16))
-    assert len(calls) == 4      # unshifted block; shifted: interior + border windows; OCAB
+            out = net(x)
+    assert (len(compiled), len(fused)) == ((3, 1) if kernel == "native" else (0, 4))
+    with torch.no_grad():
+        assert (out - ref(x)).abs().max().item() < FP32_BOUND
     net.train()(torch.rand(1, 3, 16, 16)).mean().backward()   # caches built in inference mode train too
     oca = net.layers[0].residual_group.overlap_attn
     assert oca.relative_position_bias_table.grad.abs().sum() > 0

@@ -44,6 +44,7 @@ from .drop_path import keep_mask
 from .fast_switch import cached_orders, reorder, to_fast, to_reference
 from .swinir import SwinIR, SwinTransformerBlock, WindowAttention
 from .onednn_linear import linear as _linear
+from . import window_attention_cpu
 from .window_attention_cpu import window_attention
 
 _CHUNK_WINDOWS = 128  # windows per inference job of a block (8192 tokens of SwinIR-S)
@@ -163,6 +164,12 @@ def _padded_projections(attn: WindowAttention, d_pad: int) -> tuple:
     return _cached(attn, f"_fast_padded{d_pad}", sources, build)
 
 
+def _native_inference(x: torch.Tensor, heads: int, cells: int) -> bool:
+    """Inference (or a frozen net) on the CPU that the compiled window attention kernel runs."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return window_attention_cpu.native_kernel_takes(x.device, dtype, heads, cells, x.shape[1] // heads)
+
+
 def _spelt_out(device: torch.device, mask: torch.Tensor, drop: float) -> bool:
     """Whether `attend` spells attention out (training on the CPU) instead of the fused kernel."""
     return device.type == "cpu" and torch.is_grad_enabled() and (mask.requires_grad or drop > 0)
@@ -200,9 +207,11 @@ def _window_attention(attn: WindowAttention, x: torch.Tensor, cells: int, bias: 
     heads = attn.num_heads
     drop = attn.attn_drop.p if attn.training else 0.0
     spelt_out = _spelt_out(x.device, bias, drop)     # training on the CPU
-    if spelt_out and not drop and not torch.compiler.is_compiling():
-        # by hand, in cache-sized chunks (window_attention_cpu says why); attention dropout
-        # and torch.compile (which traces them) take the spelt-out products of `attend`
+    if not drop and not torch.compiler.is_compiling() and (spelt_out or _native_inference(x, heads, cells)):
+        # by hand (window_attention_cpu says why); attention dropout and torch.compile (which
+        # traces them) take the spelt-out products of `attend`. At inference on the CPU the
+        # compiled kernel, where it is built, runs 2.5-3x faster than the fused kernel (SwinIR-S,
+        # 128 windows, one thread: 2.9 vs 7.2 ms in fp32, 2.9 vs 8.8 ms in bf16)
         qkv = _linear(x, attn.qkv.weight, attn.qkv.bias)
         out = window_attention(qkv, bias, mask, heads, cells, attn.scale)
         return attn.proj_drop(_linear(out, attn.proj.weight, attn.proj.bias))

@@ -209,15 +209,12 @@ class _NativeWindowAttention(torch.autograd.Function):
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def runs_natively(qkv: torch.Tensor, heads: int, cells: int) -> bool:
-    """Whether `window_attention` takes the compiled kernel for these inputs: a CPU float32
-    or bfloat16 qkv, windows of a multiple of 16 tokens up to 256, heads of up to 32
-    channels, one torch thread (the kernel runs on one core: a training step's shards run one
-    a core; on 2 threads unsharded, torch's products on both cores were as fast), and the
-    kernel built (window_attention_native.status() says why not)."""
-    d = qkv.shape[1] // (3 * heads)
-    return (qkv.device.type == "cpu" and qkv.dtype in _SUFFIX and cells % 16 == 0 and cells <= 256
-            and d <= 32 and torch.get_num_threads() == 1 and native.kernel() is not None)
+def native_kernel_takes(device: torch.device, dtype: torch.dtype, heads: int, cells: int, d: int) -> bool:
+    """Whether the compiled kernel can run attention on a qkv of this device and dtype: a CPU
+    float32 or bfloat16 qkv, windows of a multiple of 16 tokens up to 256, heads of up to 32
+    channels, and the kernel built (window_attention_native.status() says why not)."""
+    return (device.type == "cpu" and dtype in _SUFFIX and cells % 16 == 0 and cells <= 256
+            and d <= 32 and native.kernel() is not None)
 
 
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
@@ -230,8 +227,11 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor |
     windows (the shifted-window mask, -inf where tokens must not see each other; SwinIR and
     HAT put the windows it touches last, so a shifted block is one call);
     returns (tokens, heads * d), heads then d: the input of the output projection."""
-    if runs_natively(qkv, heads, cells):
-        if torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad):
+    if native_kernel_takes(qkv.device, qkv.dtype, heads, cells, qkv.shape[1] // (3 * heads)):
+        if not (torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)):
+            return _native_forward(qkv.contiguous(), bias, mask, heads, cells, scale, keep_probs=False)[0]
+        # training: the kernel runs on one core, as a step's shards do (one torch thread each);
+        # a step on several threads unsharded ran as fast through torch's products on all of them
+        if torch.get_num_threads() == 1:
             return _NativeWindowAttention.apply(qkv, bias, mask, heads, cells, scale)
-        return _native_forward(qkv.contiguous(), bias, mask, heads, cells, scale, keep_probs=False)[0]
     return _WindowAttention.apply(qkv, bias, mask, heads, cells, scale)

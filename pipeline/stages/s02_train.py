@@ -452,7 +452,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
         attention = window_attention_native.status()
         threads = cpu_shards.threads_per_shard(shards.shards) if shards.shards > 1 else torch.get_num_threads()
         if threads > 1 and window_attention_native.kernel() is not None:
-            attention = f"torch products ({threads} torch threads a shard; the native kernel runs on one)"
+            attention = f"torch products ({threads} torch threads a shard; the native kernel trains on one)"
         if d.main:
             print(f"train {name}: window attention: {attention}")
     overlap = cfg["infer"]["tile_overlap"]
