@@ -14,7 +14,9 @@ that ran it:
   default on this machine (`train.precision: auto`, `train.fast`: window orders,
   channels-last; `train.cpu_shards: auto`), `-fp32`/`-bf16`/`-fp16` the fast path and
   shards at one precision (bf16/fp16 only where the hardware runs them natively), `-compile`
-  with `train.compile` (its warm-up, `warmup_s`, is the compile time); and
+  with `train.compile` (its warm-up, `warmup_s`, is the compile time), `swinir_s-train[-fp32]-torch-attn`
+  the same step with torch's products for the window attention instead of the compiled kernel
+  (`nets/window_attention_native.py`; the table's header says which one the other rows ran); and
   `<net>-train-loader` with the real sample stream (`data.PairedPatches`: crops +
   augmentation through the DataLoader), which also times the wait for each batch on its
   own (`loader_s`, its share of the step);

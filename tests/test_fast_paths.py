@@ -7,6 +7,7 @@ import copy
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -206,9 +207,14 @@ def test_training_attention_has_the_reference_gradients(kernel, chunk_bytes):
 
 
 def _require_native_kernel() -> None:
-    """The compiled kernel must build wherever there is a C compiler (CI has one)."""
+    """The compiled kernel must build and be used wherever there is a C compiler and the CPU has
+    AVX-512 (F, BW, VL); elsewhere the pipeline runs torch's products (tested on their own)."""
     if shutil.which(os.environ.get("CC") or "cc") is None:
         pytest.skip("no C compiler: the native window attention kernel cannot be built here")
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split()
+                if Path("/proc/cpuinfo").exists() else ())
+    if not {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        pytest.skip("no AVX-512 on this CPU: the pipeline keeps torch's products for window attention")
     assert window_attention_native.kernel() is not None, window_attention_native.status()
 
 
@@ -295,33 +301,48 @@ def test_native_window_attention_equals_float64(cells, d, heads, dtype, bound):
 
 
 def test_native_kernel_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path):
-    """No compiler, or SR_NATIVE_KERNELS=0: status() says so in one line and window attention
-    runs torch's products; with one, the library is built once into the cache (a second load
-    reuses the file), by a rename from a temporary name."""
+    """No compiler, SR_NATIVE_KERNELS=0, or a build without AVX-512: status() says so in one
+    line and window attention runs torch's products; with a compiler on an AVX-512 CPU, the
+    library is built once into the cache (a second load reuses the file), by a rename from a
+    temporary name."""
     monkeypatch.setenv("SR_KERNEL_CACHE", str(tmp_path))
     qkv = torch.randn(2 * 16, 3 * 2 * 4)
     bias = torch.zeros(1, 2, 16, 16)
+
+    def reloaded() -> str:
+        window_attention_native.forget()
+        return window_attention_native.status()
     try:
         monkeypatch.setenv("CC", "no-such-compiler-sr")
-        window_attention_native.forget()
+        assert reloaded() == ("torch products (no C compiler: 'no-such-compiler-sr' not found; "
+                              "set CC to build the native kernel)")
         assert window_attention_native.kernel() is None
-        assert window_attention_native.status() == ("torch products (no C compiler: 'no-such-compiler-sr' not "
-                                                   "found; set CC to build the native kernel)")
         assert not window_attention_cpu.native_kernel_takes(qkv.device, qkv.dtype, 2, 16, 4)
         assert window_attention_cpu.window_attention(qkv, bias, None, 2, 16, 0.5).shape == (32, 8)
         monkeypatch.delenv("CC")
         monkeypatch.setenv("SR_NATIVE_KERNELS", "0")
-        window_attention_native.forget()
-        assert window_attention_native.status() == "torch products (SR_NATIVE_KERNELS=0)"
+        assert reloaded() == "torch products (SR_NATIVE_KERNELS=0)"
         monkeypatch.delenv("SR_NATIVE_KERNELS")
+        if shutil.which("cc") is None:
+            pytest.skip("no C compiler to build the kernel with")
+        without_avx512 = tmp_path / "cc-avx2"       # the same compiler, told the CPU has no AVX-512
+        without_avx512.write_text('#!/bin/sh\nexec cc "$@" -mno-avx512f\n')
+        without_avx512.chmod(0o755)
+        monkeypatch.setenv("CC", str(without_avx512))
+        assert reloaded().startswith("torch products (the native kernel needs AVX-512")
+        assert window_attention_native.kernel() is None
+        monkeypatch.delenv("CC")
+        for old in tmp_path.glob("*.so"):
+            old.unlink()
         window_attention_native.forget()
         _require_native_kernel()
-        assert "built in" in window_attention_native.status() and window_attention_cpu.native_kernel_takes(qkv.device, qkv.dtype, 2, 16, 4)
-        built = list(tmp_path.iterdir())
-        assert len(built) == 1 and built[0].suffix == ".so" and not built[0].name.startswith(".")
+        assert "built in" in window_attention_native.status()
+        assert window_attention_cpu.native_kernel_takes(qkv.device, qkv.dtype, 2, 16, 4)
+        built = list(tmp_path.glob("*.so"))
+        assert len(built) == 1 and not built[0].name.startswith(".")
+        assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]    # no temporary left
         stamp = built[0].stat().st_mtime_ns
-        window_attention_native.forget()
-        assert window_attention_native.kernel() is not None and "built in" not in window_attention_native.status()
+        assert "built in" not in reloaded() and window_attention_native.kernel() is not None
         assert built[0].stat().st_mtime_ns == stamp
     finally:
         window_attention_native.forget()

@@ -210,11 +210,21 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def native_kernel_takes(device: torch.device, dtype: torch.dtype, heads: int, cells: int, d: int) -> bool:
-    """Whether the compiled kernel can run attention on a qkv of this device and dtype: a CPU
-    float32 or bfloat16 qkv, windows of a multiple of 16 tokens up to 256, heads of up to 32
-    channels, and the kernel built (window_attention_native.status() says why not)."""
-    return (device.type == "cpu" and dtype in _SUFFIX and cells % 16 == 0 and cells <= 256
-            and d <= 32 and native.kernel() is not None)
+    """Whether attention on a qkv of this device and dtype goes through the compiled kernel:
+    where it measured faster than torch's products (training) and fused kernel (inference),
+    and the kernel is built (window_attention_native.status() says why not). Forward +
+    backward, one thread, against torch's chunked products (AMD EPYC, avx512_bf16):
+    - 8x8 windows, heads of 10 (SwinIR-S): fp32 21 -> 12 ms, bf16 14 -> 11 ms (192 windows);
+    - 8x8 windows, heads of 30 (SwinIR): fp32 15 -> 11 ms, but bf16 8 -> 10 ms (64 windows);
+    - 16x16 windows, heads of 24 (HAT-S): fp32 35 -> 31 ms, bf16 24 -> 28 ms (16 windows),
+      whole HAT-S steps within noise: a window's 256 x 256 scores outgrow the first-level
+      cache, and torch's bf16 products use the CPU's bf16 dot products, which the kernel
+      (float32 inside) does not.
+    So: windows of up to 64 tokens (a multiple of 16), float32 with heads of up to 32
+    channels, bfloat16 with heads of up to 16."""
+    return (device.type == "cpu" and cells % 16 == 0 and cells <= 64
+            and (dtype == torch.float32 and d <= 32 or dtype == torch.bfloat16 and d <= 16)
+            and native.kernel() is not None)
 
 
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,

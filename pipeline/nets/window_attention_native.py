@@ -3,6 +3,10 @@
 `kernel()` returns the loaded library, or None when it cannot be had (no C compiler, a failed
 build, `SR_NATIVE_KERNELS=0`), and `status()` says which and why, one line for the logs.
 
+It is used only where it builds for AVX-512 (F, BW and VL: Intel Skylake-SP and later, AMD Zen
+4 and later); for AVX2 its 16-float vectors take two registers each, it spills, and it ran 3x
+slower than torch's products, so AVX2-only CPUs keep torch's.
+
 The library is built with the system's C compiler (`$CC`, else `cc`) for the CPU it runs on
 (-march=native) into a cache directory (`$SR_KERNEL_CACHE`, else ~/.cache/sr-pipeline/kernels),
 named by a hash of the sources, the flags and the CPU's model and flags: a checkout shared
@@ -87,6 +91,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         backward = getattr(lib, f"window_attention_backward_{suffix}")
         backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, p]
         forward.restype = backward.restype = ctypes.c_int
+    lib.window_attention_avx512.argtypes, lib.window_attention_avx512.restype = [], ctypes.c_int
     return lib
 
 
@@ -103,7 +108,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             start = time.perf_counter()
             _build(compiler, path)
             built = f", built in {time.perf_counter() - start:.1f} s"
-        return _declare(ctypes.CDLL(str(path))), f"native kernel ({path}{built})"
+        lib = _declare(ctypes.CDLL(str(path)))
+        if not lib.window_attention_avx512():
+            return None, ("torch products (the native kernel needs AVX-512, which this CPU or compiler "
+                          "lacks: built for AVX2 it ran 3x slower than torch's products)")
+        return lib, f"native kernel ({path}{built})"
     except (RuntimeError, OSError, AttributeError) as e:
         return None, f"torch products (the native kernel did not build: {e})"
 

@@ -1,30 +1,69 @@
 /* The forward and backward for one storage type T, included by window_attention.c once per
-   type (T, SUFFIX, LOAD/STORE of 16 values, GET/PUT of one).
+   type (T, SUFFIX; LOAD/STORE of 16 values, LOADN/STOREN of the first m).
 
    qkv: (windows * n, 3 * heads * d), q then k then v, each heads then d; out: (windows * n,
    heads * d). bias_t: float32 (heads, n, n), the position bias transposed (key, query); mask_t:
    float32 (masked, n, n), the mask of the last `masked` windows transposed, or NULL. probs_t:
    (windows, heads, n, n), the probabilities transposed (key, query), written by the forward for
-   the backward (NULL: not kept, inference). d_bias_t: float32 (heads, n, n), transposed, added to (summed over windows). */
+   the backward (NULL: not kept, inference). d_bias_t: float32 (heads, n, n), transposed, added
+   to (summed over windows). */
 #define FN(name) CAT(name, SUFFIX)
+
+/* The first m values at p, read as 16 where that stays inside the buffer (before `end`): the
+   lanes past m are never used, and a narrower read of m values through memory first costs a
+   store-forwarding stall each (the kernel ran no faster with them everywhere) */
+INLINE vf FN(load_first_)(const T *p, int64_t m, const T *end) { return p + 16 <= end ? LOAD(p) : LOADN(p, m); }
+
+/* rows[i][0:d] = src[i * stride][0:d] as float32, for n rows */
+INLINE void FN(copy_rows_)(const T *src, int64_t stride, const int64_t n, const int64_t d, const T *end, float *rows) {
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < d; c += 16) {
+            const int64_t m = d - c < 16 ? d - c : 16;
+            storen_f32(rows + i * d + c, FN(load_first_)(src + i * stride + c, m, end), m);
+        }
+}
+
+/* cols[c * n + i] = src[i * stride + c] * factor (n rows of d values, transposed), through 16 x 16
+   blocks transposed in registers */
+INLINE void FN(copy_transposed_)(const T *src, int64_t stride, const int64_t n, const int64_t d,
+                                 float factor, const T *end, float *cols) {
+    for (int64_t i0 = 0; i0 < n; i0 += 16)
+        for (int64_t c0 = 0; c0 < d; c0 += 16) {
+            const int64_t m = d - c0 < 16 ? d - c0 : 16;
+            vf r[16];
+            for (int k = 0; k < 16; ++k) r[k] = FN(load_first_)(src + (i0 + k) * stride + c0, m, end);
+            transpose16(r);
+            for (int64_t c = 0; c < m; ++c) store_f32(cols + (c0 + c) * n + i0, r[c] * splat(factor));
+        }
+}
+
+/* dst[(i0 + lane) * stride + c] = cols[c][lane] * factor: d vectors of 16 tokens written as the
+   tokens' rows (a block transposed in registers) */
+INLINE void FN(store_transposed_)(const vf *cols, const int64_t d, float factor, T *dst, int64_t stride) {
+    for (int64_t c0 = 0; c0 < d; c0 += 16) {
+        const int64_t m = d - c0 < 16 ? d - c0 : 16;
+        vf r[16];
+        for (int k = 0; k < 16; ++k) r[k] = k < m ? cols[c0 + k] * splat(factor) : splat(0.f);
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) STOREN(dst + k * stride + c0, r[k], m);
+    }
+}
 
 INLINE void FN(forward_)(const T *qkv, const float *bias_t, const float *mask_t, int64_t masked,
                          int64_t windows, int64_t heads, const int64_t n, const int64_t d,
                          float scale, T *out, T *probs_t, float *scratch) {
     const int64_t width = 3 * heads * d;
+    const T *qkv_end = qkv + windows * n * width;
     float *q_t = scratch, *k = q_t + d * n, *v = k + n * d, *s_t = v + n * d;   /* (d, n), (n, d), (n, d), (n, n) */
     for (int64_t w = 0; w < windows; ++w)
         for (int64_t h = 0; h < heads; ++h) {
             const T *q_in = qkv + w * n * width + h * d, *k_in = q_in + heads * d, *v_in = k_in + heads * d;
-            for (int64_t i = 0; i < n; ++i)
-                for (int64_t c = 0; c < d; ++c) {
-                    q_t[c * n + i] = GET(q_in + i * width + c) * scale;
-                    k[i * d + c] = GET(k_in + i * width + c);
-                    v[i * d + c] = GET(v_in + i * width + c);
-                }
+            FN(copy_transposed_)(q_in, width, n, d, scale, qkv_end, q_t);
+            FN(copy_rows_)(k_in, width, n, d, qkv_end, k);
+            FN(copy_rows_)(v_in, width, n, d, qkv_end, v);
             const float *bias_h = bias_t + h * n * n;
             const float *mask_w = mask_t && w >= windows - masked ? mask_t + (w - windows + masked) * n * n : NULL;
-            T *probs_wh = probs_t ? probs_t + (w * heads + h) * n * n : NULL;   /* NULL: inference, none kept */
+            T *probs_wh = probs_t ? probs_t + (w * heads + h) * n * n : NULL;
             T *out_wh = out + w * n * heads * d + h * d;
             for (int64_t i0 = 0; i0 < n; i0 += 16) {                     /* 16 queries a vector */
                 vf q[MAX_D], top = splat(-__builtin_inff());
@@ -47,10 +86,8 @@ INLINE void FN(forward_)(const T *qkv, const float *bias_t, const float *mask_t,
                 const vf inv = splat(1.f) / total;
                 if (probs_wh)
                     for (int64_t j = 0; j < n; ++j) STORE(probs_wh + j * n + i0, load_f32(s_t + j * n + i0) * inv);
-                for (int64_t c = 0; c < d; ++c) {
-                    const vf oc = o[c] * inv;
-                    for (int lane = 0; lane < 16; ++lane) PUT(out_wh + (i0 + lane) * heads * d + c, oc[lane]);
-                }
+                for (int64_t c = 0; c < d; ++c) o[c] *= inv;
+                FN(store_transposed_)(o, d, 1.f, out_wh + i0 * heads * d, heads * d);
             }
         }
 }
@@ -59,6 +96,7 @@ INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_
                           int64_t heads, const int64_t n, const int64_t d, float scale,
                           T *d_qkv, float *d_bias_t, float *scratch) {
     const int64_t width = 3 * heads * d;
+    const T *qkv_end = qkv + windows * n * width, *d_out_end = d_out + windows * n * heads * d;
     float *q = scratch, *k = q + n * d, *v = k + n * d, *g = v + n * d, *g_t = g + n * d;  /* (n, d) x4, (d, n) */
     float *p_t = g_t + d * n, *ds_t = p_t + n * n, *p = ds_t + n * n, *ds = p + n * n;     /* (n, n) x4 */
     for (int64_t w = 0; w < windows; ++w)
@@ -67,13 +105,11 @@ INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_
             const T *q_in = qkv + at, *k_in = q_in + heads * d, *v_in = k_in + heads * d;
             const T *g_in = d_out + w * n * heads * d + h * d, *probs_wh = probs_t + (w * heads + h) * n * n;
             T *d_q = d_qkv + at, *d_k = d_q + heads * d, *d_v = d_k + heads * d;
-            for (int64_t i = 0; i < n; ++i)
-                for (int64_t c = 0; c < d; ++c) {
-                    q[i * d + c] = GET(q_in + i * width + c);
-                    k[i * d + c] = GET(k_in + i * width + c);
-                    v[i * d + c] = GET(v_in + i * width + c);
-                    g_t[c * n + i] = g[i * d + c] = GET(g_in + i * heads * d + c);
-                }
+            FN(copy_rows_)(q_in, width, n, d, qkv_end, q);
+            FN(copy_rows_)(k_in, width, n, d, qkv_end, k);
+            FN(copy_rows_)(v_in, width, n, d, qkv_end, v);
+            FN(copy_rows_)(g_in, heads * d, n, d, d_out_end, g);
+            FN(copy_transposed_)(g_in, heads * d, n, d, 1.f, d_out_end, g_t);
             for (int64_t j = 0; j < n * n; j += 16) store_f32(p_t + j, LOAD(probs_wh + j));
             float *d_bias_h = d_bias_t + h * n * n;
             for (int64_t i0 = 0; i0 < n; i0 += 16) {                     /* query side: 16 queries a vector */
@@ -93,10 +129,7 @@ INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_
                     store_f32(d_bias_h + j * n + i0, load_f32(d_bias_h + j * n + i0) + s);
                     for (int64_t c = 0; c < d; ++c) dq[c] += splat(k[j * d + c]) * s;
                 }
-                for (int64_t c = 0; c < d; ++c) {
-                    const vf dqc = dq[c] * splat(scale);
-                    for (int lane = 0; lane < 16; ++lane) PUT(d_q + (i0 + lane) * width + c, dqc[lane]);
-                }
+                FN(store_transposed_)(dq, d, scale, d_q + i0 * width, width);
             }
             transpose(p_t, p, n);
             transpose(ds_t, ds, n);
@@ -107,24 +140,20 @@ INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_
                     const vf s = load_f32(ds + i * n + j0);
                     for (int64_t c = 0; c < d; ++c) acc[c] += splat(q[i * d + c]) * s;
                 }
-                for (int64_t c = 0; c < d; ++c) {
-                    const vf dkc = acc[c] * splat(scale);
-                    for (int lane = 0; lane < 16; ++lane) PUT(d_k + (j0 + lane) * width + c, dkc[lane]);
-                    acc[c] = splat(0.f);
-                }
+                FN(store_transposed_)(acc, d, scale, d_k + j0 * width, width);
+                for (int64_t c = 0; c < d; ++c) acc[c] = splat(0.f);
                 for (int64_t i = 0; i < n; ++i) {                           /* dv = P^T.g */
                     const vf pi = load_f32(p + i * n + j0);
                     for (int64_t c = 0; c < d; ++c) acc[c] += splat(g[i * d + c]) * pi;
                 }
-                for (int64_t c = 0; c < d; ++c)
-                    for (int lane = 0; lane < 16; ++lane) PUT(d_v + (j0 + lane) * width + c, acc[c][lane]);
+                FN(store_transposed_)(acc, d, 1.f, d_v + j0 * width, width);
             }
         }
 }
 
-/* The nets' shapes compiled with n and d constant, so a block's vectors stay in registers:
-   SwinIR-S (8x8 windows, heads of 10), SwinIR (8x8, 30), HAT-S (16x16, 24); any other shape
-   runs the same code with n and d read at run time. Returns 0, or -1 if scratch memory ran out. */
+/* The shapes the pipeline sends here compiled with n and d constant, so a block's vectors stay
+   in registers: SwinIR-S (8x8 windows, heads of 10) and SwinIR (8x8, 30); any other shape runs
+   the same code with n and d read at run time. Returns 0, or -1 if scratch memory ran out. */
 int FN(window_attention_forward_)(const T *qkv, const float *bias_t, const float *mask_t,
                                   int64_t masked, int64_t windows, int64_t heads, int64_t n,
                                   int64_t d, float scale, T *out, T *probs_t) {
@@ -133,7 +162,6 @@ int FN(window_attention_forward_)(const T *qkv, const float *bias_t, const float
 #define FORWARD(N, D) FN(forward_)(qkv, bias_t, mask_t, masked, windows, heads, N, D, scale, out, probs_t, scratch)
     if (n == 64 && d == 10) FORWARD(64, 10);
     else if (n == 64 && d == 30) FORWARD(64, 30);
-    else if (n == 256 && d == 24) FORWARD(256, 24);
     else FORWARD(n, d);
 #undef FORWARD
     free(scratch);
@@ -148,7 +176,6 @@ int FN(window_attention_backward_)(const T *qkv, const T *probs_t, const T *d_ou
 #define BACKWARD(N, D) FN(backward_)(qkv, probs_t, d_out, windows, heads, N, D, scale, d_qkv, d_bias_t, scratch)
     if (n == 64 && d == 10) BACKWARD(64, 10);
     else if (n == 64 && d == 30) BACKWARD(64, 30);
-    else if (n == 256 && d == 24) BACKWARD(256, 24);
     else BACKWARD(n, d);
 #undef BACKWARD
     free(scratch);
@@ -160,5 +187,5 @@ int FN(window_attention_backward_)(const T *qkv, const T *probs_t, const T *d_ou
 #undef SUFFIX
 #undef LOAD
 #undef STORE
-#undef GET
-#undef PUT
+#undef LOADN
+#undef STOREN
