@@ -3,9 +3,9 @@
 `kernel()` returns the loaded library, or None when it cannot be had (no C compiler, a failed
 build, `SR_NATIVE_KERNELS=0`), and `status()` says which and why, one line for the logs.
 
-It is used only where it builds for AVX-512 (F, BW and VL: Intel Skylake-SP and later, AMD Zen
-4 and later); for AVX2 its 16-float vectors take two registers each, it spills, and it ran 3x
-slower than torch's products, so AVX2-only CPUs keep torch's.
+Built for AVX-512 (F, BW and VL: Intel Skylake-SP and later, AMD Zen 4 and later) its vectors
+are 16 floats, else 8 (AVX2: 16 took two of its sixteen registers each, spilled, and ran 3x
+slower than torch's products); `vector_floats()` and the status line say which.
 
 The library is built with the system's C compiler (`$CC`, else `cc`) for the CPU it runs on
 (-march=native) into a cache directory (`$SR_KERNEL_CACHE`, else ~/.cache/sr-pipeline/kernels),
@@ -91,7 +91,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         backward = getattr(lib, f"window_attention_backward_{suffix}")
         backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, p]
         forward.restype = backward.restype = ctypes.c_int
-    lib.window_attention_avx512.argtypes, lib.window_attention_avx512.restype = [], ctypes.c_int
+    lib.window_attention_vector_floats.argtypes, lib.window_attention_vector_floats.restype = [], ctypes.c_int
     return lib
 
 
@@ -109,10 +109,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             _build(compiler, path)
             built = f", built in {time.perf_counter() - start:.1f} s"
         lib = _declare(ctypes.CDLL(str(path)))
-        if not lib.window_attention_avx512():
-            return None, ("torch products (the native kernel needs AVX-512, which this CPU or compiler "
-                          "lacks: built for AVX2 it ran 3x slower than torch's products)")
-        return lib, f"native kernel ({path}{built})"
+        width = lib.window_attention_vector_floats()
+        return lib, f"native kernel ({width}-float vectors; {path}{built})"
     except (RuntimeError, OSError, AttributeError) as e:
         return None, f"torch products (the native kernel did not build: {e})"
 
@@ -128,6 +126,12 @@ def _get() -> tuple[ctypes.CDLL | None, str]:
 def kernel() -> ctypes.CDLL | None:
     """The loaded kernel library, built first if needed; None if it cannot be (see status())."""
     return _get()[0]
+
+
+def vector_floats() -> int:
+    """Floats a vector in the loaded kernel: 16 (AVX-512), 8 (AVX2 and others), 0 if none."""
+    lib = kernel()
+    return lib.window_attention_vector_floats() if lib is not None else 0
 
 
 def status() -> str:

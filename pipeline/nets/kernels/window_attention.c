@@ -13,32 +13,43 @@
    products; inference (128 windows) 7.2 -> 2.9 ms in fp32, 8.8 -> 2.9 ms in bf16 against
    torch's fused attention kernel.
 
-   The layout is what makes it fast: every product is written as vectors of 16 tokens times
+   The layout is what makes it fast: every product is written as vectors of VL tokens times
    scalars broadcast from the other operand, so nothing is summed across a vector's lanes. The
-   scores are computed transposed (a vector holds 16 queries' scores for one key), so the
+   scores are computed transposed (a vector holds VL queries' scores for one key), so the
    softmax's maximum and sum are lane-wise over keys; the probabilities are stored transposed
    for the backward, which transposes them (and the scores' gradient) once in cache to make
    the key-side gradients the same way.
 
-   Vectors are GCC/Clang vector extensions of 16 floats, which the compiler lowers to the
-   machine it builds for (one AVX-512 register, two AVX2 ones, four SSE ones): no intrinsics.
-   Built by `window_attention_native.py` with -O3 -march=native. Single-threaded: a training
-   step's shards and the inference window jobs run one per core. n must be a multiple of 16
-   (at most 256), d at most 32. */
+   Vectors are GCC/Clang vector extensions of VL floats, one register of the machine it is
+   built for (16 with AVX-512, else 8: AVX2's, or two SSE registers), which the compiler lowers
+   to its instructions; intrinsics only for what the extensions lack (AVX-512's masked moves,
+   its exponent scaling). Built by `window_attention_native.py` with -O3 -march=native.
+   Single-threaded: a training step's shards and the inference window jobs run one per core.
+   n must be a multiple of 16 (at most 256), d at most 32. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VL 16       /* floats a vector: one AVX-512 register */
+#else
+#define VL 8        /* one AVX2 register (two SSE ones); 16 took two of AVX2's 16 registers and
+                       spilled: 3x slower than torch's products */
+#endif
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+typedef uint32_t vu __attribute__((vector_size(4 * VL)));
+typedef uint16_t vh __attribute__((vector_size(2 * VL)));
 
 #define MAX_N 256
 #define MAX_D 32
 #define INLINE static inline __attribute__((always_inline))
 
+#if VL == 16
 INLINE vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+#else
+INLINE vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+#endif
 INLINE vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 INLINE void store_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
@@ -60,7 +71,7 @@ INLINE vf exp_polynomial(vf x) {       /* exp(x) for |x| <= ln2/2 */
     y = y * x + splat(5.0000001201e-1f);
     return y * x * x + x + splat(1.0f);
 }
-#if defined(__AVX512F__)
+#if VL == 16
 #include <immintrin.h>
 INLINE vf vexp(vf x) {
     const vi zero = x < splat(-87.f);
@@ -84,17 +95,18 @@ INLINE vf vexp(vf x) {
 }
 #endif
 
-/* A 16x16 block transposed in registers: four rounds, each swapping the off-diagonal b x b
-   blocks of every 2b x 2b block (b = 8, 4, 2, 1), two shuffles per pair of rows. */
+/* A VL x VL block transposed in registers: log2(VL) rounds, each swapping the off-diagonal
+   b x b blocks of every 2b x 2b block (b = VL/2, ..., 1), two shuffles per pair of rows. */
 #define UNPACK(...) __VA_ARGS__
 #define SWAP_BLOCKS(b, LO, HI)                                                                   \
-    for (int k = 0; k < 16; ++k)                                                                 \
+    for (int k = 0; k < VL; ++k)                                                                 \
         if (!(k & b)) {                                                                          \
             vf lo = __builtin_shufflevector(r[k], r[k + b], UNPACK LO);                          \
             vf hi = __builtin_shufflevector(r[k], r[k + b], UNPACK HI);                          \
             r[k] = lo; r[k + b] = hi;                                                            \
         }
-INLINE void transpose16(vf r[16]) {
+INLINE void transpose_block(vf r[VL]) {
+#if VL == 16
     SWAP_BLOCKS(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
                    (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
     SWAP_BLOCKS(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
@@ -103,18 +115,23 @@ INLINE void transpose16(vf r[16]) {
                    (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
     SWAP_BLOCKS(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
                    (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+#else
+    SWAP_BLOCKS(4, (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
+    SWAP_BLOCKS(2, (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15))
+    SWAP_BLOCKS(1, (0, 8, 2, 10, 4, 12, 6, 14), (1, 9, 3, 11, 5, 13, 7, 15))
+#endif
 }
-#undef UNPACK
 #undef SWAP_BLOCKS
+#undef UNPACK
 
-/* dst = src^T for (n, n) float32 matrices, n a multiple of 16 */
+/* dst = src^T for (n, n) float32 matrices, n a multiple of VL */
 INLINE void transpose(const float *src, float *dst, const int64_t n) {
-    for (int64_t a = 0; a < n; a += 16)
-        for (int64_t b = 0; b < n; b += 16) {
-            vf r[16];
-            for (int k = 0; k < 16; ++k) r[k] = load_f32(src + (a + k) * n + b);
-            transpose16(r);
-            for (int k = 0; k < 16; ++k) store_f32(dst + (b + k) * n + a, r[k]);
+    for (int64_t a = 0; a < n; a += VL)
+        for (int64_t b = 0; b < n; b += VL) {
+            vf r[VL];
+            for (int k = 0; k < VL; ++k) r[k] = load_f32(src + (a + k) * n + b);
+            transpose_block(r);
+            for (int k = 0; k < VL; ++k) store_f32(dst + (b + k) * n + a, r[k]);
         }
 }
 
@@ -141,22 +158,14 @@ INLINE vf loadn_bf16(const uint16_t *p, int64_t m) {
 }
 INLINE void storen_bf16(uint16_t *p, vf v, int64_t m) { _mm256_mask_storeu_epi16(p, FIRST(m), (__m256i)to_bf16(v)); }
 #else
-INLINE vf loadn_f32(const float *p, int64_t m) { float t[16] = {0}; memcpy(t, p, m * sizeof *t); return load_f32(t); }
-INLINE void storen_f32(float *p, vf v, int64_t m) { float t[16]; store_f32(t, v); memcpy(p, t, m * sizeof *t); }
-INLINE vf loadn_bf16(const uint16_t *p, int64_t m) { uint16_t t[16] = {0}; memcpy(t, p, m * sizeof *t); return load_bf16(t); }
-INLINE void storen_bf16(uint16_t *p, vf v, int64_t m) { uint16_t t[16]; store_bf16(t, v); memcpy(p, t, m * sizeof *t); }
+INLINE vf loadn_f32(const float *p, int64_t m) { float t[VL] = {0}; memcpy(t, p, m * sizeof *t); return load_f32(t); }
+INLINE void storen_f32(float *p, vf v, int64_t m) { float t[VL]; store_f32(t, v); memcpy(p, t, m * sizeof *t); }
+INLINE vf loadn_bf16(const uint16_t *p, int64_t m) { uint16_t t[VL] = {0}; memcpy(t, p, m * sizeof *t); return load_bf16(t); }
+INLINE void storen_bf16(uint16_t *p, vf v, int64_t m) { uint16_t t[VL]; store_bf16(t, v); memcpy(p, t, m * sizeof *t); }
 #endif
 
-/* 1 where the build has AVX-512 (F, BW, VL): a vector is one register. Elsewhere (AVX2: two
-   of its sixteen registers a vector) the kernel spills and ran 3-4x slower than torch's
-   products on SwinIR-S's shapes, so window_attention_native.py does not use it there. */
-int window_attention_avx512(void) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+/* Floats a vector in this build: 16 with AVX-512, 8 without. */
+int window_attention_vector_floats(void) { return VL; }
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)

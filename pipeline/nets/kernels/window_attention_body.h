@@ -1,5 +1,5 @@
 /* The forward and backward for one storage type T, included by window_attention.c once per
-   type (T, SUFFIX; LOAD/STORE of 16 values, LOADN/STOREN of the first m).
+   type (T, SUFFIX; LOAD/STORE of VL values, LOADN/STOREN of the first m).
 
    qkv: (windows * n, 3 * heads * d), q then k then v, each heads then d; out: (windows * n,
    heads * d). bias_t: float32 (heads, n, n), the position bias transposed (key, query); mask_t:
@@ -9,43 +9,43 @@
    to (summed over windows). */
 #define FN(name) CAT(name, SUFFIX)
 
-/* The first m values at p, read as 16 where that stays inside the buffer (before `end`): the
+/* The first m values at p, read as VL where that stays inside the buffer (before `end`): the
    lanes past m are never used, and a narrower read of m values through memory first costs a
    store-forwarding stall each (the kernel ran no faster with them everywhere) */
-INLINE vf FN(load_first_)(const T *p, int64_t m, const T *end) { return p + 16 <= end ? LOAD(p) : LOADN(p, m); }
+INLINE vf FN(load_first_)(const T *p, int64_t m, const T *end) { return p + VL <= end ? LOAD(p) : LOADN(p, m); }
 
 /* rows[i][0:d] = src[i * stride][0:d] as float32, for n rows */
 INLINE void FN(copy_rows_)(const T *src, int64_t stride, const int64_t n, const int64_t d, const T *end, float *rows) {
     for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < d; c += 16) {
-            const int64_t m = d - c < 16 ? d - c : 16;
+        for (int64_t c = 0; c < d; c += VL) {
+            const int64_t m = d - c < VL ? d - c : VL;
             storen_f32(rows + i * d + c, FN(load_first_)(src + i * stride + c, m, end), m);
         }
 }
 
-/* cols[c * n + i] = src[i * stride + c] * factor (n rows of d values, transposed), through 16 x 16
+/* cols[c * n + i] = src[i * stride + c] * factor (n rows of d values, transposed), through VL x VL
    blocks transposed in registers */
 INLINE void FN(copy_transposed_)(const T *src, int64_t stride, const int64_t n, const int64_t d,
                                  float factor, const T *end, float *cols) {
-    for (int64_t i0 = 0; i0 < n; i0 += 16)
-        for (int64_t c0 = 0; c0 < d; c0 += 16) {
-            const int64_t m = d - c0 < 16 ? d - c0 : 16;
-            vf r[16];
-            for (int k = 0; k < 16; ++k) r[k] = FN(load_first_)(src + (i0 + k) * stride + c0, m, end);
-            transpose16(r);
+    for (int64_t i0 = 0; i0 < n; i0 += VL)
+        for (int64_t c0 = 0; c0 < d; c0 += VL) {
+            const int64_t m = d - c0 < VL ? d - c0 : VL;
+            vf r[VL];
+            for (int k = 0; k < VL; ++k) r[k] = FN(load_first_)(src + (i0 + k) * stride + c0, m, end);
+            transpose_block(r);
             for (int64_t c = 0; c < m; ++c) store_f32(cols + (c0 + c) * n + i0, r[c] * splat(factor));
         }
 }
 
-/* dst[(i0 + lane) * stride + c] = cols[c][lane] * factor: d vectors of 16 tokens written as the
+/* dst[(i0 + lane) * stride + c] = cols[c][lane] * factor: d vectors of VL tokens written as the
    tokens' rows (a block transposed in registers) */
 INLINE void FN(store_transposed_)(const vf *cols, const int64_t d, float factor, T *dst, int64_t stride) {
-    for (int64_t c0 = 0; c0 < d; c0 += 16) {
-        const int64_t m = d - c0 < 16 ? d - c0 : 16;
-        vf r[16];
-        for (int k = 0; k < 16; ++k) r[k] = k < m ? cols[c0 + k] * splat(factor) : splat(0.f);
-        transpose16(r);
-        for (int k = 0; k < 16; ++k) STOREN(dst + k * stride + c0, r[k], m);
+    for (int64_t c0 = 0; c0 < d; c0 += VL) {
+        const int64_t m = d - c0 < VL ? d - c0 : VL;
+        vf r[VL];
+        for (int k = 0; k < VL; ++k) r[k] = k < m ? cols[c0 + k] * splat(factor) : splat(0.f);
+        transpose_block(r);
+        for (int k = 0; k < VL; ++k) STOREN(dst + k * stride + c0, r[k], m);
     }
 }
 
@@ -65,7 +65,7 @@ INLINE void FN(forward_)(const T *qkv, const float *bias_t, const float *mask_t,
             const float *mask_w = mask_t && w >= windows - masked ? mask_t + (w - windows + masked) * n * n : NULL;
             T *probs_wh = probs_t ? probs_t + (w * heads + h) * n * n : NULL;
             T *out_wh = out + w * n * heads * d + h * d;
-            for (int64_t i0 = 0; i0 < n; i0 += 16) {                     /* 16 queries a vector */
+            for (int64_t i0 = 0; i0 < n; i0 += VL) {                     /* VL queries a vector */
                 vf q[MAX_D], top = splat(-__builtin_inff());
                 for (int64_t c = 0; c < d; ++c) q[c] = load_f32(q_t + c * n + i0);
                 for (int64_t j = 0; j < n; ++j) {                           /* scores, transposed */
@@ -110,9 +110,9 @@ INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_
             FN(copy_rows_)(v_in, width, n, d, qkv_end, v);
             FN(copy_rows_)(g_in, heads * d, n, d, d_out_end, g);
             FN(copy_transposed_)(g_in, heads * d, n, d, 1.f, d_out_end, g_t);
-            for (int64_t j = 0; j < n * n; j += 16) store_f32(p_t + j, LOAD(probs_wh + j));
+            for (int64_t j = 0; j < n * n; j += VL) store_f32(p_t + j, LOAD(probs_wh + j));
             float *d_bias_h = d_bias_t + h * n * n;
-            for (int64_t i0 = 0; i0 < n; i0 += 16) {                     /* query side: 16 queries a vector */
+            for (int64_t i0 = 0; i0 < n; i0 += VL) {                     /* query side: VL queries a vector */
                 vf gq[MAX_D], row_dot = splat(0.f);
                 for (int64_t c = 0; c < d; ++c) gq[c] = load_f32(g_t + c * n + i0);
                 for (int64_t j = 0; j < n; ++j) {                           /* dP^T = v.g^T */
@@ -133,7 +133,7 @@ INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_
             }
             transpose(p_t, p, n);
             transpose(ds_t, ds, n);
-            for (int64_t j0 = 0; j0 < n; j0 += 16) {                     /* key side: 16 keys a vector */
+            for (int64_t j0 = 0; j0 < n; j0 += VL) {                     /* key side: VL keys a vector */
                 vf acc[MAX_D];
                 for (int64_t c = 0; c < d; ++c) acc[c] = splat(0.f);
                 for (int64_t i = 0; i < n; ++i) {                           /* dk = dS^T.q */
