@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 
 from .nets.rlfn import RLFN
-from .nets.swinir import SwinIR
+from .nets.swinir import SwinIR, WindowAttention
 from .nets.swinir_fast import make_fast, make_reference
 from .nets.hat import HAT
-from .nets import hat_fast
+from .nets import hat_fast, window_attention_native
+from .nets.window_attention_cpu import native_kernel_takes
 from .precision import hardware, native
 
 
@@ -88,6 +89,28 @@ def prepare_for_training(net: nn.Module, fast: bool = True) -> nn.Module:
     gradients and the optimizer state too), fp32 edge convolutions under autocast. Call it before the EMA copy
     and the optimizer are made, so they share the layout."""
     return use_fast_path(net, fast)
+
+
+def training_window_attention(net: nn.Module, dtype: torch.dtype, threads: int) -> str | None:
+    """What CPU training on the fast path computes the window attention of `net`'s SwinIR or
+    HAT blocks with, and why, in one line (None for a net without them): the compiled kernel
+    (`window_attention_native`) or torch's products. Loads the kernel, building it if needed:
+    call it before a step's shard processes fork, so they inherit it."""
+    shapes = sorted({(m.window_size ** 2, m.num_heads, m.qkv.in_features // m.num_heads)
+                     for m in net.modules() if isinstance(m, WindowAttention)})
+    if not shapes:
+        return None
+    if window_attention_native.kernel() is None:
+        return window_attention_native.status()
+    if threads > 1:
+        return f"torch products ({threads} torch threads a shard; the native kernel trains on one)"
+    slower = [f"{cells}-token windows, heads of {d}" for cells, heads, d in shapes
+              if not native_kernel_takes(torch.device("cpu"), dtype, heads, cells, d)]
+    if slower:
+        return (f"torch products for {', '.join(slower)} in {str(dtype).removeprefix('torch.')} "
+                f"(measured faster there than the native kernel)" + ("; the native kernel for the rest"
+                                                                     if len(slower) < len(shapes) else ""))
+    return window_attention_native.status()
 
 
 def use_fast_path(net: nn.Module, fast: bool = True) -> nn.Module:

@@ -706,3 +706,18 @@ def test_bench_interleaves_rows_in_one_process(workdir):
     assert done["peak_rss_mb"].nunique() == 1                      # one process
     assert table.loc["rlfn-train", "ratio"] == pytest.approx(done["median_s"].iloc[0] / done["median_s"].iloc[1])
     assert table.loc["rlfn-train-fp16", "status"].startswith("skipped")
+
+
+def test_training_window_attention_line():
+    """The line stage 02 prints: the compiled kernel for SwinIR-S's 8x8 windows, torch's products
+    for HAT-S's 16x16 ones, or on several torch threads a shard; nothing for a conv net."""
+    from pipeline.speed import training_window_attention
+    _require_native_kernel()
+    swinir, hat = build_net("swinir_s"), build_net("hat", window_size=16, embed_dim=48, depths=[2], num_heads=[2])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert training_window_attention(swinir, dtype, 1) == window_attention_native.status()
+    assert training_window_attention(hat, torch.bfloat16, 1) == (
+        "torch products for 256-token windows, heads of 24 in bfloat16 (measured faster there than the native kernel)")
+    assert training_window_attention(swinir, torch.float32, 2) == (
+        "torch products (2 torch threads a shard; the native kernel trains on one)")
+    assert training_window_attention(build_net("rlfn"), torch.float32, 1) is None

@@ -7,14 +7,14 @@ tokens of one window consecutive. It computes what autograd through the spelt-ou
 computes (tests/test_fast_paths.py holds it to the reference's gradients), faster, two ways:
 
 Through the compiled kernel (`kernels/window_attention.c`, built on first use by
-`window_attention_native`) wherever it is built and the call runs on one torch thread (a
-training step's shards): each window-head's scores stay in cache from the first product to
-the last. Round 8, SwinIR-S (AMD EPYC, avx512_bf16, no AMX): one block's attention forward +
-backward, 192 windows, one thread, 21 -> 12 ms in fp32, 13 -> 10 ms in bf16; a training step
-of batch 24 on 2 shards in processes 1.23 -> 1.00 s in fp32, 0.81 -> 0.71 s in bf16
-(alternating in one process).
+`window_attention_native`) where it is built and measured faster (`native_kernel_takes`), in
+training on one torch thread (a step's shards): each window-head's scores stay in cache from
+the first product to the last. Round 8, SwinIR-S (AMD EPYC, avx512_bf16, no AMX): one block's
+attention forward + backward, 192 windows, one thread, 21 -> 12 ms in fp32, 14 -> 11 ms in
+bf16 (the kernel itself 9.6 and 7.0 ms); a training step of batch 24 on 2 shards in processes
+1.20 -> 0.93 s in fp32, 0.90 -> 0.68 s in bf16 (one bench run, rows in turn).
 
-Elsewhere (no C compiler, several torch threads, `SR_NATIVE_KERNELS=0`), through torch's
+Elsewhere (no C compiler, several torch threads, HAT's 16x16 windows, `SR_NATIVE_KERNELS=0`), through torch's
 batched products in chunks of windows, faster than autograd for two reasons measured on
 SwinIR-S (64-token windows, 6 heads of 10 channels; AMD EPYC, one thread):
 - Cache. Spelt out, every product, the softmax and their gradients each make a pass over the

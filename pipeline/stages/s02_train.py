@@ -54,9 +54,9 @@ from ..config import PRETRAINED_RECORD, RUNTIME_KEYS, add_set_argument, dump_con
 from ..errors import PipelineError
 from ..io import atomic_path, locked
 from ..metrics import ssim_torch
-from ..nets import build_net, window_attention_native, window_transformer
+from ..nets import build_net
 from ..tensorboard_log import TrainingBoard, remove_event_files
-from ..speed import prepare_for_training
+from ..speed import prepare_for_training, training_window_attention
 from ..tiling import tiled_forward
 
 OPTIMIZERS = ("madgrad", "adam")
@@ -447,13 +447,11 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     shards = cpu_shards.plan(t["cpu_shards"], d.device, net, t["batch_size"] // d.world, d.world, t["compile"])
     if d.main:
         print(f"train {name}: precision {prec.name} ({prec.reason}); {shards.reason}")
-    if d.device.type == "cpu" and t["fast"] and not t["compile"] and window_transformer(net):
-        # built here, once, before the shards fork: they inherit the loaded kernel
-        attention = window_attention_native.status()
+    if d.device.type == "cpu" and t["fast"] and not t["compile"]:
+        # the kernel is loaded here, once, before the shards fork: they inherit it
         threads = cpu_shards.threads_per_shard(shards.shards) if shards.shards > 1 else torch.get_num_threads()
-        if threads > 1 and window_attention_native.kernel() is not None:
-            attention = f"torch products ({threads} torch threads a shard; the native kernel trains on one)"
-        if d.main:
+        attention = training_window_attention(net, amp_dtype or torch.float32, threads)
+        if attention and d.main:
             print(f"train {name}: window attention: {attention}")
     overlap = cfg["infer"]["tile_overlap"]
 
