@@ -317,8 +317,8 @@ def test_native_window_attention_equals_float64(cells, d, heads, dtype, bound):
 
 
 def test_native_kernel_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path):
-    """No compiler, or SR_NATIVE_KERNELS=0: status() says so in one line and window attention
-    runs torch's products; a build without AVX-512 runs 8-float vectors (equal results); with a
+    """No compiler, a compiler that fails, or SR_NATIVE_KERNELS=0: status() says so in one line
+    and window attention runs torch's products; a build without AVX-512 runs 8-float vectors (equal results); with a
     compiler on an AVX-512 CPU, the library is built once into the cache (a second load reuses
     the file), by a rename from a temporary name."""
     monkeypatch.setenv("SR_KERNEL_CACHE", str(tmp_path))
@@ -341,6 +341,13 @@ def test_native_kernel_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_p
         monkeypatch.delenv("SR_NATIVE_KERNELS")
         if shutil.which("cc") is None:
             pytest.skip("no C compiler to build the kernel with")
+        broken = tmp_path / "cc-broken"             # a compiler that fails: its first error line is reported
+        broken.write_text('#!/bin/sh\necho "window_attention.c:1: error: no vectors here" >&2\nexit 1\n')
+        broken.chmod(0o755)
+        monkeypatch.setenv("CC", str(broken))
+        assert reloaded() == (f"torch products (the native kernel did not build: {broken} failed: "
+                              "window_attention.c:1: error: no vectors here)")
+        assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".*"))   # nothing half-written
         without_avx512 = tmp_path / "cc-avx2"       # the same compiler, told the CPU has no AVX-512
         without_avx512.write_text('#!/bin/sh\nexec cc "$@" -mno-avx512f\n')
         without_avx512.chmod(0o755)
