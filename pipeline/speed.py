@@ -100,17 +100,19 @@ def training_window_attention(net: nn.Module, dtype: torch.dtype, threads: int) 
                      for m in net.modules() if isinstance(m, WindowAttention)})
     if not shapes:
         return None
+    cpu = torch.device("cpu")
+    if all(native_kernel_takes(cpu, dtype, heads, cells, d, threads) for cells, heads, d in shapes):
+        return window_attention_native.status()
+    # why not: no kernel, the threads, or (some of) the net's shapes
     if window_attention_native.kernel() is None:
         return window_attention_native.status()
     if threads > 1:
         return f"torch products ({threads} torch threads a shard; the native kernel trains on one)"
     slower = [f"{cells}-token windows, heads of {d}" for cells, heads, d in shapes
-              if not native_kernel_takes(torch.device("cpu"), dtype, heads, cells, d)]
-    if slower:
-        return (f"torch products for {', '.join(slower)} in {str(dtype).removeprefix('torch.')} "
-                f"(measured faster there than the native kernel)" + ("; the native kernel for the rest"
-                                                                     if len(slower) < len(shapes) else ""))
-    return window_attention_native.status()
+              if not native_kernel_takes(cpu, dtype, heads, cells, d)]
+    return (f"torch products for {', '.join(slower)} in {str(dtype).removeprefix('torch.')} "
+            f"(measured faster there than the native kernel)" + ("; the native kernel for the rest"
+                                                                 if len(slower) < len(shapes) else ""))
 
 
 def use_fast_path(net: nn.Module, fast: bool = True) -> nn.Module:

@@ -7,7 +7,7 @@ import copy
 import os
 import re
 import shutil
-from pathlib import Path
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -105,6 +105,22 @@ def test_caches_follow_input_size_batch_and_weights():
     assert _max_diff(ref, fast, torch.rand(1, 3, 16, 24)) < FP32_BOUND
 
 
+@contextmanager
+def _attention_calls(kernel: str):
+    """Counts calls of torch's fused attention ("fused") and of the compiled kernel's forward
+    ("compiled") inside the block; kernel "fused" switches the compiled kernel off."""
+    calls = {"fused": [], "compiled": []}
+    original_fused, original_native = torch.nn.functional.scaled_dot_product_attention, window_attention_cpu._native_forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                   lambda *a, **k: calls["fused"].append(1) or original_fused(*a, **k))
+        mp.setattr(window_attention_cpu, "_native_forward",
+                   lambda *a, **k: calls["compiled"].append(1) or original_native(*a, **k))
+        if kernel == "fused":
+            mp.setattr(window_attention_cpu, "native_kernel_takes", lambda *a: False)
+        yield calls
+
+
 @pytest.mark.parametrize("kernel", ["native", "fused"])
 def test_inference_attention_kernel(kernel):
     """Inference on the CPU runs attention through the compiled kernel where it is built, else
@@ -118,17 +134,9 @@ def test_inference_attention_kernel(kernel):
     ref = make_reference(copy.deepcopy(net)).eval()
     attn = net.layers[0].residual_group.blocks[0].attn
     x = torch.rand(1, 3, 16, 24)
-    fused, compiled = [], []
-    original_fused, original_native = torch.nn.functional.scaled_dot_product_attention, window_attention_cpu._native_forward
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                   lambda *a, **k: fused.append(1) or original_fused(*a, **k))
-        mp.setattr(window_attention_cpu, "_native_forward", lambda *a, **k: compiled.append(1) or original_native(*a, **k))
-        if kernel == "fused":
-            mp.setattr(window_attention_cpu, "native_kernel_takes", lambda *a: False)
-        with torch.inference_mode():
-            out = net.eval()(x)
-    assert (len(compiled), len(fused)) == ((3, 0) if kernel == "native" else (0, 3))
+    with _attention_calls(kernel) as calls, torch.inference_mode():
+        out = net.eval()(x)
+    assert (len(calls["compiled"]), len(calls["fused"])) == ((3, 0) if kernel == "native" else (0, 3))
     with torch.no_grad():
         assert (out - ref(x)).abs().max().item() < FP32_BOUND
     assert not attn._fast_bias[1].requires_grad
@@ -224,14 +232,19 @@ def _native_equals_torch_products(cells: int, d: int) -> None:
     mask[:, :, : cells // 2, cells // 2:] = -100.0
     g = torch.randn(3 * cells, heads * d)
     for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        results = []
-        for fn in (window_attention_cpu._WindowAttention.apply, window_attention_cpu._NativeWindowAttention.apply):
-            x, b = qkv.to(dtype).clone().requires_grad_(), bias.clone().requires_grad_()
-            out = fn(x, b, mask, heads, cells, d ** -0.5)
-            out.backward(g.to(dtype))
-            results.append((out.float(), x.grad.float(), b.grad))
+        results = [[t.float() for t in _attention_and_gradients(fn, qkv.to(dtype), bias, mask, heads, cells, g.to(dtype))]
+                   for fn in (window_attention_cpu._WindowAttention.apply, window_attention_cpu._NativeWindowAttention.apply)]
         for want, got in zip(*results):
             assert (got - want).abs().max() <= bound * want.abs().max(), (cells, d, dtype)
+
+
+def _attention_and_gradients(fn, qkv, bias, mask, heads: int, cells: int, g) -> tuple:
+    """fn's output (scale d^-0.5) and the gradients of qkv and the bias for the output gradient
+    g, through leaves copied from qkv and bias, in their dtypes."""
+    x, b = qkv.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    out = fn(x, b, mask, heads, cells, (qkv.shape[1] // (3 * heads)) ** -0.5)
+    out.backward(g)
+    return out.detach(), x.grad, b.grad
 
 
 def _counted(fn, calls: list):
@@ -264,8 +277,8 @@ def test_window_attention_by_hand_equals_autograd(kernel, dtype, bound, masked_w
         _require_native_kernel()
     torch.manual_seed(0)
     heads, cells, d, windows = 3, 16, 5, 7
-    qkv = torch.randn(windows * cells, 3 * heads * d).to(dtype).requires_grad_()
-    bias = torch.randn(1, heads, cells, cells, requires_grad=True)
+    qkv = torch.randn(windows * cells, 3 * heads * d).to(dtype)
+    bias = torch.randn(1, heads, cells, cells)
     mask = None
     if masked_windows:
         mask = torch.zeros(masked_windows, 1, cells, cells)
@@ -276,10 +289,7 @@ def test_window_attention_by_hand_equals_autograd(kernel, dtype, bound, masked_w
         mp.setattr(window_attention_cpu, "_CHUNK_BYTES", 3 * heads * cells * cells * qkv.element_size())
         mp.setattr(window_attention_cpu, "native_kernel_takes", lambda *a: kernel == "native")
         for fn in (_window_attention_by_autograd, window_attention_cpu.window_attention):
-            qkv.grad = bias.grad = None
-            out = fn(qkv, bias, mask, heads, cells, d ** -0.5)
-            out.backward(g)
-            results.append((out.detach().float(), qkv.grad.float(), bias.grad.float()))
+            results.append([t.float() for t in _attention_and_gradients(fn, qkv, bias, mask, heads, cells, g)])
     assert results[1][2].dtype == torch.float32 and results[1][0].shape == (windows * cells, heads * d)
     for want, got in zip(*results):
         assert (got - want).abs().max() <= bound * want.abs().max()
@@ -288,7 +298,8 @@ def test_window_attention_by_hand_equals_autograd(kernel, dtype, bound, masked_w
 @pytest.mark.parametrize("cells,d,heads", [(64, 10, 6), (64, 30, 2), (256, 24, 2)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
 def test_native_window_attention_equals_float64(cells, d, heads, dtype, bound):
-    """The compiled kernel at the shapes it is specialised for (SwinIR-S, SwinIR, HAT-S), with
+    """The compiled kernel at SwinIR-S's and SwinIR's shapes (compiled with n and d constant) and
+    HAT-S's (read at run time), with
     SwinIR's -100 shifted-window mask on the last 3 of 4 windows, against the products in
     float64 from the same inputs: output and gradients of qkv and of the bias, relative to the
     largest value. In bf16 the kernel computes in float32 and rounds what it stores (output,
@@ -305,12 +316,11 @@ def test_native_window_attention_equals_float64(cells, d, heads, dtype, bound):
     for fn, kind in ((_window_attention_by_autograd, torch.float64),
                      (window_attention_cpu._NativeWindowAttention.apply, dtype),
                      (window_attention_cpu._NativeWindowAttention.apply, dtype)):
-        x = qkv.to(kind).clone().requires_grad_()
-        b = bias.to(kind if kind == torch.float64 else torch.float32).clone().requires_grad_()
-        out = fn(x, b, mask.to(b.dtype), heads, cells, d ** -0.5)
-        out.backward(g.to(kind))
-        assert out.dtype == kind and x.grad.dtype == kind
-        results.append((out.detach(), x.grad, b.grad))
+        bias_kind = kind if kind == torch.float64 else torch.float32
+        out, d_qkv, d_bias = _attention_and_gradients(fn, qkv.to(kind), bias.to(bias_kind), mask.to(bias_kind),
+                                                      heads, cells, g.to(kind))
+        assert out.dtype == kind and d_qkv.dtype == kind
+        results.append((out, d_qkv, d_bias))
     for want, got, again in zip(*results):
         assert torch.equal(got, again)
         assert (got.double() - want).abs().max() <= bound * want.abs().max()
@@ -503,17 +513,9 @@ def test_hat_inference_attention_kernels(kernel):
         _require_native_kernel()
     ref, net = _hat_pair(depths=[2], num_heads=[2])
     x = torch.rand(1, 3, 16, 16)
-    fused, compiled = [], []
-    original_fused, original_native = torch.nn.functional.scaled_dot_product_attention, window_attention_cpu._native_forward
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                   lambda *a, **k: fused.append(1) or original_fused(*a, **k))
-        mp.setattr(window_attention_cpu, "_native_forward", lambda *a, **k: compiled.append(1) or original_native(*a, **k))
-        if kernel == "fused":
-            mp.setattr(window_attention_cpu, "native_kernel_takes", lambda *a: False)
-        with torch.inference_mode():
-            out = net(x)
-    assert (len(compiled), len(fused)) == ((3, 1) if kernel == "native" else (0, 4))
+    with _attention_calls(kernel) as calls, torch.inference_mode():
+        out = net(x)
+    assert (len(calls["compiled"]), len(calls["fused"])) == ((3, 1) if kernel == "native" else (0, 4))
     with torch.no_grad():
         assert (out - ref(x)).abs().max().item() < FP32_BOUND
     net.train()(torch.rand(1, 3, 16, 16)).mean().backward()   # caches built in inference mode train too

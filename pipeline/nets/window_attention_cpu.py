@@ -209,11 +209,15 @@ class _NativeWindowAttention(torch.autograd.Function):
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def native_kernel_takes(device: torch.device, dtype: torch.dtype, heads: int, cells: int, d: int) -> bool:
+def native_kernel_takes(device: torch.device, dtype: torch.dtype, heads: int, cells: int, d: int,
+                        training_threads: int | None = None) -> bool:
     """Whether attention on a qkv of this device and dtype goes through the compiled kernel:
     where it measured faster than torch's products (training) and fused kernel (inference),
-    and the kernel is built (window_attention_native.status() says why not). Forward +
-    backward, one thread, against torch's chunked products (AMD EPYC, avx512_bf16):
+    and the kernel is built (window_attention_native.status() says why not). In training
+    (`training_threads`: the torch threads the call runs on) only on one thread: the kernel
+    runs on one core, as a step's shards do; a step on several threads unsharded ran as fast
+    through torch's products on all of them. Forward + backward, one thread, against torch's
+    chunked products (AMD EPYC, avx512_bf16):
     - 8x8 windows, heads of 10 (SwinIR-S): fp32 21 -> 12 ms, bf16 14 -> 11 ms (192 windows);
     - 8x8 windows, heads of 30 (SwinIR): fp32 15 -> 11 ms, but bf16 8 -> 10 ms (64 windows);
     - 16x16 windows, heads of 24 (HAT-S): fp32 35 -> 31 ms, bf16 24 -> 28 ms (16 windows),
@@ -227,7 +231,7 @@ def native_kernel_takes(device: torch.device, dtype: torch.dtype, heads: int, ce
     channels, bfloat16 with heads of up to 16."""
     return (device.type == "cpu" and cells % 16 == 0 and cells <= 64
             and (dtype == torch.float32 and d <= 32 or dtype == torch.bfloat16 and d <= 16)
-            and native.kernel() is not None)
+            and training_threads in (None, 1) and native.kernel() is not None)
 
 
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
@@ -240,11 +244,10 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor |
     windows (the shifted-window mask, -inf where tokens must not see each other; SwinIR and
     HAT put the windows it touches last, so a shifted block is one call);
     returns (tokens, heads * d), heads then d: the input of the output projection."""
-    if native_kernel_takes(qkv.device, qkv.dtype, heads, cells, qkv.shape[1] // (3 * heads)):
-        if not (torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)):
-            return _native_forward(qkv.contiguous(), bias, mask, heads, cells, scale, keep_probs=False)[0]
-        # training: the kernel runs on one core, as a step's shards do (one torch thread each);
-        # a step on several threads unsharded ran as fast through torch's products on all of them
-        if torch.get_num_threads() == 1:
+    training = torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)
+    if native_kernel_takes(qkv.device, qkv.dtype, heads, cells, qkv.shape[1] // (3 * heads),
+                           torch.get_num_threads() if training else None):
+        if training:
             return _NativeWindowAttention.apply(qkv, bias, mask, heads, cells, scale)
+        return _native_forward(qkv.contiguous(), bias, mask, heads, cells, scale, keep_probs=False)[0]
     return _WindowAttention.apply(qkv, bias, mask, heads, cells, scale)

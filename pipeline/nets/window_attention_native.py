@@ -42,7 +42,9 @@ _loaded: tuple[ctypes.CDLL | None, str] | None = None
 
 
 def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform."""
+    """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform.
+    Not precision.cpu_flags: that reads x86's flags line only (ARM's is `Features`), and the
+    model decides -mtune."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]

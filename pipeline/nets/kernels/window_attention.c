@@ -167,6 +167,14 @@ INLINE void storen_bf16(uint16_t *p, vf v, int64_t m) { uint16_t t[VL]; store_bf
 /* Floats a vector in this build: 16 with AVX-512, 8 without. */
 int window_attention_vector_floats(void) { return VL; }
 
+/* CALL(N, D) with n and d as constants for the shapes the pipeline sends here, so a block's
+   vectors stay in registers: SwinIR-S (8x8 windows, heads of 10) and SwinIR (8x8, 30); any
+   other shape runs the same code with n and d read at run time. */
+#define SPECIALISED(CALL)                                                                        \
+    if (n == 64 && d == 10) CALL(64, 10);                                                        \
+    else if (n == 64 && d == 30) CALL(64, 30);                                                   \
+    else CALL(n, d)
+
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 

@@ -151,18 +151,14 @@ INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_
         }
 }
 
-/* The shapes the pipeline sends here compiled with n and d constant, so a block's vectors stay
-   in registers: SwinIR-S (8x8 windows, heads of 10) and SwinIR (8x8, 30); any other shape runs
-   the same code with n and d read at run time. Returns 0, or -1 if scratch memory ran out. */
+/* Return 0, or -1 if scratch memory ran out. */
 int FN(window_attention_forward_)(const T *qkv, const float *bias_t, const float *mask_t,
                                   int64_t masked, int64_t windows, int64_t heads, int64_t n,
                                   int64_t d, float scale, T *out, T *probs_t) {
     float *scratch = malloc(sizeof(float) * (3 * n * d + n * n));
     if (!scratch) return -1;
 #define FORWARD(N, D) FN(forward_)(qkv, bias_t, mask_t, masked, windows, heads, N, D, scale, out, probs_t, scratch)
-    if (n == 64 && d == 10) FORWARD(64, 10);
-    else if (n == 64 && d == 30) FORWARD(64, 30);
-    else FORWARD(n, d);
+    SPECIALISED(FORWARD);
 #undef FORWARD
     free(scratch);
     return 0;
@@ -174,9 +170,7 @@ int FN(window_attention_backward_)(const T *qkv, const T *probs_t, const T *d_ou
     float *scratch = malloc(sizeof(float) * (5 * n * d + 4 * n * n));
     if (!scratch) return -1;
 #define BACKWARD(N, D) FN(backward_)(qkv, probs_t, d_out, windows, heads, N, D, scale, d_qkv, d_bias_t, scratch)
-    if (n == 64 && d == 10) BACKWARD(64, 10);
-    else if (n == 64 && d == 30) BACKWARD(64, 30);
-    else BACKWARD(n, d);
+    SPECIALISED(BACKWARD);
 #undef BACKWARD
     free(scratch);
     return 0;
