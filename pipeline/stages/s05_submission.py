@@ -32,6 +32,9 @@ from ..io import sha256_file
 from .s04_ensemble import blend_config, test_scenes
 
 
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)   # the earliest date a zip stores: members carry no build time
+
+
 def latest_pointer(exp: str) -> Path:
     """The text file naming the newest submission zip of `exp` (make's target for stage 05)."""
     return paths.SUBMISSIONS / f"{exp}-latest.txt"
@@ -103,6 +106,14 @@ def check_answers(cfg: dict) -> list[Path]:
     return [pred_dir / s["answer"] for s in scenes]
 
 
+def submission_member(name: str) -> zipfile.ZipInfo:
+    """A zip member with a fixed date and mode: the same answers always make the same zip bytes."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
+
+
 def build_submission(cfg: dict) -> Path:
     """Check the predictions of `cfg`'s experiment and write the submission zip; returns its path."""
     exp = cfg["exp"]
@@ -115,7 +126,7 @@ def build_submission(cfg: dict) -> Path:
     with io.atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for path in answers:
-                zf.write(path, arcname=path.name)
+                zf.writestr(submission_member(path.name), path.read_bytes())
         with zipfile.ZipFile(tmp) as zf:  # read back: every member's CRC, nothing else inside
             bad = zf.testzip()
             if bad is not None or sorted(zf.namelist()) != sorted(names):
