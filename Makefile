@@ -35,7 +35,7 @@ OOF_SUMMARY := models/$(EXP)/oof/summary.json
 SUBMISSION_LATEST := submissions/$(EXP)-latest.txt
 CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
 # folds of the experiment, read from its config (lazily: needs the venv)
-FOLD_LIST = $(shell $(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
+FOLD_LIST = $(shell $(PY) -c "from pipeline.core.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
 
 .PHONY: help setup demo demo-data unzip folds train train-all oof ensemble submission all \
         predict score test test-all bench weights benchmark-aerial benchmark-aerial-x5 report lb clean FORCE \
@@ -82,7 +82,7 @@ $(FOLDS_CSV): $(MANIFEST) $(wildcard $(CONFIG)) $(wildcard data/raw/groups.csv) 
 
 # With GPUS, a training job first claims NPROC free GPUs of them (waiting while none is
 # free) and runs on those alone (CUDA_VISIBLE_DEVICES); the claim ends with the job.
-GPU_CLAIM = $(if $(strip $(GPUS)),$(PY) -m pipeline.gpus --gpus "$(strip $(GPUS))" --count $(NPROC) --)
+GPU_CLAIM = $(if $(strip $(GPUS)),$(PY) -m pipeline.train.gpus --gpus "$(strip $(GPUS))" --count $(NPROC) --)
 
 train: $(FOLDS_CSV) ## stage 02: train one fold (FOLD=0 SEED=0 EXP=aerial NPROC=1 GPUS= ARGS=)
 ifeq ($(NPROC),1)
@@ -237,7 +237,7 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	@test -d "$(AERIAL_SOURCE)" || { echo "benchmark-aerial: $(AERIAL_SOURCE) not found: the real tiles live in ../shared/data/ucmerced_urban beside the checkout (not in the repository)" >&2; exit 1; }
 	$(AERIAL_DATA) --workdir $(AERIAL_DIR)
 	$(AERIAL_RUN); $(PIPE) unzip --exp $(AERIAL_EXP); $(PIPE) degradation --exp $(AERIAL_EXP); $(PIPE) folds --exp $(AERIAL_EXP); \
-	  folds=$$($(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))"); \
+	  folds=$$($(PY) -c "from pipeline.core.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))"); \
 	  { for s in $(SEEDS); do for f in $$folds; do echo "$(AERIAL_EXP) $$s $$f"; done; done; \
 	    for e in $(AERIAL_KFOLD); do for f in $$folds; do echo "$$e $(AERIAL_SEED0) $$f"; done; done; } | \
 	    OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -n 3 sh -c '$(PIPE) train --exp $$0 --seed $$1 --fold $$2'; \
@@ -260,7 +260,7 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	    fresh $(AERIAL_PRED)/$$b/ensemble.json $(AERIAL_MODELS)/blends/$$b/blend.json || $(PIPE) ensemble --blend $$b; done; fi
 	if [ "$(AERIAL_RANDOM_FOLDS)" = 1 ]; then $(AERIAL_DATA) --workdir $(AERIAL_RANDOM_DIR) && rm -f $(AERIAL_RANDOM_DIR)/data/raw/groups.csv && \
 	  $(AERIAL_RUN) && export SR_WORKDIR=$(AERIAL_RANDOM_DIR) && $(PIPE) unzip --exp $(AERIAL_EXP) && $(PIPE) folds --exp $(AERIAL_EXP) && \
-	  folds=$$($(PY) -c "from pipeline.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))") && \
+	  folds=$$($(PY) -c "from pipeline.core.config import load_config; print(*range(load_config('$(AERIAL_EXP)')['data']['n_folds']))") && \
 	  for f in $$folds; do echo $$f; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -I{} $(PIPE) train --exp $(AERIAL_EXP) --seed $(AERIAL_SEED0) --fold {} && \
 	  scored $(AERIAL_EXP); fi
 	$(AERIAL_RUN); INPUTS=($(AERIAL_DIR)/data/interim/manifest.csv); \
@@ -275,9 +275,9 @@ benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): train
 	$(AERIAL_RUN); for a in $(ABLATIONS); do echo $$a; done | OMP_NUM_THREADS=1 xargs -P $(AERIAL_JOBS) -I{} bash -c \
 	  '$(PIPE) train --exp {} --fold 0 && INPUTS=($(AERIAL_MODELS)/{}/seed0/fold0/best.pt) && \
 	   predict $(AERIAL_PRED)/{}-fold0 --checkpoint $(AERIAL_MODELS)/{}/seed0/fold0/best.pt --tta 1'
-	$(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP) --write-default
+	$(PY) -m pipeline.tools.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP) --write-default
 	$(AERIAL_RUN); INPUTS=($(AERIAL_DIR)/default-submission.txt); predict $(AERIAL_PRED)/default-submission $$(cat $(AERIAL_DIR)/default-submission.txt); \
-	  $(PY) -m pipeline.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP) --check-default $(AERIAL_PRED)/default-submission
+	  $(PY) -m pipeline.tools.ablation --workdir $(AERIAL_DIR) --exp $(AERIAL_EXP) --check-default $(AERIAL_PRED)/default-submission
 	SR_WORKDIR=$(AERIAL_DIR) $(PIPE) report
 
 # x5 (issue 14): the same tiles built at x5 (255x255 -> 51x51), fold 0 of aerial_x5 (rlfn_x4
@@ -293,7 +293,7 @@ benchmark-aerial-x5: $(SETUP) ## x5 on the real aerial tiles: rlfn_x4 carried to
 	  $(PIPE) predict --model bicubic --scale 5 --tta 1 --input $(AERIAL_X5_DIR)/data/interim/evaluation --output $(AERIAL_X5_DIR)/data/predictions/bicubic && \
 	  for e in aerial_x5 aerial_x5_scratch; do $(PIPE) predict --checkpoint $(AERIAL_X5_DIR)/models/$$e/seed0/fold0/best.pt \
 	    --tta 1 --input $(AERIAL_X5_DIR)/data/interim/evaluation --output $(AERIAL_X5_DIR)/data/predictions/$$e-fold0; done && \
-	  $(PY) -m pipeline.ablation --workdir $(AERIAL_X5_DIR) --exp aerial_x5
+	  $(PY) -m pipeline.tools.ablation --workdir $(AERIAL_X5_DIR) --exp aerial_x5
 
 clean: ## remove generated artifacts (keeps .venv, data/raw and models/pretrained)
 	rm -rf data/interim/* data/folds.csv data/predictions submissions/*.zip submissions/*-latest.txt bench reports/index.html reports/img reports/cache

@@ -14,22 +14,22 @@ import warnings
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "demo-data": ("pipeline.demo_data", "build a demo competition (train.zip, evaluation.zip, answers)"),
+    "demo-data": ("pipeline.tools.demo_data", "build a demo competition (train.zip, evaluation.zip, answers)"),
     "unzip": ("pipeline.stages.s00_unzip", "stage 00: validate and extract the competition zips"),
-    "degradation": ("pipeline.degradation", "which downscaler made the low-res images (after stage 00)"),
+    "degradation": ("pipeline.data.degradation", "which downscaler made the low-res images (after stage 00)"),
     "folds": ("pipeline.stages.s01_folds", "stage 01: split training scenes into K balanced folds"),
     "train": ("pipeline.stages.s02_train", "stage 02: train one fold of one seed"),
     "oof": ("pipeline.stages.s03_oof", "stage 03: out-of-fold competition SSIM"),
     "ensemble": ("pipeline.stages.s04_ensemble", "stage 04: fold x seed ensemble with TTA on the test set"),
     "submission": ("pipeline.stages.s05_submission", "stage 05: check and zip the predictions"),
-    "blend": ("pipeline.blend", "fit blend weights over experiments' out-of-fold predictions"),
-    "predict": ("pipeline.predict", "super-resolve images with a net, weights or checkpoints"),
-    "score": ("pipeline.score", "competition SSIM of a submission against answers"),
-    "benchmark-sr": ("pipeline.benchmark_sr", "Y-PSNR / Y-SSIM on standard SR test sets (paper protocol)"),
-    "weights": ("pipeline.weights", "find, download and verify pretrained weights"),
-    "bench": ("pipeline.bench", "speed and memory benchmarks"),
-    "report": ("pipeline.report", "static HTML report of the workdir -> reports/index.html"),
-    "lb": ("pipeline.ledger", "record a zip's public leaderboard score, or print the submissions ledger"),
+    "blend": ("pipeline.infer.blend", "fit blend weights over experiments' out-of-fold predictions"),
+    "predict": ("pipeline.tools.predict", "super-resolve images with a net, weights or checkpoints"),
+    "score": ("pipeline.tools.score", "competition SSIM of a submission against answers"),
+    "benchmark-sr": ("pipeline.tools.benchmark_sr", "Y-PSNR / Y-SSIM on standard SR test sets (paper protocol)"),
+    "weights": ("pipeline.core.weights", "find, download and verify pretrained weights"),
+    "bench": ("pipeline.tools.bench", "speed and memory benchmarks"),
+    "report": ("pipeline.tools.report", "static HTML report of the workdir -> reports/index.html"),
+    "lb": ("pipeline.tools.ledger", "record a zip's public leaderboard score, or print the submissions ledger"),
 }
 
 
@@ -38,8 +38,8 @@ def _format_warning(message, category, filename, lineno, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cpu_memory import retain_freed_memory
-    from .errors import PipelineError
+    from pipeline.accel.cpu.memory import retain_freed_memory
+    from pipeline.core.errors import PipelineError
 
     warnings.formatwarning = _format_warning
     retain_freed_memory()   # the stages free and reallocate the same large tensors step after step
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # out of space outside the atomic writes (which say it themselves)
-        from .io import NO_SPACE
+        from pipeline.core.io import NO_SPACE
         if exc.errno not in NO_SPACE:
             raise
         print(f"error: {exc.filename or 'writing a file'}: {NO_SPACE[exc.errno]}", file=sys.stderr)

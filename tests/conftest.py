@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline import paths
+
+from pipeline.core import paths
 
 _ORIGINAL_WORKDIR = paths.WORKDIR
 
@@ -57,8 +58,9 @@ def cli():
 
 
 def _make_dry_run(*args: str) -> list[str]:
-    """The commands `make -n` would run (sub-makes included), from the project root."""
-    proc = subprocess.run(["make", "-n", "--no-print-directory", *args, "SETUP="], cwd=paths.ROOT,
+    """The commands `make -n` would run (sub-makes included), from the project root, whatever
+    artifacts the checkout holds (-B: every target out of date)."""
+    proc = subprocess.run(["make", "-n", "-B", "--no-print-directory", *args, "SETUP="], cwd=paths.ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()

@@ -14,13 +14,14 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import demo_data, io, paths
-from pipeline.ablation import table
-from pipeline.checkpoints import read_checkpoint, save_checkpoint
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.metrics import competition_ssim
+from pipeline.core import io, paths
+from pipeline.core.checkpoints import read_checkpoint, save_checkpoint
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import competition_ssim
 from pipeline.stages import s00_unzip, s01_folds, s02_train
+from pipeline.tools import demo_data
+from pipeline.tools.ablation import table
 
 # variants of the x4 recipe (aerial_x5*: another scale, another competition, not an ablation)
 AERIAL_VARIANTS = sorted(p.stem for p in paths.CONFIGS.glob("aerial_*.yaml")
@@ -297,7 +298,7 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     and the default chosen by grouped CV within the training budget (never by the test)."""
     import os
 
-    from pipeline import ablation
+    from pipeline.tools import ablation
 
     rng = np.random.default_rng(2)
     highs = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import paths
-from pipeline.benchmark_sr import build_benchmark_net, evaluate_set, read_benchmark_image
-from pipeline.errors import PipelineError
-from pipeline.inference import predict_scene
-from pipeline.metrics import y_psnr, y_ssim
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import y_psnr, y_ssim
+from pipeline.infer.ensemble import predict_scene
 from pipeline.nets import build_net
+from pipeline.tools.benchmark_sr import build_benchmark_net, evaluate_set, read_benchmark_image
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -74,7 +74,7 @@ def test_cli_writes_table_and_csvs(tiny_root, cli, workdir):
 
 
 def test_a_pipeline_checkpoint_rebuilds_its_own_net(tiny_root, workdir):
-    from pipeline.checkpoints import save_checkpoint
+    from pipeline.core.checkpoints import save_checkpoint
 
     trained = build_net("espcn", scale=4, activation="relu")
     path = workdir / "models" / "x" / "best.pt"

@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 import tifffile
-
-from pipeline import blend, io, paths
-from pipeline.errors import PipelineError
-from pipeline.metrics import competition_ssim
-from pipeline.stages import s03_oof, s04_ensemble, s05_submission
-from pipeline.stages.s00_unzip import load_manifest
 from tiny_experiment import assert_rounds_to, build_competition, expected_float, save_tiny_checkpoint, write_config
 
+from pipeline.core import io, paths
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import competition_ssim
+from pipeline.infer import blend
+from pipeline.stages import s03_oof, s04_ensemble, s05_submission
+from pipeline.stages.s00_unzip import load_manifest
 
 # --- the fit on synthetic per-scene scores --------------------------------------------------
 
@@ -86,13 +86,13 @@ def two_exps(tmp_path_factory):
             save_tiny_checkpoint("b", 0, fold, step=5 + fold)
             save_tiny_checkpoint("b", 1, fold, step=7)
         # b's checkpoints must differ from a's: save_tiny_checkpoint seeds by (seed, fold)
-        from pipeline.checkpoints import read_checkpoint, save_checkpoint
+        from pipeline.core.checkpoints import read_checkpoint, save_checkpoint
         for path in sorted((folder / "models" / "b").glob("seed*/fold*/best.pt")):
             ckpt = read_checkpoint(path)
             state = {k: v + 0.05 * (1 + int(path.parent.name[4:])) for k, v in ckpt["state_dict"].items()}
             save_checkpoint(path, net_name="espcn", net_args=ckpt["net"]["args"], state_dict=state,
                             exp="b", seed=ckpt["seed"], fold=ckpt["fold"], step=ckpt["step"], val_ssim=0.5)
-        from pipeline.config import load_config
+        from pipeline.core.config import load_config
         for exp in ("a", "b"):
             s03_oof.run_oof(load_config(folder / f"{exp}.yaml"))
     finally:
@@ -191,9 +191,9 @@ def test_blended_stage_04_equals_a_hand_computation(blend_dir):
 
 def _unclipped_mean(ckpt_paths, low):
     import torch
-
-    from pipeline.checkpoints import net_from_checkpoint
     from tiny_experiment import dihedral_views, to_tensor
+
+    from pipeline.core.checkpoints import net_from_checkpoint
 
     total, count = 0.0, 0
     for p in ckpt_paths:

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from pipeline import paths
-from pipeline.cpu_memory import on_glibc
+from pipeline.accel.cpu.memory import on_glibc
+from pipeline.core import paths
 
 # the SSIM loss's forward + backward on 8 crops, 20 times after a warm-up: the page faults
 # of one step, with retain_freed_memory() called first or not
 STEPS = """
 import resource, sys, torch
-from pipeline.cpu_memory import retain_freed_memory
-from pipeline.metrics import ssim_torch
+from pipeline.accel.cpu.memory import retain_freed_memory
+from pipeline.core.metrics import ssim_torch
 torch.set_num_threads(1)
 print(retain_freed_memory() if sys.argv[1] == "retain" else None)
 x0, y = torch.rand(8, 3, 128, 128), torch.rand(8, 3, 128, 128)

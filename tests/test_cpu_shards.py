@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath as TimmDropPath
 
-from pipeline import cpu_shards, losses
-from pipeline.errors import PipelineError
+from pipeline.accel.cpu import shards as cpu_shards
+from pipeline.core.errors import PipelineError
 from pipeline.nets import build_net
-from pipeline.nets.swinir_fast import make_fast
-from pipeline.speed import prepare_for_training
+from pipeline.nets.fast.prepare import prepare_for_training
+from pipeline.nets.fast.swinir import make_fast
+from pipeline.train import losses
 
 SMALL_SWINIR = {"depths": [2, 2], "num_heads": [6, 6]}
 

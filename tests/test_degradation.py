@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import degradation as D
-from pipeline import demo_data, io, paths
-from pipeline.errors import PipelineError
+from pipeline.core import io, paths
+from pipeline.core.errors import PipelineError
+from pipeline.data import degradation as D
+from pipeline.tools import demo_data
 
 
 def real_tiles(shared, n: int, scale: int) -> list[np.ndarray]:
@@ -159,7 +160,7 @@ def test_kernel_names_and_refusals(workdir, config_file, cli):
 
 @pytest.mark.shared
 def test_degradation_study_prints_every_truth_with_itself_first(shared, capsys):
-    from pipeline import degradation_study
+    from pipeline.tools import degradation_study
 
     degradation_study.main(["--source", str(shared / "data" / "ucmerced_urban"), "--n", "2"])
     lines = capsys.readouterr().out.splitlines()

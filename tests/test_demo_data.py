@@ -10,8 +10,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pipeline import demo_data, paths
-from pipeline.errors import PipelineError
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.tools import demo_data
 
 
 def zip_images(path: Path) -> dict[str, np.ndarray]:
@@ -143,7 +144,7 @@ def test_source_groups_and_split_by_tile_number(workdir, tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from pipeline.groups import source_group
+    from pipeline.data.groups import source_group
 
     src = tmp_path / "src"
     rng = np.random.default_rng(0)

@@ -8,8 +8,8 @@ from io import BytesIO
 import numpy as np
 import tifffile
 
-from pipeline import io
-from pipeline.metrics import competition_ssim
+from pipeline.core import io
+from pipeline.core.metrics import competition_ssim
 
 
 def test_end_to_end_every_stage_through_the_cli(workdir, cli):

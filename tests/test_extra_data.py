@@ -12,13 +12,15 @@ import pytest
 import tifffile
 import yaml
 from PIL import Image
-
-from pipeline import data, degradation, extra_data, paths
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.stages import s02_train, s03_oof
-
 from test_train import TINY, make_competition
+
+from pipeline.core import paths
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data import degradation
+from pipeline.data import extra as extra_data
+from pipeline.data import patches as data
+from pipeline.stages import s02_train, s03_oof
 
 
 def photo_tiles(n: int, side: int = 64) -> list[np.ndarray]:

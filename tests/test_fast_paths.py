@@ -14,21 +14,25 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import paths
-from pipeline.bench import COLUMNS
-from pipeline.demo_data import downscale
-from pipeline.inference import predict_scene
-from pipeline.io import read_image
-from pipeline.metrics import competition_ssim
+from pipeline.accel.cpu import native as window_attention_native
+from pipeline.accel.cpu import onednn_linear
+from pipeline.accel.cpu import window_attention as window_attention_cpu
+from pipeline.core import paths
+from pipeline.core.io import read_image
+from pipeline.core.metrics import competition_ssim
+from pipeline.core.precision import choose
+from pipeline.core.weights import load_weights
+from pipeline.infer.ensemble import predict_scene
 from pipeline.nets import available_nets, build_net
-from pipeline.nets.swinir import SwinIR
-from pipeline.nets import hat_fast, onednn_linear, swinir_fast, window_attention_cpu, window_attention_native
-from pipeline.nets.fast_switch import cached_orders, reorder
+from pipeline.nets.fast import hat as hat_fast
+from pipeline.nets.fast import swinir as swinir_fast
+from pipeline.nets.fast.prepare import Fp32Conv2d, edge_convs, prepare_for_inference
+from pipeline.nets.fast.swinir import FastSwinIR, _add_drop_path, make_fast, make_reference
+from pipeline.nets.fast.switch import cached_orders, reorder
 from pipeline.nets.hat import HAT
-from pipeline.precision import choose
-from pipeline.nets.swinir_fast import FastSwinIR, _add_drop_path, make_fast, make_reference
-from pipeline.speed import Fp32Conv2d, edge_convs, prepare_for_inference
-from pipeline.weights import load_weights
+from pipeline.nets.swinir import SwinIR
+from pipeline.tools.bench import COLUMNS
+from pipeline.tools.demo_data import downscale
 
 FP32_BOUND = 1e-4     # max |fast - reference| on [0, 1] outputs
 SSIM_BOUND = 5e-4     # |SSIM(bf16) - SSIM(fp32)|, competition SSIM against the high-res tile
@@ -691,7 +695,7 @@ def test_bench_quick_writes_the_table(workdir, cli):
 
 
 def test_cores_probe_measures_every_core():
-    from pipeline.bench import cores_probe
+    from pipeline.tools.bench import cores_probe
     probe = cores_probe(2, seconds=0.05)
     assert probe["cores"] == 2 and probe["alone"] > 1 and probe["together"] > 1
     assert probe["share"] == pytest.approx(probe["together"] / probe["alone"])
@@ -707,7 +711,7 @@ def test_bench_refuses_an_unknown_row(workdir, capsys):
 
 def test_bench_interleaves_rows_in_one_process(workdir):
     """--interleave: the rows run in one child process, one run of each in turn."""
-    from pipeline.bench import measure, select_rows
+    from pipeline.tools.bench import measure, select_rows
     table = measure(select_rows("rlfn-train-ref,rlfn-train,rlfn-train-fp16"), quick=True, repeats=2,
                     device="cpu", threads=1, progress=lambda _: None, interleave=True).set_index("row")
     done = table[table["status"] == "ok"]
@@ -720,7 +724,7 @@ def test_bench_interleaves_rows_in_one_process(workdir):
 def test_training_window_attention_line():
     """The line stage 02 prints: the compiled kernel for SwinIR-S's 8x8 windows, torch's products
     for HAT-S's 16x16 ones, or on several torch threads a shard; nothing for a conv net."""
-    from pipeline.speed import training_window_attention
+    from pipeline.nets.fast.prepare import training_window_attention
     _require_native_kernel()
     swinir, hat = build_net("swinir_s"), build_net("hat", window_size=16, embed_dim=48, depths=[2], num_heads=[2])
     for dtype in (torch.float32, torch.bfloat16):

@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from pipeline import demo_data, paths
-from pipeline.errors import PipelineError
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.data.groups import assign_group_folds
 from pipeline.stages import s01_folds
-from pipeline.groups import assign_group_folds
+from pipeline.tools import demo_data
 
 
 def tiny_competition(n_train: int, seed: int = 0) -> list[float]:

@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from pipeline import gpus, paths
-from pipeline.errors import PipelineError
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.train import gpus
 
 
 def test_claims_never_share_a_gpu(tmp_path):
@@ -47,7 +48,7 @@ def test_a_gpu_named_twice_is_two_slots(tmp_path):
 
 def _wrapped(tmp_path, gpu_list: str, code: str) -> subprocess.Popen:
     env = {**os.environ, "SR_GPU_LOCK_DIR": str(tmp_path), "PYTHONPATH": str(paths.ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.gpus", "--gpus", gpu_list, "--",
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train.gpus", "--gpus", gpu_list, "--",
                              sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

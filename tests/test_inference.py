@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
-from pipeline.inference import autocast, pick_device, predict_scene, tensor_to_image
+from pipeline.core.errors import PipelineError
+from pipeline.infer.ensemble import autocast, pick_device, predict_scene, tensor_to_image
 from pipeline.nets import build_net
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import io, ledger, paths
-from pipeline.errors import PipelineError
+from pipeline.core import io, paths
+from pipeline.core.errors import PipelineError
+from pipeline.tools import ledger
 
 
 def make_zip(name: str, content: bytes = b"x") -> "Path":

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from pipeline import data
-from pipeline.errors import PipelineError
-from pipeline.stages import s02_train
-from pipeline.tensorboard_log import TrainingBoard
 from test_train import AUG_ALL, TINY, fake_scenes, read_board
+
+from pipeline.core.errors import PipelineError
+from pipeline.data import patches as data
+from pipeline.stages import s02_train
+from pipeline.train.board import TrainingBoard
 
 
 def test_batches_are_the_same_with_0_and_2_workers():

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DEFAULTS
-from pipeline.errors import PipelineError
-from pipeline.losses import CHARBONNIER_EPS, build_loss
-from pipeline.metrics import competition_ssim
+from pipeline.core.config import DEFAULTS
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import competition_ssim
+from pipeline.train.losses import CHARBONNIER_EPS, build_loss
 
 
 def smooth_images(seed: int = 0, n: int = 2, size: int = 32) -> torch.Tensor:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pipeline import paths
-from pipeline.errors import PipelineError
-from pipeline.io import read_image
-from pipeline.metrics import competition_ssim, rgb_to_y, ssim_torch, y_psnr, y_ssim
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_image
+from pipeline.core.metrics import competition_ssim, rgb_to_y, ssim_torch, y_psnr, y_ssim
 
 
 def degrade(high: np.ndarray, kind: int, rng: np.random.Generator) -> np.ndarray:

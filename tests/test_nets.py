@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import paths
-from pipeline.errors import PipelineError
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.core.weights import load_weights
 from pipeline.nets import available_nets, build_net
-from pipeline.weights import load_weights
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -168,7 +168,7 @@ def test_rlfn_small_inputs_are_padded_not_refused():
 
 
 def _real_lr_hr():
-    from pipeline.io import read_image
+    from pipeline.core.io import read_image
     root = paths.SHARED_DATA / "sr_benchmarks" / "Set5"
     lr = read_image(root / "LR_bicubic" / "X4" / "birdx4.png")
     hr = read_image(root / "HR" / "bird.png")

@@ -8,17 +8,24 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_experiment import (
+    assert_rounds_to,
+    build_competition,
+    expected_float,
+    save_tiny_checkpoint,
+    to_tensor,
+    to_uint8,
+    write_config,
+)
 
-from pipeline import io, paths
-from pipeline.checkpoints import net_from_checkpoint
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.inference import predict_scene
-from pipeline.metrics import competition_ssim
+from pipeline.core import io, paths
+from pipeline.core.checkpoints import net_from_checkpoint
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import competition_ssim
+from pipeline.infer.ensemble import predict_scene
 from pipeline.stages import s03_oof
 from pipeline.stages.s00_unzip import load_manifest
-from tiny_experiment import (assert_rounds_to, build_competition, expected_float, save_tiny_checkpoint,
-                             to_tensor, to_uint8, write_config)
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +209,8 @@ def test_oof_without_checkpoints_or_with_missing_folds(workdir):
 def test_oof_refuses_a_checkpoint_trained_on_another_split(workdir):
     """Folds re-split after training (same K): the held-out scenes of a checkpoint's fold are
     not the ones it was validated on, so its out-of-fold score would leak."""
-    from pipeline.checkpoints import read_checkpoint, save_checkpoint
-    from pipeline.data import fold_ids, split_digest
+    from pipeline.core.checkpoints import read_checkpoint, save_checkpoint
+    from pipeline.data.patches import fold_ids, split_digest
 
     cfg = build_competition(write_config(workdir))
     for f in (0, 1):

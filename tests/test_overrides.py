@@ -7,14 +7,15 @@ import warnings
 import pytest
 import torch
 import yaml
-
-from pipeline import cpu_shards, paths
-from pipeline.__main__ import main as cli_main
-from pipeline.checkpoints import read_checkpoint
-from pipeline.config import DEFAULTS, apply_overrides, load_config
-from pipeline.errors import PipelineError
-from pipeline.stages import s02_train
 from test_train import STEPS, make_competition, write_config
+
+from pipeline.__main__ import main as cli_main
+from pipeline.accel.cpu import shards as cpu_shards
+from pipeline.core import paths
+from pipeline.core.checkpoints import read_checkpoint
+from pipeline.core.config import DEFAULTS, apply_overrides, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.stages import s02_train
 
 
 @pytest.fixture(autouse=True)

@@ -9,16 +9,17 @@ import copy
 import pandas as pd
 import pytest
 import torch
+from test_train import make_competition, run, states_equal, write_config
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline import cpu_shards, paths, precision
-from pipeline.checkpoints import read_checkpoint
-from pipeline.errors import PipelineError
+from pipeline.accel.cpu import shards as cpu_shards
+from pipeline.core import paths, precision
+from pipeline.core.checkpoints import read_checkpoint
+from pipeline.core.errors import PipelineError
+from pipeline.core.precision import Hardware, choose
 from pipeline.nets import build_net
-from pipeline.precision import Hardware, choose
-from pipeline.speed import prepare_for_training
+from pipeline.nets.fast.prepare import prepare_for_training
 from pipeline.stages import s02_train
-from test_train import make_competition, run, states_equal, write_config
 
 REAL_SHARDED_STEP = cpu_shards.ShardedStep.step
 CONV_NET = build_net("espcn", channels=[8, 8])
@@ -154,7 +155,7 @@ def test_fp16_skips_an_inf_step_without_touching_weights_or_ema(workdir, monkeyp
 
 
 def s02_train_steps(cfg_path: str) -> int:
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     return load_config(cfg_path)["train"]["steps"]
 
 
@@ -220,7 +221,7 @@ def test_channels_last_training_gives_the_nchw_outputs_and_gradients(name):
 def test_inference_takes_the_same_names():
     """infer.precision / predict --precision: auto is what `choose` resolves for the net here;
     fp16 runs under autocast (emulated on a CPU) close to fp32."""
-    from pipeline.inference import predict_float
+    from pipeline.infer.ensemble import predict_float
     torch.manual_seed(12)
     net = build_net("espcn", channels=[8, 8])
     x = torch.rand(1, 3, 12, 16)

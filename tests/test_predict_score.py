@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import io
 from pipeline.__main__ import main as cli_main
-from pipeline.checkpoints import save_checkpoint
-from pipeline.inference import predict_scene
-from pipeline.metrics import competition_ssim
+from pipeline.core import io
+from pipeline.core.checkpoints import save_checkpoint
+from pipeline.core.metrics import competition_ssim
+from pipeline.infer.ensemble import predict_scene
 from pipeline.nets import build_net
 
 

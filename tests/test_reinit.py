@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.core.weights import load_pretrained, load_weights
 from pipeline.nets import build_net
-from pipeline.weights import load_pretrained, load_weights
 
 # net -> (constructor args without the scale, the module that depends on the scale, scales)
 NETS = {

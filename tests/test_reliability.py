@@ -36,10 +36,11 @@ import pytest
 import tifffile
 import torch
 
-from pipeline import demo_data, io, paths
 from pipeline.__main__ import main as cli_main
-from pipeline.checkpoints import read_checkpoint
-from pipeline.errors import PipelineError
+from pipeline.core import io, paths
+from pipeline.core.checkpoints import read_checkpoint
+from pipeline.core.errors import PipelineError
+from pipeline.tools import demo_data
 
 TINY_CONFIG = """\
 data: {n_folds: 2}
@@ -188,7 +189,7 @@ def reference(tmp_path_factory):
 
 def killed_run(argv: list[str], crash_at: int | None = None, delay: float | None = None) -> tuple[bool, float]:
     """Run a stage in a forked child that is SIGKILLed at its `crash_at`-th crash point
-    (SR_CRASH_AT, pipeline.io.crash_point) or after `delay` seconds. Returns whether it was
+    (SR_CRASH_AT, pipeline.core.io.crash_point) or after `delay` seconds. Returns whether it was
     killed and, if it was not, how long it ran."""
     began = time.perf_counter()
     pid = os.fork()
@@ -603,6 +604,7 @@ def cli_main_raising(argv: list[str]) -> None:
     """A stage's main() as the CLI calls it, letting the PipelineError through."""
     import argparse
     import importlib
+
     from pipeline.__main__ import COMMANDS
     module = importlib.import_module(COMMANDS[argv[0]][0])
     parser = argparse.ArgumentParser()
@@ -694,6 +696,7 @@ def test_enospc_inside_an_atomic_write_names_the_file_keeps_the_previous(workdir
 def test_out_of_space_outside_the_atomic_writers_is_one_line_too(monkeypatch, capsys):
     """The CLI's last resort: an ENOSPC from a write no atomic writer wrapped."""
     import errno
+
     from pipeline.stages import s01_folds
 
     def full(args):

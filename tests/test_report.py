@@ -7,19 +7,19 @@ import os
 import shutil
 from pathlib import Path
 
+import headless_chromium
 import numpy as np
 import pandas as pd
-import yaml
 import pytest
-
-from pipeline import io, ledger, paths, report
-from pipeline.checkpoints import read_checkpoint
-from pipeline.config import DEFAULTS, load_config
-from pipeline.stages import s02_train, s03_oof, s04_ensemble, s05_submission
-from pipeline.stages.s00_unzip import load_manifest
+import yaml
 from tiny_experiment import build_competition
 
-import headless_chromium
+from pipeline.core import io, paths
+from pipeline.core.checkpoints import read_checkpoint
+from pipeline.core.config import DEFAULTS, load_config
+from pipeline.stages import s02_train, s03_oof, s04_ensemble, s05_submission
+from pipeline.stages.s00_unzip import load_manifest
+from pipeline.tools import ledger, report
 
 # 4 training steps of a small ESPCN on 8x8 -> 32x32 crops, validated at steps 0, 2 and 4
 TINY_YAML = ("data: {n_folds: 2}\n"
@@ -170,9 +170,9 @@ def test_crops_are_the_scenes_pixels_and_reruns_reuse_them(in_tiny, tmp_path):
         raise AssertionError("an unchanged work folder needs no prediction, plot or file hash")
 
     # the rerun reuses every image and plot: no net runs, nothing is plotted or hashed again
-    import pipeline.inference
+    import pipeline.infer.ensemble
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline.inference, "predict_scene", refuse)
+        mp.setattr(pipeline.infer.ensemble, "predict_scene", refuse)
         mp.setattr(report, "plot_scenes", refuse)
         mp.setattr(report, "plot_cv_lb", refuse)
         mp.setattr(io, "sha256_file", refuse)

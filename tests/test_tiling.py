@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from pipeline import paths
-from pipeline.errors import PipelineError
-from pipeline.inference import image_to_tensor, tensor_to_image
-from pipeline.io import read_image
-from pipeline.metrics import competition_ssim
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_image
+from pipeline.core.metrics import competition_ssim
+from pipeline.infer.ensemble import image_to_tensor, tensor_to_image
+from pipeline.infer.tiling import tile_starts, tiled_forward
 from pipeline.nets import build_net
-from pipeline.tiling import tile_starts, tiled_forward
 
 
 def local_net(scale: int = 4) -> nn.Module:
@@ -105,7 +105,7 @@ def test_tiled_rlfn_on_real_tiles(aerial_lr_hr, shared, torch_one_thread):
     difference and the competition score within 1e-3."""
     if not (shared / "weights" / "rlfn_x4.pth").is_file():
         pytest.skip("rlfn_x4.pth absent")
-    from pipeline.weights import load_weights
+    from pipeline.core.weights import load_weights
     net = load_weights(build_net("rlfn"), shared / "weights" / "rlfn_x4.pth").eval()
     for lr, hr in aerial_lr_hr[:2]:
         x = image_to_tensor(lr)

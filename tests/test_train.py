@@ -17,11 +17,14 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from pipeline import data, demo_data, losses, paths
-from pipeline.checkpoints import net_from_checkpoint, read_checkpoint
-from pipeline.config import DEFAULTS, load_config
-from pipeline.errors import PipelineError
+from pipeline.core import paths
+from pipeline.core.checkpoints import net_from_checkpoint, read_checkpoint
+from pipeline.core.config import DEFAULTS, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data import patches as data
 from pipeline.stages import s00_unzip, s01_folds, s02_train
+from pipeline.tools import demo_data
+from pipeline.train import losses
 
 STEPS = 8
 # a tiny ESPCN on 8x8 -> 32x32 crops: every code path of a real run, in well under a second
@@ -186,8 +189,9 @@ def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, cap
     # TensorBoard beside log.csv: the same figures, and the validation crop [bicubic | model | truth]
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1
     assert_board_matches_log(folder)
-    from PIL import Image
     from io import BytesIO
+
+    from PIL import Image
     truth = data.load_fold(0, 4)[1][0].hr          # 64x80: the whole scene fits the crop
     crops = [np.asarray(Image.open(BytesIO(e.encoded_image_string)))[..., :3]
              for e in read_board(folder).Images("val/crop")]
@@ -334,7 +338,7 @@ def test_config_refusals_name_the_key(tiny, workdir):
 
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
     from pipeline.stages.s02_train import train
     result = train(load_config(sys.argv[1]), fold=0, seed=0)
     torch.save({"net": result.net.state_dict(), "ema": result.ema.state_dict()},

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.infer.tta import dihedral, tta_forward, tta_views, undo_dihedral
 from pipeline.nets import build_net
-from pipeline.tta import dihedral, tta_forward, tta_views, undo_dihedral
 
 
 class Lopsided(nn.Module):
@@ -94,10 +94,10 @@ def test_tta_never_scores_below_plain_rlfn_on_aerial_tiles(shared, torch_one_thr
     import numpy as np
     from PIL import Image
 
-    from pipeline.inference import predict_scene
-    from pipeline.io import read_image
-    from pipeline.metrics import competition_ssim
-    from pipeline.weights import load_weights
+    from pipeline.core.io import read_image
+    from pipeline.core.metrics import competition_ssim
+    from pipeline.core.weights import load_weights
+    from pipeline.infer.ensemble import predict_scene
 
     if not (shared / "weights" / "rlfn_x4.pth").is_file():
         pytest.skip("rlfn_x4.pth absent")

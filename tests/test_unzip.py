@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline import paths
-from pipeline.config import DEFAULTS
-from pipeline.errors import PipelineError
+from pipeline.core import paths
+from pipeline.core.config import DEFAULTS
+from pipeline.core.errors import PipelineError
 from pipeline.stages import s00_unzip
 
 SCALE = 4

@@ -8,11 +8,11 @@ import urllib.error
 import pytest
 import torch
 
-from pipeline import paths, weights
-from pipeline.checkpoints import save_checkpoint
-from pipeline.errors import PipelineError
+from pipeline.core import paths, weights
+from pipeline.core.checkpoints import save_checkpoint
+from pipeline.core.errors import PipelineError
+from pipeline.core.weights import KnownWeights, load_weights, resolve_weights
 from pipeline.nets import build_net
-from pipeline.weights import KnownWeights, load_weights, resolve_weights
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -233,7 +233,7 @@ def test_a_file_without_published_checksum_is_accepted_by_layout_and_its_sha256_
                                                                                          monkeypatch):
     """HAT-S_SRx4.pth has no published sha256: any file of that name that loads strictly
     is used, and load_pretrained reports its sha256 (the run records it)."""
-    from pipeline.io import sha256_file
+    from pipeline.core.io import sha256_file
     from pipeline.nets import build_net
 
     small = {"embed_dim": 24, "depths": [2], "num_heads": [2], "window_size": 4, "img_size": 16}

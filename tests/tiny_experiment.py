@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import demo_data, paths
-from pipeline.checkpoints import net_from_checkpoint, save_checkpoint
-from pipeline.config import load_config
+from pipeline.core import paths
+from pipeline.core.checkpoints import net_from_checkpoint, save_checkpoint
+from pipeline.core.config import load_config
 from pipeline.nets import build_net
 from pipeline.stages import s00_unzip, s01_folds
+from pipeline.tools import demo_data
 
 NET_ARGS = {"scale": 4, "channels": [8, 6]}
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from ..errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 NETS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -57,8 +57,8 @@ def build_net(name: str, **kwargs) -> nn.Module:
 def window_transformer(net: nn.Module | None) -> str:
     """"SwinIR" or "HAT", the first of them inside `net` ('' if none): nets whose steps are
     thousands of small operations run from Python, which some choices (precision, shards) weigh."""
-    from .hat import HAT
-    from .swinir import SwinIR
+    from pipeline.nets.hat import HAT
+    from pipeline.nets.swinir import SwinIR
 
     for m in net.modules() if net is not None else ():
         for kind in (SwinIR, HAT):          # a fast path's subclass (FastSwinIR) counts as its net

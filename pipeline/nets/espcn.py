@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import PipelineError
-from . import register
+from pipeline.core.errors import PipelineError
+from pipeline.nets import register
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 

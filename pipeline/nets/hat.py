@@ -35,11 +35,22 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 
-from ..errors import PipelineError
-from . import register
-from .drop_path import DropPath   # timm's, with a random source per thread (sharded training)
-from .swinir import (DIV2K_RGB_MEAN, Mlp, PatchEmbed, SwinIR, Upsample, WindowAttention, _image,
-                     _tokens, relative_position_index, window_partition, window_reverse)
+from pipeline.core.errors import PipelineError
+from pipeline.nets import register
+from pipeline.nets.drop_path import DropPath  # timm's, with a random source per thread (sharded training)
+from pipeline.nets.swinir import (
+    DIV2K_RGB_MEAN,
+    Mlp,
+    PatchEmbed,
+    SwinIR,
+    Upsample,
+    WindowAttention,
+    _image,
+    _tokens,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
 
 
 def overlap_window_size(window_size: int, overlap_ratio: float) -> int:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register
+from pipeline.nets import register
 
 _MIN_SIDE = 15  # ESA's stride-2 conv and 7x7 max-pool need 15 pixels per side
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register
+from pipeline.nets import register
 
 # ESA's stride-2 3x3 conv followed by a 7x7 max-pool needs at least 15 pixels per side.
 _MIN_SIDE = 15

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register
+from pipeline.nets import register
 
 _N_LEVELS = 4
 _MIN_SIDE = 2 ** _N_LEVELS  # the coarsest SAFM level pools to side // 16

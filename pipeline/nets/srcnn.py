@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register
+from pipeline.nets import register
 
 
 @register("srcnn")

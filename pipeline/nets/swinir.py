@@ -30,9 +30,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 
-from ..errors import PipelineError
-from . import register
-from .drop_path import DropPath   # timm's, with a random source per thread (sharded training)
+from pipeline.core.errors import PipelineError
+from pipeline.nets import register
+from pipeline.nets.drop_path import DropPath  # timm's, with a random source per thread (sharded training)
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)  # subtracted from RGB inputs, as in the release
 

@@ -39,9 +39,9 @@ import pandas as pd
 import tifffile
 from tqdm import tqdm
 
-from .. import io, paths
-from ..config import load_config
-from ..errors import PipelineError
+from pipeline.core import io, paths
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
 
 STAMP_NAME = "zips.json"
 SPLIT_FOLDERS = {"train": "train", "test": "evaluation"}   # split -> folder under data/interim

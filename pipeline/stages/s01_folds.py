@@ -30,11 +30,11 @@ import pandas as pd
 from skimage.color import rgb2gray
 from skimage.filters import sobel
 
-from .. import io, paths
-from ..groups import assign_group_folds, read_groups
-from ..config import load_config
-from ..errors import PipelineError
-from .s00_unzip import load_manifest
+from pipeline.core import io, paths
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.groups import assign_group_folds, read_groups
+from pipeline.stages.s00_unzip import load_manifest
 
 STATISTIC = "edge_density"
 

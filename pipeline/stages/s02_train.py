@@ -5,19 +5,19 @@
                                         TensorBoard events.out.tfevents.*}
 
 Everything comes from the experiment config: the net (optionally pretrained), paired
-random crops with augmentation (pipeline.data), MADGRAD or Adam with a step schedule,
-the weighted loss (pipeline.losses), EMA of the weights, gradient clipping, the
-precision the hardware runs best (`train.precision`, pipeline.precision: bf16, fp16 with a
+random crops with augmentation (pipeline.data.patches), MADGRAD or Adam with a step schedule,
+the weighted loss (pipeline.train.losses), EMA of the weights, gradient clipping, the
+precision the hardware runs best (`train.precision`, pipeline.core.precision: bf16, fp16 with a
 gradient scaler that skips inf/NaN steps, or fp32), the nets' fast paths (`train.fast`:
-SwinIR's and HAT's cached window orders, channels-last convolutions; pipeline.speed), on
+SwinIR's and HAT's cached window orders, channels-last convolutions; pipeline.nets.fast.prepare), on
 the CPU the batch in shards trained on threads of their own (`train.cpu_shards`;
-pipeline.cpu_shards), optionally torch.compile (`train.compile`). Every `val_every` steps the held-out fold's
+pipeline.accel.cpu.shards), optionally torch.compile (`train.compile`). Every `val_every` steps the held-out fold's
 full scenes are scored with the competition SSIM (outputs rounded to uint8 levels, EMA
 weights when EMA is on); `best.pt` keeps the best of them.
 
 Resume: `last.pt` (written atomically every `ckpt_every` steps) holds the step, the
 weights, EMA, optimizer, scheduler, RNG states, best score and the log. The sample
-stream is a function of (seed, fold, step) (see pipeline.data), so a run killed at any
+stream is a function of (seed, fold, step) (see pipeline.data.patches), so a run killed at any
 moment and restarted with `--resume auto` ends with the same weights as one that never
 stopped. A finished run is not retrained unless `--force`.
 
@@ -48,16 +48,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from .. import cpu_shards, data, extra_data, losses, paths, precision, weights
-from ..checkpoints import read_checkpoint, save_checkpoint
-from ..config import PRETRAINED_RECORD, RUNTIME_KEYS, add_set_argument, dump_config, load_config
-from ..errors import PipelineError
-from ..io import atomic_path, locked
-from ..metrics import ssim_torch
-from ..nets import build_net
-from ..tensorboard_log import TrainingBoard, remove_event_files
-from ..speed import prepare_for_training, training_window_attention
-from ..tiling import tiled_forward
+from pipeline.accel.cpu import shards as cpu_shards
+from pipeline.core import paths, precision, weights
+from pipeline.core.checkpoints import read_checkpoint, save_checkpoint
+from pipeline.core.config import PRETRAINED_RECORD, RUNTIME_KEYS, add_set_argument, dump_config, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_path, locked
+from pipeline.core.metrics import ssim_torch
+from pipeline.data import extra as extra_data
+from pipeline.data import patches as data
+from pipeline.infer.tiling import tiled_forward
+from pipeline.nets import build_net
+from pipeline.nets.fast.prepare import prepare_for_training, training_window_attention
+from pipeline.train import losses
+from pipeline.train.board import TrainingBoard, remove_event_files
 
 OPTIMIZERS = ("madgrad", "adam")
 PRECISIONS = precision.NAMES

@@ -44,17 +44,17 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .. import io, paths, weights
-from ..checkpoints import find_checkpoints
-from ..config import add_set_argument, load_config
-from ..data import fold_ids, load_scenes, split_digest
-from ..errors import PipelineError
-from ..inference import image_to_tensor, pick_device, predict_float, predict_scene, tensor_to_image
-from ..tta import TTA_CHOICES
-from ..metrics import competition_ssim
-from ..nets import build_net
-from .s01_folds import load_folds
-from .s04_ensemble import checkpoint_record, infer_settings, load_nets
+from pipeline.core import io, paths, weights
+from pipeline.core.checkpoints import find_checkpoints
+from pipeline.core.config import add_set_argument, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import competition_ssim
+from pipeline.data.patches import fold_ids, load_scenes, split_digest
+from pipeline.infer.ensemble import image_to_tensor, pick_device, predict_float, predict_scene, tensor_to_image
+from pipeline.infer.tta import TTA_CHOICES
+from pipeline.nets import build_net
+from pipeline.stages.s01_folds import load_folds
+from pipeline.stages.s04_ensemble import checkpoint_record, infer_settings, load_nets
 
 SEED_ENSEMBLE = -1           # the `seed` of seed-ensemble rows in oof_seeds.csv
 GALLERY_CROP = 96            # HR side of the gallery crops

@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import io, paths
-from ..blend import read_blend, weighted_checkpoints
-from ..checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
-from ..config import add_set_argument, load_config
-from ..errors import PipelineError
-from ..inference import pick_device, predict_scene
-from ..precision import choose
-from ..tta import TTA_CHOICES
-from ..io import sha256_file
-from .s00_unzip import load_manifest
+from pipeline.core import io, paths
+from pipeline.core.checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
+from pipeline.core.config import add_set_argument, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import sha256_file
+from pipeline.core.precision import choose
+from pipeline.infer.blend import read_blend, weighted_checkpoints
+from pipeline.infer.ensemble import pick_device, predict_scene
+from pipeline.infer.tta import TTA_CHOICES
+from pipeline.stages.s00_unzip import load_manifest
 
 
 def relative_to_workdir(path: Path) -> str:

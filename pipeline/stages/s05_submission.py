@@ -24,13 +24,13 @@ from pathlib import Path
 
 import tifffile
 
-from .. import io, ledger, paths
-from ..checkpoints import find_checkpoints
-from ..config import load_config
-from ..errors import PipelineError
-from ..io import sha256_file
-from .s04_ensemble import blend_config, test_scenes
-
+from pipeline.core import io, paths
+from pipeline.core.checkpoints import find_checkpoints
+from pipeline.core.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import sha256_file
+from pipeline.stages.s04_ensemble import blend_config, test_scenes
+from pipeline.tools import ledger
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)   # the earliest date a zip stores: members carry no build time
 

@@ -1,0 +1,606 @@
+"""`python -m pipeline bench` (`make bench`): speed and peak memory of inference and training.
+
+Rows (see ROWS), each the median of `--repeats` timed runs after a warm-up, with the
+throughput in output megapixels per second and the peak resident memory of the process
+that ran it:
+- SwinIR-S x4 and RLFN x4 on one competition scene (300x375 -> 1200x1500) through
+  `inference.predict_scene`: the reference path (`fast=False`, the equivalence
+  reference) against the fast path, fp32 and bf16, whole scene and tiled, and 8-way TTA
+  (views batched two whole scenes at a time, or eight tiles at a time);
+- one training step as stage 02 takes it (the recipe's batch of 32 -> 128 crops: RLFN 16
+  (`aerial`), SwinIR-S 24 (`swinir_s`); its loss, optimizer, EMA, gradient clipping) on
+  ready tensors: `<net>-train-ref` the way it was before issue 11 (fp32, NCHW, SwinIR's
+  reference attention, the whole batch on one thread's ops), `<net>-train` stage 02's
+  default on this machine (`train.precision: auto`, `train.fast`: window orders,
+  channels-last; `train.cpu_shards: auto`), `-fp32`/`-bf16`/`-fp16` the fast path and
+  shards at one precision (bf16/fp16 only where the hardware runs them natively), `-compile`
+  with `train.compile` (its warm-up, `warmup_s`, is the compile time), `swinir_s-train[-fp32]-torch-attn`
+  the same step with torch's products for the window attention instead of the compiled kernel
+  (`nets/window_attention_native.py`; the table's header says which one the other rows ran); and
+  `<net>-train-loader` with the real sample stream (`data.PairedPatches`: crops +
+  augmentation through the DataLoader), which also times the wait for each batch on its
+  own (`loader_s`, its share of the step);
+- stage 04 (`run_ensemble`) for one scene with 2 checkpoints and 8 TTA views, with the
+  config's inference defaults (whole scene, 8 images per pass), no warm-up.
+Weights are random (speed does not depend on them). Every row runs in its own child
+process (forked where possible, so torch is imported once), so its peak memory is its
+own (a training row's is the memory of a training step; where the step's shards run in
+processes of their own, each one's peak growth over what it inherited is added). bf16/fp16
+rows run only where the precision is native (pipeline.core.precision: bf16 on CUDA >= 8.0 or a
+CPU with AVX512-BF16/AMX, fp16 on CUDA): emulated, they are 10-90x slower than fp32 and say
+nothing about the hardware that has them.
+
+Before and after the rows a cores probe (`cores_probe`) times fp32 matrix products on one core
+alone and on every core at once: on a shared (virtualised) machine its share falls while other
+work takes the cores, so a run says whether its figures were disturbed.
+Writes `bench/results.csv` and `bench/results.md` (the table, the machine, the probe, the command);
+BENCHMARKS.md keeps the latest full run. `--quick` is a smoke run on tiny inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.accel.cpu import native as window_attention_native
+from pipeline.accel.cpu.memory import peak_rss_mb
+from pipeline.core import paths
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_path, locked
+from pipeline.core.precision import choose, hardware, native
+
+SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
+QUICK_LR = (40, 48)
+TILE, OVERLAP = 160, 16        # LR pixels, tiled rows: 2 x 3 tiles cover 300x375 (1.37x its pixels)
+QUICK_TILE, QUICK_OVERLAP = 24, 4
+TRAIN_PATCH = 32
+PROBE_SIZE, PROBE_SECONDS = 512, 0.3   # the cores probe: fp32 (512 x 512) products, 0.3 s a measure
+QUICK_BATCH = 2
+CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial", "hat_s": "hat_s"}   # experiment whose training recipe a row uses
+COLUMNS = ["row", "net", "path", "precision", "shards", "mode", "input", "tile", "tta", "batch", "repeats",
+           "median_s", "min_s", "max_s", "mpix_per_s", "peak_rss_mb", "peak_gpu_mb", "baseline",
+           "ratio", "loader_s", "loader_share", "warmup_s", "status", "load_1min"]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    kind: str                   # infer | train | ensemble
+    net: str
+    path: str = "fast"          # fast | reference
+    precision: str = "fp32"
+    mode: str = "whole"         # whole | tiled | tta8 | tta8-tiled | ready | loader | compile | ensemble
+    baseline: str = ""          # the row this one is compared with (ratio = its time / ours)
+    repeats: int | None = None  # overrides --repeats (long rows)
+    args: dict = field(default_factory=dict)   # inference: tile (bool), batch
+
+
+def _rows() -> list[Row]:
+    rows = []
+    for net in ("swinir_s", "rlfn"):
+        rows += [
+            Row(f"{net}-ref-fp32", "infer", net, "reference"),
+            Row(f"{net}-fast-fp32", "infer", net, baseline=f"{net}-ref-fp32"),
+            Row(f"{net}-ref-bf16", "infer", net, "reference", "bf16", baseline=f"{net}-ref-fp32"),
+            Row(f"{net}-fast-bf16", "infer", net, precision="bf16", baseline=f"{net}-ref-fp32"),
+            Row(f"{net}-fast-fp32-tiled", "infer", net, mode="tiled", baseline=f"{net}-fast-fp32"),
+            Row(f"{net}-fast-fp32-tta8", "infer", net, mode="tta8", baseline=f"{net}-fast-fp32",
+                args={"tile": False, "batch": 2}),
+            Row(f"{net}-fast-fp32-tta8-tiled", "infer", net, mode="tta8-tiled", baseline=f"{net}-fast-fp32-tta8",
+                args={"tile": True, "batch": 8}),
+        ]
+    for net in ("swinir_s", "rlfn"):
+        ref = f"{net}-train-ref"
+        rows += [Row(ref, "train", net, "reference", "fp32", "ready"),
+                 Row(f"{net}-train", "train", net, precision="auto", mode="ready", baseline=ref)]
+        rows += [Row(f"{net}-train-{p}", "train", net, precision=p, mode="ready", baseline=ref)
+                 for p in ("fp32", "bf16", "fp16")]
+        rows += [Row(f"{net}-train-loader", "train", net, precision="auto", mode="loader",
+                     baseline=f"{net}-train")]
+    # the same steps with torch's products for the window attention instead of the compiled kernel
+    rows += [Row(f"swinir_s-train{suffix}-torch-attn", "train", "swinir_s", precision=p, mode="ready",
+                 baseline="swinir_s-train-ref", args={"native_attention": False})
+             for suffix, p in (("", "auto"), ("-fp32", "fp32"))]
+    rows += [Row("rlfn-train-compile", "train", "rlfn", precision="auto", mode="compile",
+                 baseline="rlfn-train")]
+    rows += [Row("ensemble-rlfn", "ensemble", "rlfn", mode="ensemble"),
+             Row("ensemble-swinir_s", "ensemble", "swinir_s", mode="ensemble", repeats=1)]
+    # HAT-S (issue 14): ~10x SwinIR-S's work per pixel, so one timed run per row; training
+    # on the recipe's 64 -> 256 crops (batch 2 here, 8 in hat_s.yaml), reference and fast path
+    hat_crops = {"batch": 2, "patch": 64}
+    rows += [Row("hat_s-ref-fp32", "infer", "hat_s", "reference", repeats=1),
+             Row("hat_s-fast-fp32", "infer", "hat_s", baseline="hat_s-ref-fp32", repeats=1),
+             Row("hat_s-fast-bf16", "infer", "hat_s", precision="bf16", baseline="hat_s-fast-fp32", repeats=1),
+             Row("hat_s-fast-fp32-tiled", "infer", "hat_s", mode="tiled", baseline="hat_s-fast-fp32", repeats=1),
+             Row("hat_s-train-ref", "train", "hat_s", "reference", "fp32", "ready", repeats=1, args=hat_crops)]
+    rows += [Row(f"hat_s-train{suffix}", "train", "hat_s", precision=p, mode="ready", repeats=1,
+                 baseline="hat_s-train-ref", args=hat_crops) for suffix, p in (("", "auto"), ("-fp32", "fp32"))]
+    return rows
+
+
+ROWS = {r.name: r for r in _rows()}
+
+
+@dataclass
+class Setup:
+    """A row ready to run: `warmup()` once, then `run()` is timed; `meta` describes it;
+    `loader_waits`, on loader rows, collects each run's wait for its batch; `other_processes_mb`,
+    where the row also computes in processes of its own (shards), their peak memory growth."""
+    warmup: Callable[[], Any]
+    run: Callable[[], Any]
+    meta: dict
+    loader_waits: list[float] | None = None
+    other_processes_mb: Callable[[], float] | None = None
+
+
+# --- measuring -------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _scene(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+def _setup_infer(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
+    from pipeline.infer.ensemble import predict_scene
+    from pipeline.nets import build_net
+
+    torch.manual_seed(0)
+    net = build_net(row.net)
+    lr = _scene(QUICK_LR if quick else SCENE_LR)
+    tile, overlap = (QUICK_TILE, QUICK_OVERLAP) if quick else (TILE, OVERLAP)
+    tiled = row.args.get("tile", row.mode == "tiled")
+    settings = {"tta": 8 if row.mode.startswith("tta8") else 1, "tile": tile if tiled else 0,
+                "overlap": overlap, "batch": row.args.get("batch", 8), "device": device,
+                "precision": row.precision, "fast": row.path == "fast"}
+    return Setup(warmup=lambda: predict_scene([net], lr[:24, :24], **settings),   # kernels, caches
+                 run=lambda: predict_scene([net], lr, **settings),
+                 meta={"out_mpix": lr.shape[0] * lr.shape[1] * net.scale ** 2 / 1e6,
+                       "input": f"{lr.shape[0]}x{lr.shape[1]}", "tile": settings["tile"],
+                       "tta": settings["tta"], "batch": settings["batch"]})
+
+
+def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
+    """Stage 02's pieces for one experiment (random init), the recipe's batch of 32 -> 128 crops."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from pipeline.accel.cpu import shards as cpu_shards
+    from pipeline.core.config import load_config
+    from pipeline.data import patches as data
+    from pipeline.stages import s02_train as s02
+    from pipeline.train import losses
+
+    if row.args.get("native_attention") is False:
+        # torch's products in this row's step, its forked shards included (forked below), and
+        # only in its runs when rows run in turn in one process (--interleave)
+        torch_attention = lambda: window_attention_native.disabled("the bench row's choice")   # noqa: E731
+        with torch_attention():
+            setup = _setup_train(replace(row, args={**row.args, "native_attention": True}), quick, device, stack)
+
+        def in_torch_attention(fn: Callable[[], Any]) -> Callable[[], Any]:
+            def call() -> Any:
+                with torch_attention():
+                    return fn()
+            return call
+        setup.warmup, setup.run = in_torch_attention(setup.warmup), in_torch_attention(setup.run)
+        return setup
+    cfg = load_config(CONFIGS[row.net])
+    t = cfg["train"]
+    if quick:
+        t["batch_size"] = QUICK_BATCH
+    elif "batch" in row.args:      # a row's own batch (HAT-S: 2 here, the recipe's 8 on a GPU)
+        t["batch_size"] = row.args["batch"]
+    t.update(lr_patch=TRAIN_PATCH if quick else row.args.get("patch", TRAIN_PATCH),
+             precision=row.precision, fast=row.path == "fast", compile=row.mode == "compile",
+             cpu_shards=t["cpu_shards"] if row.path == "fast" else 1)
+    s02.seed_everything(0)
+    net = s02.build_model(cfg, pretrained=False, main=True).to(device).train()
+    forward_net = s02.training_net(net, t)
+    ema = AveragedModel(net, multi_avg_fn=s02.ema_update(t["ema"]), use_buffers=True) if t["ema"] > 0 else None
+    optimizer = s02.build_optimizer(net.parameters(), t)
+    loss_fn = losses.build_loss(cfg["loss"]).to(device)
+    prec = choose(t["precision"], device, net)
+    amp = prec.dtype
+    scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
+    shards = cpu_shards.plan(t["cpu_shards"], device, net, t["batch_size"], compiled=t["compile"])
+    sharded = stack.enter_context(cpu_shards.ShardedStep(forward_net, loss_fn, shards.shards, amp, device,
+                                                         shards.processes))
+    scale = cfg["data"]["scale"]
+    lr_shape = QUICK_LR if quick else SCENE_LR
+    scenes = [data.Scene(str(i), _scene(lr_shape, i), _scene((lr_shape[0] * scale, lr_shape[1] * scale), 100 + i))
+              for i in range(4)]
+    stream = data.PairedPatches(scenes, scale=scale, lr_patch=t["lr_patch"], batch_size=t["batch_size"],
+                                steps=10_000, augment=t["augment"], seed=0, fold=0)
+
+    def step(lr_u8: torch.Tensor, hr_u8: torch.Tensor) -> None:
+        """One optimisation step, as stage 02's loop takes it."""
+        lr_img, hr_img = data.to_float(lr_u8, device), data.to_float(hr_u8, device)
+        optimizer.zero_grad(set_to_none=True)
+        sharded.step(lr_img, hr_img, scaler)
+        scaler.unscale_(optimizer)
+        if t["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update_parameters(net)
+
+    waits: list[float] = []   # loader row: seconds spent waiting for each batch
+
+    if row.mode != "loader":
+        batch = stream[0]
+        run = lambda: step(*batch)                        # noqa: E731
+    else:   # the real stream: crops + augmentation through the DataLoader, as stage 02 reads it
+        batches = iter(data.batches(stream, 0, t["num_workers"]))
+
+        def run() -> None:
+            start = time.perf_counter()
+            lr_u8, hr_u8 = next(batches)
+            waits.append(time.perf_counter() - start)
+            step(lr_u8, hr_u8)
+    side = t["lr_patch"] * scale
+    return Setup(warmup=run, run=run,   # warm-up: optimizer state, kernels
+                 meta={"out_mpix": t["batch_size"] * side * side / 1e6,
+                       "precision": prec.name, "shards": shards.shards,
+                       "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]},
+                 loader_waits=waits if row.mode == "loader" else None, other_processes_mb=sharded.peak_growth_mb)
+
+
+def _setup_ensemble(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
+    """Stage 04 in a temporary work folder: one test scene, 2 checkpoints (folds 0, 1), 8 views."""
+    from pipeline.core.checkpoints import save_checkpoint
+    from pipeline.core.config import load_config
+    from pipeline.nets import build_net
+    from pipeline.stages import s00_unzip
+    from pipeline.stages.s04_ensemble import run_ensemble
+    from pipeline.tools.demo_data import tif_bytes, zip_bytes
+
+    lr_shape = QUICK_LR if quick else SCENE_LR
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-bench-"))
+    paths.set_workdir(tmp)
+    exp_file = Path(tmp) / "bench.yaml"
+    exp_file.write_text(f"model: {{name: {row.net}}}\ninfer: {{tta: 8, precision: {row.precision}}}\n")
+    cfg = load_config(exp_file)
+    d, scale = cfg["data"], cfg["data"]["scale"]
+    paths.RAW.mkdir(parents=True)
+    low = _scene(lr_shape)
+    high = _scene((lr_shape[0] * scale, lr_shape[1] * scale), 1)
+    paths.TRAIN_ZIP.write_bytes(zip_bytes([(d["train_low"].format(i=0), tif_bytes(low)),
+                                           (d["train_high"].format(i=0), tif_bytes(high))]))
+    paths.EVAL_ZIP.write_bytes(zip_bytes([(d["test_low"].format(i=0), tif_bytes(low))]))
+    s00_unzip.extract(d)
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        net = build_net(row.net)
+        save_checkpoint(paths.run_dir(cfg["exp"], 0, fold) / "best.pt", net_name=row.net, net_args={},
+                        state_dict=net.state_dict(), exp=cfg["exp"], seed=0, fold=fold, step=0, val_ssim=None)
+    # no warm-up: every `make ensemble` is a fresh process that pays its first-call costs
+    return Setup(warmup=lambda: None, run=lambda: run_ensemble(cfg),
+                 meta={"out_mpix": lr_shape[0] * lr_shape[1] * scale ** 2 / 1e6,
+                       "input": f"{lr_shape[0]}x{lr_shape[1]}", "tile": cfg["infer"]["tile"], "tta": 8,
+                       "batch": cfg["infer"]["batch"]})
+
+
+SETUPS = {"infer": _setup_infer, "train": _setup_train, "ensemble": _setup_ensemble}
+
+
+def _profile(fn: Callable[[], Any], device: torch.device) -> str:
+    """Top operators of one run, by self time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+
+
+def _worker(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None, profile: bool,
+            conn) -> None:
+    """Child process: set up the rows, warm each up, time `repeats` runs of each (several rows:
+    one run of each in turn, so a change of the machine's load hits them alike), profile one
+    more on request; send back one result (figures or the error) per row."""
+    try:
+        import warnings
+        warnings.simplefilter("ignore")                   # e.g. the emulated-bf16 warning
+        os.environ["TQDM_DISABLE"] = "1"                  # the stages' progress bars
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")    # the profiler's start/stop chatter
+        if threads:
+            torch.set_num_threads(threads)
+        dev = torch.device(device)
+        with ExitStack() as stack:
+            setups, results = [], []
+            for row in rows:
+                setup = SETUPS[row.kind](row, quick, dev, stack)
+                began = time.perf_counter()
+                setup.warmup()
+                results.append(dict(setup.meta, warmup_s=time.perf_counter() - began, times=[]))
+                if setup.loader_waits is not None:
+                    setup.loader_waits.clear()            # the warm-up's batch
+                setups.append(setup)
+            for _ in range(repeats):
+                for setup, result in zip(setups, results):
+                    result["times"] += _timed(setup.run, 1, dev)
+            for setup, result in zip(setups, results):
+                if setup.loader_waits:
+                    result["loader_s"] = statistics.median(setup.loader_waits)
+                result["peak_rss_mb"] = peak_rss_mb()
+                if result["peak_rss_mb"] is not None and setup.other_processes_mb is not None:
+                    result["peak_rss_mb"] += setup.other_processes_mb()
+                if profile:
+                    result["profile"] = _profile(setup.run, dev)
+                if dev.type == "cuda":
+                    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        conn.send(results)
+    except BaseException as exc:  # reported as the row's status; the parent carries on
+        conn.send([{"error": f"{type(exc).__name__}: {exc}"}] * len(rows))
+    finally:
+        conn.close()
+
+
+def run_rows(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None,
+             profile: bool = False) -> list[dict]:
+    """Run rows in one child process (fork on Linux CPU: torch stays imported; else spawn)."""
+    method = "fork" if sys.platform == "linux" and device == "cpu" else "spawn"
+    ctx = multiprocessing.get_context(method)
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(rows, quick, repeats, device, threads, profile, child))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        result = [{"error": f"worker died (exit code {proc.join() or proc.exitcode})"}] * len(rows)
+    proc.join()
+    return result
+
+
+# --- the table ----------------------------------------------------------------------------
+
+def _skip_reason(row: Row, device: str) -> str | None:
+    if row.precision in ("bf16", "fp16") and not native(row.precision, hardware(device)):
+        return f"skipped: no native {row.precision} on this device (emulated: 10-90x slower than fp32)"
+    return None
+
+
+def measure(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None,
+            profile: bool = False, progress: Callable[[str], None] = print,
+            interleave: bool = False) -> pd.DataFrame:
+    """One record per row (skipped rows say why); `profile`: bench/profiles/<row>.txt;
+    `interleave`: every row in one process, one run of each in turn (ratios that hold on a
+    machine whose load changes; the peak memory is then the whole process's)."""
+    records = []
+    together = {}
+    if interleave:
+        runnable = [r for r in rows if not _skip_reason(r, device)]
+        n = 1 if quick else repeats
+        progress(f"bench: {len(runnable)} rows interleaved ({n} rounds) ...")
+        together = dict(zip([r.name for r in runnable], run_rows(runnable, quick, n, device, threads, profile)))
+    for row in rows:
+        record = {"row": row.name, "net": row.net, "path": row.path, "precision": row.precision,
+                  "mode": row.mode, "baseline": row.baseline, "load_1min": _load()}
+        skip = _skip_reason(row, device)
+        n = 1 if quick else (row.repeats or repeats)
+        if skip:
+            record["status"] = skip
+        else:
+            if row.name in together:
+                result = together[row.name]
+            else:
+                progress(f"bench: {row.name} ({n} run{'s' * (n > 1)}) ...")
+                result = run_rows([row], quick, n, device, threads, profile)[0]
+            if "profile" in result:
+                folder = paths.BENCH / "profiles"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{row.name}.txt").write_text(result.pop("profile"))
+            if "error" in result:
+                record["status"] = f"error: {result['error']}"
+            else:
+                times = result.pop("times")
+                median = statistics.median(times)
+                record.update(result, repeats=len(times), median_s=median, min_s=min(times), max_s=max(times),
+                              mpix_per_s=result["out_mpix"] / median, status="ok")
+                if "loader_s" in result:
+                    record["loader_share"] = result["loader_s"] / median
+        records.append(record)
+    table = pd.DataFrame(records)
+    for col in COLUMNS:
+        if col not in table:
+            table[col] = None
+    by_name = dict(zip(table["row"], table["median_s"]))
+    table["ratio"] = [by_name.get(b) / m if b and by_name.get(b) and m == m and m else None
+                      for b, m in zip(table["baseline"], table["median_s"])]
+    return table[COLUMNS]
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "simd": " ".join(simd) or "unknown", "cpu_bf16": hardware("cpu").cpu_bf16,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": (f"{torch.cuda.get_device_name(0)} (compute capability "
+                    f"{'.'.join(map(str, torch.cuda.get_device_capability(0)))})" if torch.cuda.is_available() else "none"),
+            "window_attention": window_attention_native.status()}
+    return info
+
+
+def cores_probe(cores: int, seconds: float = PROBE_SECONDS) -> dict:
+    """GFLOP/s of fp32 matrix products on one core alone, then on `cores` cores at once (one
+    thread each; the product releases Python's lock), the slowest of them. On a shared
+    (virtualised) machine the second falls while other work takes the cores, which the
+    machine's own load average does not show: bench runs it before and after its rows, so a
+    run whose figures were disturbed says so."""
+    a, b = torch.randn(PROBE_SIZE, PROBE_SIZE), torch.randn(PROBE_SIZE, PROBE_SIZE)
+    out = torch.empty(PROBE_SIZE, PROBE_SIZE)
+
+    def rate(_=None) -> float:
+        torch.mm(a, b, out=out)                     # warm-up
+        done, began = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - began) < seconds:
+            torch.mm(a, b, out=out)
+            done += 1
+        return done * 2 * PROBE_SIZE ** 3 / elapsed / 1e9
+
+    with ThreadPoolExecutor(cores, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        alone = pool.submit(rate).result()
+        together = min(pool.map(rate, range(cores)))
+    return {"cores": cores, "alone": alone, "together": together, "share": together / alone}
+
+
+def probe_text(before: dict, after: dict) -> str:
+    return (f"Cores probe (fp32 {PROBE_SIZE}^3 products, one thread a core): one core alone "
+            f"{before['alone']:.0f} GFLOP/s, {before['cores']} at once {before['together']:.0f} at the slowest "
+            f"(x{before['share']:.2f}) before the rows; {after['alone']:.0f} and {after['together']:.0f} "
+            f"(x{after['share']:.2f}) after. A share lower than this machine's usual means other work "
+            "took the cores during the run.")
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None or value != value else format(value, spec)
+
+
+def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float, probe: str = "") -> str:
+    lines = [f"Command: `{command}` ({seconds / 60:.1f} min)", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+             f"flags {info['simd']} (torch kernels {info['torch_cpu_capability']}), native bf16 on CPU: "
+             f"{info['cpu_bf16']}, GPU: {info['gpu']}; torch {info['torch']}, Python {info['python']}", "",
+             f"Window attention of CPU training steps (one torch thread a shard): {info['window_attention']}", "",
+             *([probe, ""] if probe else []),
+             "| row | precision | shards | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB "
+             "| vs baseline | 1-min load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        if r.status != "ok":
+            lines.append(f"| {r.row} | | | | | | {r.status} | | | | | {_fmt(r.load_1min, '.1f')} |")
+            continue
+        versus = _versus(r)
+        lines.append(f"| {r.row} | {r.precision} | {_fmt(r.shards, 'g')} | {r.input} | {_fmt(r.tile, 'g')} | "
+                     f"{_fmt(r.tta, 'g')} | {r.median_s:.3f} | "
+                     f"{r.min_s:.3f}-{r.max_s:.3f} | {r.mpix_per_s:.3f} | {_fmt(r.peak_rss_mb, '.0f')} | "
+                     f"{versus} | {_fmt(r.load_1min, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _versus(r) -> str:
+    """The ratio to the baseline row, and for a loader row the loader's own share of a step."""
+    parts = [f"x{r.ratio:.2f} vs {r.baseline}"] if r.ratio == r.ratio and r.ratio else []
+    if r.mode == "compile" and r.warmup_s == r.warmup_s:
+        parts.append(f"compile (warm-up) {r.warmup_s:.0f} s")
+    if r.loader_s == r.loader_s and r.loader_s is not None:
+        parts.append(f"waits for the loader {r.loader_s * 1e3:.1f} ms ({r.loader_share:.1%} of the step)")
+    return "; ".join(parts)
+
+
+def print_table(table: pd.DataFrame) -> None:
+    print(f"{'row':30} {'prec':>5} {'shards':>6} {'median s':>9} {'out MP/s':>9} {'peak MB':>8}  vs baseline")
+    for r in table.itertuples():
+        if r.status != "ok":
+            print(f"{r.row:30} {r.status}")
+            continue
+        versus = _versus(r)
+        print(f"{r.row:30} {r.precision:>5} {_fmt(r.shards, '6g'):>6} {r.median_s:9.3f} {r.mpix_per_s:9.3f} "
+              f"{_fmt(r.peak_rss_mb, '8.0f')}  {versus}")
+
+
+# --- command line ----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", default="",
+                        help="comma-separated row names or prefixes (default: all): " + ", ".join(ROWS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, median reported (default 3)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny inputs, one run per row")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="all rows in one process, one run of each in turn: ratios that hold when the "
+                             "machine's load changes (peak memory is then the process's)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one run per row: top operators in bench/profiles/<row>.txt")
+
+
+def select_rows(spec: str) -> list[Row]:
+    if not spec:
+        return list(ROWS.values())
+    chosen = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        hits = [r for r in ROWS.values() if r.name == part] or [r for r in ROWS.values() if r.name.startswith(part)]
+        if not hits:
+            raise PipelineError(f"bench: no row '{part}' (rows: {', '.join(ROWS)})")
+        chosen += [r for r in hits if r not in chosen]
+    return chosen
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise PipelineError(f"bench: --repeats must be >= 1, got {args.repeats}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError("bench: --device cuda asked but no CUDA device is available")
+    rows = select_rows(args.rows)
+    began = time.perf_counter()
+    with locked(paths.BENCH / "results.csv", what=f"{paths.BENCH} (benchmark results)"):
+        cores, probe_s = args.threads or torch.get_num_threads(), PROBE_SECONDS / 5 if args.quick else PROBE_SECONDS
+        before = cores_probe(cores, probe_s)
+        table = measure(rows, args.quick, args.repeats, args.device, args.threads, args.profile,
+                        interleave=args.interleave)
+        probe = probe_text(before, cores_probe(cores, probe_s))
+        seconds = time.perf_counter() - began
+        command = "python -m pipeline bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+        paths.BENCH.mkdir(parents=True, exist_ok=True)
+        with atomic_path(paths.BENCH / "results.csv") as tmp:
+            table.to_csv(tmp, index=False, float_format="%.6g")
+        with atomic_path(paths.BENCH / "results.md") as tmp:
+            tmp.write_text(markdown(table, machine(), command.strip(), seconds, probe))
+    print_table(table)
+    print(probe)
+    ok = int((table["status"] == "ok").sum())
+    print(f"bench: {ok} of {len(table)} rows measured in {seconds / 60:.1f} min -> {paths.BENCH / 'results.csv'}")
+    return 0 if not table["status"].str.startswith("error").any() else 1

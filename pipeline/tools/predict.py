@@ -1,0 +1,150 @@
+"""`python -m pipeline predict`: super-resolve images with a net, pretrained weights or checkpoints.
+
+    predict --model rlfn --weights rlfn_x4 --input scenes/ --output out/ --tta 8
+    predict --checkpoint models/aerial --input data/interim/evaluation --output out/
+
+Every input image (tif/png/jpg, any size, RGB) gives `<output>/<same file name>`, uint8
+RGB, scale x larger. `--checkpoint` takes one pipeline checkpoint, an experiment folder
+whose `seed*/fold*/best.pt` are all ensembled exactly as stage 04 does (the same
+`inference.predict_scene`: every net x TTA view averaged in float, rounded once), or one
+seed's folder (`models/aerial/seed0`: its `fold*/best.pt`), or a blend file
+(`models/blends/<name>/blend.json`: every member's checkpoints, weighted as stage 04 does;
+its TTA unless `--tta` is given).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import torch.nn as nn
+from tqdm import tqdm
+
+from pipeline.core import io
+from pipeline.core.checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
+from pipeline.core.errors import PipelineError
+from pipeline.core.precision import choose
+from pipeline.infer.blend import is_blend_file, read_blend, weighted_checkpoints
+from pipeline.infer.ensemble import PRECISIONS, pick_device, predict_scene
+from pipeline.infer.tta import TTA_CHOICES
+
+LOSSY_SUFFIXES = {".jpg", ".jpeg"}
+
+
+def checkpoint_paths(checkpoint: Path) -> list[Path]:
+    """One checkpoint file, every seed*/fold*/best.pt of an experiment folder, or every
+    fold*/best.pt of one seed's folder."""
+    if checkpoint.is_dir():
+        found = find_checkpoints(checkpoint)
+        if not found:
+            raise PipelineError(f"{checkpoint}: no seed*/fold*/best.pt or fold*/best.pt checkpoint in this folder")
+        return found
+    if not checkpoint.is_file():
+        raise PipelineError(f"{checkpoint}: checkpoint not found")
+    return [checkpoint]
+
+
+def load_nets(model: str | None = None, weights: str | None = None, checkpoint: str | Path | None = None,
+              scale: int | None = None) -> tuple[list[nn.Module], list[float] | None]:
+    """The nets to run and their weights in the mean (None: equal): from checkpoint(s) or a
+    blend file, or `model` built by name with `weights` loaded.
+
+    A net with parameters and no weights is refused (its output would be noise);
+    `scale`, when given, must match (and is passed to build_net for a named model).
+    """
+    from pipeline.core.weights import load_weights
+    from pipeline.nets import build_net
+
+    net_weights = None
+    if checkpoint is not None:
+        if weights is not None:
+            raise PipelineError("--weights and --checkpoint exclude each other (a checkpoint holds its weights)")
+        nets = []
+        if is_blend_file(checkpoint):
+            path, record = read_blend(checkpoint)
+            weighted = weighted_checkpoints(record, path)
+            found, net_weights = [p for p, _ in weighted], [w for _, w in weighted]
+        else:
+            found = checkpoint_paths(Path(checkpoint))
+        for path in found:
+            trained_as = read_checkpoint(path)["net"]["name"]
+            if model is not None and trained_as != model:
+                raise PipelineError(f"{path}: holds a '{trained_as}' net, not the --model '{model}'")
+            nets.append(net_from_checkpoint(path))
+    elif model is not None:
+        net = build_net(model, **({"scale": scale} if scale else {}))
+        if weights is not None:
+            load_weights(net, weights)
+        elif any(p.numel() for p in net.parameters()):
+            raise PipelineError(f"--model {model} has trainable parameters: give --weights (a file or a "
+                                "known name, see `python -m pipeline weights`) or --checkpoint")
+        nets = [net.eval()]
+    else:
+        raise PipelineError("give --model NAME (with --weights) or --checkpoint CKPT_OR_EXPDIR")
+    for net in nets:
+        if scale is not None and getattr(net, "scale", None) != scale:
+            raise PipelineError(f"the net upscales x{getattr(net, 'scale', '?')}, but --scale is {scale}")
+    return nets, net_weights
+
+
+def input_images(path: Path) -> list[Path]:
+    if path.is_dir():
+        images = io.list_images(path)
+        if not images:
+            raise PipelineError(f"{path}: no tif/png/jpg image in this folder")
+        return images
+    if not path.is_file():
+        raise PipelineError(f"{path}: input not found")
+    if not io.is_image(path):
+        raise PipelineError(f"{path}: not a tif/png/jpg image")
+    return [path]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="net name (see pipeline/nets), e.g. rlfn, swinir_s, bicubic")
+    parser.add_argument("--weights", help="weight file or known name (rlfn_x4, ...) for --model")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a pipeline checkpoint, models/<exp> to ensemble its seed*/fold*/best.pt, "
+                             "or models/blends/<name>/blend.json (a weighted blend of experiments)")
+    parser.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
+    parser.add_argument("--output", required=True, type=Path, help="folder for the results (same file names)")
+    parser.add_argument("--scale", type=int, default=None, help="upscaling factor (checked against the net)")
+    parser.add_argument("--tta", type=int, default=None, choices=TTA_CHOICES,
+                        help="dihedral views averaged per net (default 1, a blend's own for a blend; "
+                             "8 = all flips/rotations)")
+    parser.add_argument("--tile", type=int, default=0, help="LR tile side for tiled inference (0 = whole image)")
+    parser.add_argument("--overlap", type=int, default=16, help="LR pixels shared by neighbouring tiles")
+    parser.add_argument("--batch", type=int, default=8, help="views/tiles per forward pass")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="fp32 (default), bf16, fp16, or auto: what the device runs natively (pipeline/precision.py)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def main(args: argparse.Namespace) -> int:
+    start = time.time()
+    images = input_images(args.input)
+    out_dir = args.output
+    if out_dir.resolve() in {p.parent.resolve() for p in images}:
+        raise PipelineError(f"{out_dir}: the output folder holds the inputs; results would overwrite them")
+    nets, net_weights = load_nets(args.model, args.weights, args.checkpoint, args.scale)
+    if args.tta is None:
+        blend = args.checkpoint is not None and is_blend_file(args.checkpoint)
+        args.tta = read_blend(args.checkpoint)[1]["tta"] if blend else 1
+    device = pick_device(args.device)
+    lossy = [p.name for p in images if p.suffix.lower() in LOSSY_SUFFIXES]
+    if lossy:
+        warnings.warn(f"{len(lossy)} JPEG input(s): their results are written as JPEG too (lossy)")
+    precision = choose(args.precision, device, nn.ModuleList(nets), training=False)
+    settings = dict(tta=args.tta, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                    device=device, precision=precision.name, weights=net_weights)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(images, desc=f"predict ({len(nets)} net{'s' * (len(nets) > 1)} x {args.tta} views)",
+               unit="image", disable=None)
+    with io.locked(out_dir, what=f"{out_dir} (predict's output folder)"):
+        for path in bar:
+            lr = io.read_image(path)
+            io.write_image(out_dir / path.name, predict_scene(nets, lr, **settings))
+    print(f"{len(images)} image(s) -> {out_dir} ({len(nets)} net(s), tta {args.tta}, "
+          f"tile {args.tile or 'none'}, {precision.name}, {device}) in {time.time() - start:.1f}s")
+    return 0
