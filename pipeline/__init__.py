@@ -1,6 +1,6 @@
 """A k-fold competition pipeline for 4x super-resolution of city satellite images.
 
-Stages live in `pipeline.stages` (one module each), nets in `pipeline.nets`, and the
-shared pieces (io, data, losses, metrics, tta, tiling, weights, demo data) each in one
-module here. Run any command as `python -m pipeline <command>`.
+Layers, each importing only the ones below it (docs/development.md): core, nets (with
+nets/fast), accel and data, infer, train, stages (the numbered stages), tools (the commands
+around them). Run any command as `python -m pipeline <command>`.
 """

@@ -2,6 +2,8 @@
 
 Each command lives in its own module, which defines `add_arguments(parser)` and
 `main(args)`. Modules are imported only when their command runs, so `--help` is fast.
+The commands that run nets (`NET_COMMANDS`) first switch on the CPU speed-ups that
+`SR_CPU_ACCEL` names (`pipeline.accel`); the others never import torch for them.
 A PipelineError (bad input, a held lock, a full disk) prints one line and exits 1;
 Ctrl-C exits 130.
 """
@@ -16,21 +18,25 @@ import warnings
 COMMANDS = {
     "demo-data": ("pipeline.tools.demo_data", "build a demo competition (train.zip, evaluation.zip, answers)"),
     "unzip": ("pipeline.stages.s00_unzip", "stage 00: validate and extract the competition zips"),
-    "degradation": ("pipeline.data.degradation", "which downscaler made the low-res images (after stage 00)"),
+    "degradation": ("pipeline.tools.degradation_probe", "which downscaler made the low-res images (after stage 00)"),
     "folds": ("pipeline.stages.s01_folds", "stage 01: split training scenes into K balanced folds"),
     "train": ("pipeline.stages.s02_train", "stage 02: train one fold of one seed"),
     "oof": ("pipeline.stages.s03_oof", "stage 03: out-of-fold competition SSIM"),
     "ensemble": ("pipeline.stages.s04_ensemble", "stage 04: fold x seed ensemble with TTA on the test set"),
     "submission": ("pipeline.stages.s05_submission", "stage 05: check and zip the predictions"),
-    "blend": ("pipeline.infer.blend", "fit blend weights over experiments' out-of-fold predictions"),
+    "blend": ("pipeline.tools.blend", "fit blend weights over experiments' out-of-fold predictions"),
     "predict": ("pipeline.tools.predict", "super-resolve images with a net, weights or checkpoints"),
     "score": ("pipeline.tools.score", "competition SSIM of a submission against answers"),
     "benchmark-sr": ("pipeline.tools.benchmark_sr", "Y-PSNR / Y-SSIM on standard SR test sets (paper protocol)"),
-    "weights": ("pipeline.core.weights", "find, download and verify pretrained weights"),
+    "weights": ("pipeline.tools.weights", "find, download and verify pretrained weights"),
     "bench": ("pipeline.tools.bench", "speed and memory benchmarks"),
     "report": ("pipeline.tools.report", "static HTML report of the workdir -> reports/index.html"),
+    "ablation": ("pipeline.tools.ablation", "the ablation table of a benchmark work folder, and its default submission"),
+    "benchmark-aerial": ("pipeline.tools.benchmark_aerial", "the real aerial benchmark end to end (needs ../shared)"),
     "lb": ("pipeline.tools.ledger", "record a zip's public leaderboard score, or print the submissions ledger"),
 }
+# commands that train or run nets in this process
+NET_COMMANDS = {"train", "oof", "ensemble", "predict", "benchmark-sr", "bench", "report"}
 
 
 def _format_warning(message, category, filename, lineno, line=None):
@@ -38,11 +44,9 @@ def _format_warning(message, category, filename, lineno, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.accel.cpu.memory import retain_freed_memory
     from pipeline.core.errors import PipelineError
 
     warnings.formatwarning = _format_warning
-    retain_freed_memory()   # the stages free and reallocate the same large tensors step after step
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
@@ -55,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             p.set_defaults(_main=module.main)
     args = parser.parse_args(argv)
     try:
+        if args.command in NET_COMMANDS:
+            from pipeline import accel
+            accel.enable()   # the CPU speed-ups SR_CPU_ACCEL switches on (memory, attention, jobs)
         return int(args._main(args) or 0)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

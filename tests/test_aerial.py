@@ -14,14 +14,16 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline.__main__ import main as cli_main
 from pipeline.core import io, paths
 from pipeline.core.checkpoints import read_checkpoint, save_checkpoint
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import competition_ssim
-from pipeline.stages import s00_unzip, s01_folds, s02_train
-from pipeline.tools import demo_data
+from pipeline.stages import s00_unzip, s01_folds
+from pipeline.tools import benchmark_aerial, demo_data
 from pipeline.tools.ablation import table
+from pipeline.train import loop, recipe, resume
 
 # variants of the x4 recipe (aerial_x5*: another scale, another competition, not an ablation)
 AERIAL_VARIANTS = sorted(p.stem for p in paths.CONFIGS.glob("aerial_*.yaml")
@@ -57,7 +59,7 @@ def test_aerial_recipe_and_each_ablation_changes_one_thing():
         # each variant changes one thing of the recipe it names as its base (aerial, or a variant of it)
         parent = yaml.safe_load((paths.CONFIGS / f"{variant}.yaml").read_text())["base"]
         assert parent == "aerial" or parent in AERIAL_VARIANTS, (variant, parent)
-        changed = s02_train.config_diff(load_config(parent), load_config(variant))
+        changed = resume.config_diff(load_config(parent), load_config(variant))
         assert "exp" in changed and 2 <= len(changed) <= 3, (variant, changed)  # exp + one setting (+ its pair)
 
 
@@ -68,7 +70,7 @@ def test_swinir_s_recipe_is_the_public_solution():
     assert cfg["model"]["pretrained_required"] is True
     assert cfg["loss"] == {"ssim": 1.0, "l1": 0.0, "charbonnier": 0.0, "sobel": 0.0}
     assert (t["optimizer"], t["batch_size"], t["lr_patch"]) == ("madgrad", 24, 32)
-    lrs = [t["lr"] * s02_train.lr_factor_at(step, t) for step in (0, t["steps"] * 3 // 4, t["steps"] - 1)]
+    lrs = [t["lr"] * recipe.lr_factor_at(step, t) for step in (0, t["steps"] * 3 // 4, t["steps"] - 1)]
     assert lrs == pytest.approx([2e-4, 1e-4, 2e-5])
     assert cfg["infer"]["tta"] == 8
 
@@ -86,9 +88,9 @@ def test_swinir_s_recipe_trains_a_few_steps_from_random_init(workdir):
     cfg = load_config("swinir_s")
     cfg["model"]["pretrained"] = None
     cfg["train"].update(steps=4, batch_size=2, lr_patch=16, val_every=2, ckpt_every=2)
-    s02_train.seed_everything(s02_train.run_seed(0, 0))   # the run's own seeding: same init
-    init = s02_train.build_model(cfg, pretrained=False, main=True).state_dict()
-    result = s02_train.train(cfg, fold=0, seed=0, resume="never")
+    resume.seed_everything(resume.run_seed(0, 0))   # the run's own seeding: same init
+    init = recipe.build_model(cfg, pretrained=False, main=True).state_dict()
+    result = loop.train(cfg, fold=0, seed=0, resume="never")
     assert result.steps_done == 4
     losses = [r["loss"] for r in result.log if r["loss"] is not None]
     assert len(losses) == 4 and all(0 < v < 2 for v in losses)               # 1 - SSIM
@@ -111,9 +113,9 @@ def test_hat_s_recipe_trains_a_few_steps_from_random_init(workdir):
     _tiny_competition("hat_s", tile=64)
     cfg["model"].update(pretrained=None, args={"depths": [2, 2], "num_heads": [6, 6]})
     cfg["train"].update(steps=3, batch_size=1, lr_patch=8, val_every=3, ckpt_every=3)
-    s02_train.seed_everything(s02_train.run_seed(0, 0))
-    init = s02_train.build_model(cfg, pretrained=False, main=True).state_dict()
-    result = s02_train.train(cfg, fold=0, seed=0, resume="never")
+    resume.seed_everything(resume.run_seed(0, 0))
+    init = recipe.build_model(cfg, pretrained=False, main=True).state_dict()
+    result = loop.train(cfg, fold=0, seed=0, resume="never")
     assert result.steps_done == 3
     lrs = [r["lr"] for r in result.log[1:]]
     assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-5)
@@ -123,15 +125,19 @@ def test_hat_s_recipe_trains_a_few_steps_from_random_init(workdir):
     assert len(moved) > 0.9 * len(init)
 
 
-def test_aerial_x5_carries_rlfn_x4_to_x5_with_a_fresh_upsampler(make_dry_run):
+def test_aerial_x5_carries_rlfn_x4_to_x5_with_a_fresh_upsampler():
     cfg = load_config("aerial_x5")
     assert cfg["data"]["scale"] == 5 and cfg["model"]["args"]["scale"] == 5
     assert cfg["model"]["pretrained"] == "rlfn_x4" and cfg["model"]["reinit"] == ["upsampler"]
     scratch = load_config("aerial_x5_scratch")
-    assert s02_train.config_diff(cfg, scratch) == ["exp", "model.pretrained", "model.reinit"]
+    assert resume.config_diff(cfg, scratch) == ["exp", "model.pretrained", "model.reinit"]
     assert "aerial_x5" not in AERIAL_VARIANTS and "aerial_x5_scratch" not in AERIAL_VARIANTS
-    planned = "\n".join(make_dry_run("benchmark-aerial"))   # refuses a failing make itself
-    assert "aerial_ssim_l1" in planned and "aerial_x5" not in planned
+    parser = argparse.ArgumentParser()
+    benchmark_aerial.add_arguments(parser)
+    ablations = benchmark_aerial.plan(parser.parse_args([]))["ablations"]    # the benchmark's fold-0 rows
+    assert "aerial_ssim_l1" in ablations and not any(a.startswith("aerial_x5") for a in ablations)
+    assert benchmark_aerial.plan(parser.parse_args(["--main-rows"])) == {
+        "kfold": [], "blends": [], "ablations": [], "random_folds": False}
 
 
 def _x5_competition(monkeypatch) -> dict:
@@ -153,7 +159,7 @@ def test_aerial_x5_run_loads_rlfn_x4_but_its_upsampler_and_records_it(workdir, m
     cfg = _x5_competition(monkeypatch)
     cfg["train"].update(steps=2, batch_size=2, lr_patch=12, val_every=2, ckpt_every=2)
     capsys.readouterr()
-    result = s02_train.train(cfg, fold=0, seed=0, resume="never")
+    result = loop.train(cfg, fold=0, seed=0, resume="never")
     out = capsys.readouterr().out
     assert "train: pretrained rlfn_x4: 112 tensors loaded from rlfn_x4.pth; re-initialised: upsampler " \
            "(2 tensors of the file not used) (sha256 8c7edb57dfc89048...)" in out
@@ -164,7 +170,7 @@ def test_aerial_x5_run_loads_rlfn_x4_but_its_upsampler_and_records_it(workdir, m
     assert load_config(result.run / "config.yaml")["model"]["reinit"] == ["upsampler"]   # reads back
     assert result.net.scale == 5 and result.steps_done == 2
     # a resumed or skipped run loads nothing: the record stays that of the start
-    again = s02_train.train(cfg, fold=0, seed=0)
+    again = loop.train(cfg, fold=0, seed=0)
     assert again.steps_done == 0 and "pretrained_loaded" in (result.run / "config.yaml").read_text()
 
 
@@ -176,7 +182,7 @@ def test_aerial_x5_beats_bicubic_on_its_held_out_fold(workdir, monkeypatch):
     (measured: 0.762 vs 0.742, ~45 s on one core)."""
     cfg = _x5_competition(monkeypatch)
     cfg["train"].update(steps=200, batch_size=8, lr_patch=16, val_every=50, ckpt_every=50, lr=2e-3)
-    result = s02_train.train(cfg, fold=0, seed=0, resume="never")
+    result = loop.train(cfg, fold=0, seed=0, resume="never")
     assert result.best_ssim > result.bicubic_ssim + 0.005, (result.best_ssim, result.bicubic_ssim)
 
 
@@ -204,7 +210,7 @@ def test_benchmark_build_from_real_tiles(shared, workdir, tmp_path, cli):
         high = io.read_image(paths.DEMO_ANSWERS / f"test_{i}_high.tif")
         low = io.read_image(paths.INTERIM / "evaluation" / f"test_{i}_low.tif")
         assert high.shape[0] // 4 * 4 == high.shape[0] and low.shape == (high.shape[0] // 4, high.shape[1] // 4, 3)
-        # the low image is exactly Pillow's bicubic of the answer, the degradation the issue measured
+        # the low image is exactly Pillow's bicubic of the answer, the degradation the benchmark uses
         expected = np.asarray(Image.fromarray(high).resize(low.shape[1::-1], Image.Resampling.BICUBIC))
         np.testing.assert_array_equal(low, expected)
         if high.shape[:2] == (256, 256):
@@ -218,10 +224,12 @@ def test_benchmark_build_from_real_tiles(shared, workdir, tmp_path, cli):
 
 def test_make_benchmark_aerial_says_when_the_tiles_are_absent(tmp_path):
     proc = subprocess.run(["make", "--no-print-directory", "benchmark-aerial",
-                           f"AERIAL_SOURCE={tmp_path / 'absent'}", "SETUP="],
+                           f"AERIAL_ARGS=--source {tmp_path / 'absent'}", "SETUP="],
                           cwd=paths.ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
-    assert f"{tmp_path / 'absent'} not found" in proc.stderr and "../shared" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: benchmark-aerial: {tmp_path / 'absent'} not found: the real tiles live in "
+                      "../shared/data/ucmerced_urban beside the checkout (not in the repository)"]
 
 
 # --- the ablation table ---------------------------------------------------------------------
@@ -373,7 +381,7 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     # the default: best grouped CV within 2.5 h of training -> the blend (1.94 h)
     chosen = ablation.choose_default([row for row, _ in scored])
     assert chosen.label.startswith("blend `mix`")
-    assert ablation.main(["--workdir", str(paths.WORKDIR), "--write-default"]) == 0
+    assert cli_main(["ablation", "--workdir", str(paths.WORKDIR), "--write-default"]) == 0
     line = (paths.WORKDIR / "default-submission.txt").read_text()
     assert line == f"--checkpoint {blend_file.resolve()} --tta 8 --precision bf16\n"
     # RFDN's folds now take 3 h each side by side: the blend and RFDN no longer fit, RLFN does
@@ -382,7 +390,7 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     assert chosen.label == "fine-tuned, 2 folds + 8-way TTA (stage 04)"
     assert ablation.predict_arguments(chosen) == f"--checkpoint {paths.experiment_dir('aerial').resolve()} --tta 8 --precision bf16"
     # --check-default: predict's folder against stage 04's files of the default
-    assert ablation.main(["--workdir", str(paths.WORKDIR), "--write-default"]) == 0
+    assert cli_main(["ablation", "--workdir", str(paths.WORKDIR), "--write-default"]) == 0
     check = paths.PREDICTIONS / "default-submission"
     for i in range(2):
         io.write_tif(check / f"test_{i}_low.tif", io.read_image(paths.PREDICTIONS / "aerial" / f"test_{i}_answer.tif"))

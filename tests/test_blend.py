@@ -8,12 +8,12 @@ import pytest
 import tifffile
 from tiny_experiment import assert_rounds_to, build_competition, expected_float, save_tiny_checkpoint, write_config
 
-from pipeline.core import io, paths
+from pipeline.core import artifacts, io, paths
+from pipeline.core.artifacts import load_manifest
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import competition_ssim
 from pipeline.infer import blend
 from pipeline.stages import s03_oof, s04_ensemble, s05_submission
-from pipeline.stages.s00_unzip import load_manifest
 
 # --- the fit on synthetic per-scene scores --------------------------------------------------
 
@@ -113,7 +113,7 @@ def blend_dir(two_exps, monkeypatch):
 def test_blend_json_figures_are_honest(blend_dir, capsys):
     record = blend.fit_blend(["a", "b"], "ab")
     on_disk = json.loads((paths.blend_dir("ab") / "blend.json").read_text())
-    assert on_disk == record and record["format"] == blend.FORMAT
+    assert on_disk == record and record["format"] == artifacts.BLEND_FORMAT
     weights = [m["weight"] for m in record["members"]]
     assert min(weights) >= 0 and sum(weights) == pytest.approx(1.0, abs=1e-12)
     assert [m["exp"] for m in record["members"]] == ["a", "b"]
@@ -159,10 +159,10 @@ def test_blend_keeps_equal_weights_when_the_fit_does_not_pay_off(blend_dir):
 
 
 def test_blended_stage_04_equals_a_hand_computation(blend_dir):
-    path, record = blend.read_blend("ab")
+    path, record = artifacts.read_blend("ab")
     record["members"][0]["weight"], record["members"][1]["weight"] = 0.7, 0.3  # unequal, to see them
     path.write_text(json.dumps(record))
-    cfg, path, rec = s04_ensemble.blend_config("ab")
+    cfg, path, rec = artifacts.blend_config("ab")
     out = s04_ensemble.run_ensemble(cfg, blend=(path, rec))
     assert cfg["exp"] == "ab" and out["blend"]["name"] == "ab" and out["tta"] == 8
     assert [(m["exp"], m["weight"]) for m in out["members"]] == [("a", 0.7), ("b", 0.3)]
@@ -193,7 +193,7 @@ def _unclipped_mean(ckpt_paths, low):
     import torch
     from tiny_experiment import dihedral_views, to_tensor
 
-    from pipeline.core.checkpoints import net_from_checkpoint
+    from pipeline.nets import net_from_checkpoint
 
     total, count = 0.0, 0
     for p in ckpt_paths:
@@ -208,7 +208,7 @@ def _unclipped_mean(ckpt_paths, low):
 
 def test_predict_with_a_blend_file_equals_stage_04(blend_dir, cli):
     blend.fit_blend(["a", "b"], "ab_predict")
-    cfg, path, rec = s04_ensemble.blend_config("ab_predict")
+    cfg, path, rec = artifacts.blend_config("ab_predict")
     s04_ensemble.run_ensemble(cfg, blend=(path, rec))
     out = blend_dir / "predicted"
     proc = cli("predict", "--checkpoint", path, "--input", paths.INTERIM / "evaluation", "--output", out,
@@ -233,7 +233,7 @@ def test_predict_finds_a_blends_members_beside_the_blend_file(blend_dir, cli, tm
     """A blend of a benchmark's work folder predicted from the project root (no SR_WORKDIR):
     the members are the experiments beside the blend's models/ folder."""
     blend.fit_blend(["a", "b"], "ab_elsewhere")
-    cfg, path, rec = s04_ensemble.blend_config("ab_elsewhere")
+    cfg, path, rec = artifacts.blend_config("ab_elsewhere")
     s04_ensemble.run_ensemble(cfg, blend=(path, rec))
     out = tmp_path / "predicted"
     cli("predict", "--checkpoint", path, "--input", paths.INTERIM / "evaluation", "--output", out,
@@ -252,10 +252,10 @@ def test_blend_refuses_bad_members(blend_dir):
         blend.fit_blend(["a", "b"], "a")
     bad = paths.blend_dir("bad") / "blend.json"
     bad.parent.mkdir(parents=True)
-    bad.write_text(json.dumps({"format": blend.FORMAT, "members": [{"exp": "a", "weight": 0.8},
+    bad.write_text(json.dumps({"format": artifacts.BLEND_FORMAT, "members": [{"exp": "a", "weight": 0.8},
                                                                    {"exp": "b", "weight": 0.8}]}))
     with pytest.raises(PipelineError, match=r"weights \[0.8, 0.8\] must be non-negative and sum to 1"):
-        blend.read_blend("bad")
+        artifacts.read_blend("bad")
 
 
 def test_make_default_trains_every_member_on_every_fold_then_submits_their_blend(make_dry_run):

@@ -1,15 +1,7 @@
-"""pipeline/cpu_shards.py: a training step's batch split across threads gives the whole
+"""pipeline/accel/cpu/shards.py: a training step's batch split across threads gives the whole
 batch's gradients, the same bits every time (stochastic depth included), the fp16 scaler's
 scaled gradients, and says why it does not split where it cannot."""
 from __future__ import annotations
-
-import copy
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,19 +11,21 @@ from timm.layers import DropPath as TimmDropPath
 from pipeline.accel.cpu import shards as cpu_shards
 from pipeline.core.errors import PipelineError
 from pipeline.nets import build_net
-from pipeline.nets.fast.prepare import prepare_for_training
-from pipeline.nets.fast.swinir import make_fast
+from pipeline.nets.fast import use_fast_path
 from pipeline.train import losses
+from pipeline.train.step import Gradients
 
 SMALL_SWINIR = {"depths": [2, 2], "num_heads": [6, 6]}
 
 
 def grads_of(net: nn.Module, shards: int, lr, hr, scaler=None, amp=None) -> tuple[float, dict, list]:
+    """The loss, terms and gradients of one batch: the plain Gradients (1), or in shards."""
     net.zero_grad(set_to_none=True)
     loss_fn = losses.build_loss({"ssim": 1.0, "l1": 0.5})
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    with cpu_shards.ShardedStep(net, loss_fn, shards, amp, torch.device("cpu")) as step:
-        loss, terms = step.step(lr, hr, scaler)
+    gradients = Gradients(net, loss_fn, amp, torch.device("cpu"))
+    with gradients if shards == 1 else cpu_shards.ShardedGradients(gradients, shards) as step:
+        loss, terms = step(lr, hr, scaler)
     return float(loss), terms, [p.grad.clone() for p in net.parameters()]
 
 
@@ -46,7 +40,7 @@ def test_shards_give_the_whole_batch_gradients(name, args, shards):
     """Uneven shards too (3 of a batch of 4), never an empty one (5 asked: 4 of one image);
     the loss and its terms are the batch's."""
     torch.manual_seed(0)
-    net = prepare_for_training(build_net(name, **args)).train()
+    net = use_fast_path(build_net(name, **args)).train()
     lr, hr = batch()
     loss1, terms1, grads1 = grads_of(net, 1, lr, hr)
     loss_n, terms_n, grads_n = grads_of(net, shards, lr, hr)
@@ -68,7 +62,7 @@ def test_sharded_steps_are_the_same_bits_every_time_with_stochastic_depth(name, 
     from the global one in shard order, so a seed gives the same gradients whichever thread
     runs first, and another seed other ones. In bf16 too, with more shards than cores: with
     autocast's cache of cast weights (shared by the threads) 7 runs in 8 differed."""
-    net = prepare_for_training(build_net(name, **args, drop_path_rate=0.5)).train()
+    net = use_fast_path(build_net(name, **args, drop_path_rate=0.5)).train()
     lr, hr = batch(6)
     runs = []
     for seed in (0, 0, 0, 0, 1):
@@ -85,7 +79,7 @@ def test_fp16_scaler_scales_every_shard():
     """Under the gradient scaler (fp16 autocast, on the CPU here) each shard's gradients are of
     the scaled loss, as scaler.scale(loss).backward() gives for the whole batch."""
     torch.manual_seed(0)
-    net = prepare_for_training(build_net("rlfn")).train()
+    net = use_fast_path(build_net("rlfn")).train()
     lr, hr = batch()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     _, _, whole = grads_of(net, 1, lr, hr, scaler, torch.float16)
@@ -141,116 +135,3 @@ def test_drop_path_draws_what_timms_does():
     with thread_generator(torch.Generator().manual_seed(7)):
         assert torch.equal(b, ours(x))
     assert torch.allclose(a.unique(), torch.tensor([0.0, 1 / 0.7]))
-
-
-# --- shards in forked processes ------------------------------------------------------------
-
-def steps_of(net: nn.Module, processes: bool, shards: int, amp=None, steps: int = 2) -> list:
-    """`steps` sharded steps, each followed by an SGD update of the parameters in place (what
-    the shard processes must see): the loss, terms and gradients of every step."""
-    torch.manual_seed(0)
-    lr, hr = batch(6)
-    loss_fn = losses.build_loss({"ssim": 1.0, "l1": 0.5})
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    out = []
-    with cpu_shards.ShardedStep(net, loss_fn, shards, amp, torch.device("cpu"), processes) as step:
-        for _ in range(steps):
-            net.zero_grad(set_to_none=True)
-            loss, terms = step.step(lr, hr, scaler)
-            out.append((loss, terms, [p.grad.clone() for p in net.parameters()]))
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.sub_(0.1 * p.grad)
-    return out
-
-
-@pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-@pytest.mark.parametrize("shards", [2, 3])
-def test_shard_processes_compute_what_shard_threads_do(amp, shards):
-    """SwinIR with drop path: forked shard processes compute the bits threads compute, step
-    after step (the parent's in-place updates reach them through the shared parameters)."""
-    torch.manual_seed(0)
-    net = prepare_for_training(build_net("swinir_s", **SMALL_SWINIR, drop_path_rate=0.5)).train()
-    start = copy.deepcopy(net.state_dict())
-    in_threads = steps_of(net, False, shards, amp)
-    net.load_state_dict(start)
-    in_processes = steps_of(net, True, shards, amp)
-    for (loss_t, terms_t, grads_t), (loss_p, terms_p, grads_p) in zip(in_threads, in_processes):
-        assert torch.equal(loss_t, loss_p) and terms_t == terms_p
-        for a, b in zip(grads_t, grads_p):
-            assert torch.equal(a, b) and a.stride() == b.stride()
-    assert not torch.equal(in_processes[0][2][0], in_processes[1][2][0])     # the update reached them
-
-
-def _state(pid: int) -> str | None:
-    """A process's state letter from /proc (Z: ended, not yet reaped), None once it is reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-@pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
-@pytest.mark.parametrize("gone", [False, True], ids=["dying", "gone"])
-def test_a_shard_process_that_dies_stops_the_step_with_its_cause(gone):
-    """Killed between steps: the next step stops with its cause, whether the crops still reach
-    the pipe (dying) or the pipe is already closed (gone)."""
-    net = prepare_for_training(build_net("rlfn")).train()
-    lr, hr = batch()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    with cpu_shards.ShardedStep(net, losses.build_loss({"l1": 1.0}), 2, None, torch.device("cpu"), True) as step:
-        step.step(lr, hr, scaler)
-        pid = step.workers[0].pid
-        os.kill(pid, signal.SIGKILL)
-        while gone and _state(pid) != "Z":
-            time.sleep(0.01)
-        with pytest.raises(PipelineError, match=r"shard process \d+ ended in the middle of a step "
-                                                r"\(killed by signal 9\); cpu_shards: 1 runs without it"):
-            step.step(lr, hr, scaler)
-
-
-KILLED_PARENT = """
-import sys, time, torch
-from pipeline import cpu_shards, losses
-from pipeline.nets import build_net
-net = build_net("rlfn")
-step = cpu_shards.ShardedStep(net, losses.build_loss({"l1": 1.0}), 2, None, torch.device("cpu"), True)
-print(step.workers[0].pid, flush=True)
-time.sleep(60)
-"""
-
-
-@pytest.mark.skipif(cpu_shards.processes_reason() != "", reason="shard processes are Linux only")
-def test_a_killed_run_leaves_no_shard_process_behind():
-    run = subprocess.Popen([sys.executable, "-c", KILLED_PARENT], stdout=subprocess.PIPE, text=True,
-                           cwd=Path(__file__).resolve().parents[1])
-    child = int(run.stdout.readline())
-    run.kill()
-    run.wait()
-    for _ in range(100):
-        if _state(child) in (None, "Z"):
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"shard process {child} outlived its killed parent")
-
-
-def test_plan_puts_swinirs_shards_in_processes():
-    cpu = torch.device("cpu")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        # on its fast path (FastSwinIR), as stage 02 and the bench hand it over
-        swinir = cpu_shards.plan("auto", cpu, make_fast(build_net("swinir_s", **SMALL_SWINIR)), 16)
-        rlfn = cpu_shards.plan("auto", cpu, build_net("rlfn"), 16)
-        hat = cpu_shards.plan("auto", cpu, build_net("hat", **SMALL_HAT), 16)
-    finally:
-        torch.set_num_threads(threads)
-    for threaded in (rlfn, hat):           # processes measured slower for them
-        assert not threaded.processes and "on 2 threads" in threaded.reason
-    if cpu_shards.processes_reason():
-        assert not swinir.processes and "Linux only" in swinir.reason
-    else:
-        assert swinir.processes and swinir.reason.startswith(
-            "2 shards of the batch in 2 processes (this one and 1 forked: SwinIR's many small operations")

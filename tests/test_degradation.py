@@ -13,15 +13,15 @@ from PIL import Image
 
 from pipeline.core import io, paths
 from pipeline.core.errors import PipelineError
+from pipeline.data import competition
 from pipeline.data import degradation as D
-from pipeline.tools import demo_data
 
 
 def real_tiles(shared, n: int, scale: int) -> list[np.ndarray]:
     """n real aerial tiles from across the classes, cropped to a multiple of the scale."""
     tiles = sorted((shared / "data" / "ucmerced_urban").glob("*/*.tif"))
     picked = tiles[::len(tiles) // n][:n]
-    return [demo_data.crop_to_scale(io.read_image(p), scale) for p in picked]
+    return [competition.crop_to_scale(io.read_image(p), scale) for p in picked]
 
 
 def write_pairs(folder, highs, lows) -> list:
@@ -108,7 +108,7 @@ def test_nothing_fits_noisy_or_rescaled_low_res_and_the_closest_is_named(shared,
     for h in highs:
         big = np.asarray(Image.fromarray(h).resize((round(h.shape[1] * 1.03), round(h.shape[0] * 1.03)),
                                                    Image.Resampling.BICUBIC))
-        rescaled.append(D.downscale(demo_data.crop_to_scale(big, 4, h.shape[:2]), 4, "pil-bicubic"))
+        rescaled.append(D.downscale(competition.crop_to_scale(big, 4, h.shape[:2]), 4, "pil-bicubic"))
     result = D.probe(write_pairs(tmp_path / "rescaled", highs, rescaled), 4, n_jobs=2)
     assert not result["fits"] and result["psnr"] < 35
     table = D.format_table(result)

@@ -144,7 +144,7 @@ def test_source_groups_and_split_by_tile_number(workdir, tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from pipeline.data.groups import source_group
+    from pipeline.data.folds import source_group
 
     src = tmp_path / "src"
     rng = np.random.default_rng(0)

@@ -17,9 +17,9 @@ import torch
 from tiny_experiment import assert_rounds_to, build_competition, expected_float, save_tiny_checkpoint, write_config
 
 from pipeline.core import io, paths
+from pipeline.core.artifacts import load_manifest
 from pipeline.core.errors import PipelineError
 from pipeline.stages import s04_ensemble, s05_submission
-from pipeline.stages.s00_unzip import load_manifest
 
 
 @pytest.fixture

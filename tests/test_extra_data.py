@@ -20,7 +20,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.data import degradation
 from pipeline.data import extra as extra_data
 from pipeline.data import patches as data
-from pipeline.stages import s02_train, s03_oof
+from pipeline.stages import s03_oof
+from pipeline.train import loop
 
 
 def photo_tiles(n: int, side: int = 64) -> list[np.ndarray]:
@@ -200,10 +201,10 @@ def test_training_with_extra_data_never_validates_or_scores_it(competition, extr
                                     "infer": {"tta": 1}}))
     cfg = load_config(path)
     validated = []
-    real_validate = s02_train.validate
-    monkeypatch.setattr(s02_train, "validate", lambda net, scenes, *a: validated.append(
+    real_validate = loop.validate
+    monkeypatch.setattr(loop, "validate", lambda net, scenes, *a: validated.append(
         [s.id for s in scenes]) or real_validate(net, scenes, *a))
-    result = s02_train.train(cfg, fold=0, seed=0)
+    result = loop.train(cfg, fold=0, seed=0)
     assert "+ 4 external scenes from 4 image(s), low-res by pil-bicubic x4, 50% of the crops" in capsys.readouterr().out
     folds = pd.read_csv(paths.FOLDS)
     fold0 = sorted(folds.loc[folds["fold"] == 0, "id"])

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from pipeline.core import paths
+from pipeline.core import artifacts, paths
 from pipeline.core.errors import PipelineError
-from pipeline.data.groups import assign_group_folds
-from pipeline.stages import s01_folds
-from pipeline.tools import demo_data
+from pipeline.data import competition
+from pipeline.data import folds as fold_split
+from pipeline.data.folds import assign_group_folds
 
 
 def tiny_competition(n_train: int, seed: int = 0) -> list[float]:
@@ -22,11 +22,11 @@ def tiny_competition(n_train: int, seed: int = 0) -> list[float]:
     for i, blur in enumerate(blurs):
         noise = rng.uniform(0, 255, (8, 10, 3))
         low = np.clip(gaussian_filter(noise, (blur, blur, 0)), 0, 255).astype(np.uint8)
-        train[f"train_{i}_low.tif"] = demo_data.tif_bytes(low)
-        train[f"train_{i}_high.tif"] = demo_data.tif_bytes(np.repeat(np.repeat(low, 4, 0), 4, 1))
+        train[f"train_{i}_low.tif"] = competition.tif_bytes(low)
+        train[f"train_{i}_high.tif"] = competition.tif_bytes(np.repeat(np.repeat(low, 4, 0), 4, 1))
     paths.RAW.mkdir(parents=True, exist_ok=True)
-    paths.TRAIN_ZIP.write_bytes(demo_data.zip_bytes(list(train.items())))
-    paths.EVAL_ZIP.write_bytes(demo_data.zip_bytes([("test_0_low.tif", train["train_0_low.tif"])]))
+    paths.TRAIN_ZIP.write_bytes(competition.zip_bytes(list(train.items())))
+    paths.EVAL_ZIP.write_bytes(competition.zip_bytes([("test_0_low.tif", train["train_0_low.tif"])]))
     return blurs.tolist()
 
 
@@ -35,13 +35,13 @@ def test_edge_density():
     stripes = np.zeros((16, 16, 3), np.uint8)
     stripes[:, (np.arange(16) // 2) % 2 == 1] = 255  # 2-pixel stripes (1-pixel ones alias to no gradient)
     ramp = np.repeat(np.linspace(0, 255, 16).astype(np.uint8)[None, :, None], 16, 0).repeat(3, 2)
-    assert s01_folds.edge_density(flat) == pytest.approx(0.0, abs=1e-9)
-    assert 0 < s01_folds.edge_density(ramp) < 0.1 < 0.5 < s01_folds.edge_density(stripes) <= 1.0
+    assert fold_split.edge_density(flat) == pytest.approx(0.0, abs=1e-9)
+    assert 0 < fold_split.edge_density(ramp) < 0.1 < 0.5 < fold_split.edge_density(stripes) <= 1.0
 
 
 def test_assign_folds_covers_balances_and_is_seeded():
     stat = np.random.default_rng(0).permutation(103).astype(float)  # values 0..102, shuffled
-    folds = s01_folds.assign_folds(stat, 5, seed=0)
+    folds = fold_split.assign_folds(stat, 5, seed=0)
     assert set(folds) == {0, 1, 2, 3, 4} and len(folds) == 103
     sizes = np.bincount(folds)
     assert sizes.max() - sizes.min() == 1 and sizes.sum() == 103
@@ -49,16 +49,16 @@ def test_assign_folds_covers_balances_and_is_seeded():
     # of this size typically misses by ~6
     means = [stat[folds == f].mean() for f in range(5)]
     assert max(abs(m - 51) for m in means) < 2.5, means
-    np.testing.assert_array_equal(folds, s01_folds.assign_folds(stat, 5, seed=0))
-    assert (folds != s01_folds.assign_folds(stat, 5, seed=1)).sum() > 50
+    np.testing.assert_array_equal(folds, fold_split.assign_folds(stat, 5, seed=0))
+    assert (folds != fold_split.assign_folds(stat, 5, seed=1)).sum() > 50
 
 
 def test_assign_folds_refuses_more_folds_than_scenes(workdir):
     with pytest.raises(PipelineError, match="6 folds requested but only 5 training scene"):
-        s01_folds.assign_folds(np.arange(5.0), 6, seed=0)
+        fold_split.assign_folds(np.arange(5.0), 6, seed=0)
     with pytest.raises(PipelineError, match="at least 2 folds"):
-        s01_folds.assign_folds(np.arange(5.0), 1, seed=0)
-    assert sorted(s01_folds.assign_folds(np.arange(5.0), 5, seed=0)) == [0, 1, 2, 3, 4]
+        fold_split.assign_folds(np.arange(5.0), 1, seed=0)
+    assert sorted(fold_split.assign_folds(np.arange(5.0), 5, seed=0)) == [0, 1, 2, 3, 4]
 
 
 def test_folds_stage_end_to_end(workdir, config_file, cli):
@@ -83,7 +83,7 @@ def test_folds_stage_end_to_end(workdir, config_file, cli):
     text = paths.FOLDS.read_text()
     assert "(unchanged" in cli("folds", "--exp", config, check=True).stdout
     assert paths.FOLDS.read_text() == text
-    pd.testing.assert_frame_equal(s01_folds.load_folds(), folds)
+    pd.testing.assert_frame_equal(artifacts.load_folds(), folds)
 
     cli("folds", "--exp", config, "--n-folds", 5, check=True)
     assert sorted(pd.read_csv(paths.FOLDS)["fold"].unique()) == [0, 1, 2, 3, 4]

@@ -1,4 +1,4 @@
-"""One job per GPU (pipeline/gpus.py and the Makefile's GPUS=), tested without a GPU: the
+"""One job per GPU (pipeline/train/gpus.py and the Makefile's GPUS=), tested without a GPU: the
 ids are only strings handed to CUDA_VISIBLE_DEVICES, the claims are flock-ed files."""
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.weights import load_weights
 from pipeline.nets import build_net
 from pipeline.nets.hat import HAT
+from pipeline.weights import load_weights
 
 pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("torch_one_thread")]
 DERIVED = ("relative_position_index_SA", "relative_position_index_OCA")

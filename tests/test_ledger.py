@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core import io, paths
+from pipeline.core import io, ledger, paths
 from pipeline.core.errors import PipelineError
-from pipeline.tools import ledger
 
 
 def make_zip(name: str, content: bytes = b"x") -> "Path":

@@ -7,9 +7,11 @@ import pytest
 import torch
 from test_train import AUG_ALL, TINY, fake_scenes, read_board
 
+from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import patches as data
-from pipeline.stages import s02_train
+from pipeline.nets import build_net
+from pipeline.train import recipe
 from pipeline.train.board import TrainingBoard
 
 
@@ -45,10 +47,10 @@ def test_num_workers_auto_and_pinned_memory_on_cuda(monkeypatch):
 
 @pytest.mark.parametrize("value", [-1, 1.5, "many", True])
 def test_bad_num_workers_is_refused_by_name(value):
-    cfg = {"exp": "tiny", "train": {**s02_train.load_config("demo")["train"], **TINY["train"],
+    cfg = {"exp": "tiny", "train": {**load_config("demo")["train"], **TINY["train"],
                                     "num_workers": value}}
     with pytest.raises(PipelineError, match=r"train.num_workers must be 'auto' or an integer >= 0"):
-        s02_train.check_train_config(cfg)
+        recipe.check_train_config(cfg)
 
 
 def test_resumed_board_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
@@ -57,7 +59,7 @@ def test_resumed_board_drops_what_the_killed_run_logged_after_its_checkpoint(tmp
     rng = np.random.default_rng(0)
     low = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
     scene = data.Scene("s", low, np.kron(low, np.ones((4, 4, 1), np.uint8)))
-    net = s02_train.build_net("bicubic", scale=4)
+    net = build_net("bicubic", scale=4)
 
     def rows(steps, offset):
         return [{"step": s, "loss": 1.0 / s + offset, "lr": 1e-3, "loss_l1": 0.5 + offset,

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from pipeline.core import paths
 from pipeline.core.errors import PipelineError
-from pipeline.core.weights import load_weights
 from pipeline.nets import available_nets, build_net
+from pipeline.weights import load_weights
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -19,13 +19,13 @@ from tiny_experiment import (
 )
 
 from pipeline.core import io, paths
-from pipeline.core.checkpoints import net_from_checkpoint
+from pipeline.core.artifacts import load_manifest
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import competition_ssim
 from pipeline.infer.ensemble import predict_scene
+from pipeline.nets import net_from_checkpoint
 from pipeline.stages import s03_oof
-from pipeline.stages.s00_unzip import load_manifest
 
 
 @pytest.fixture(scope="module")

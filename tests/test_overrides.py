@@ -8,14 +8,14 @@ import pytest
 import torch
 import yaml
 from test_train import STEPS, make_competition, write_config
+from tiny_experiment import wrap_step_gradients
 
 from pipeline.__main__ import main as cli_main
-from pipeline.accel.cpu import shards as cpu_shards
 from pipeline.core import paths
 from pipeline.core.checkpoints import read_checkpoint
 from pipeline.core.config import DEFAULTS, apply_overrides, load_config
 from pipeline.core.errors import PipelineError
-from pipeline.stages import s02_train
+from pipeline.train import loop
 
 
 @pytest.fixture(autouse=True)
@@ -113,24 +113,17 @@ def test_unfinished_run_is_not_resumed_with_other_overrides(workdir, monkeypatch
     """A run stopped at step 4 (its last.pt unfinished) resumes with the same overrides only."""
     make_competition()
     cfg_path = write_config(workdir)
-    real_step, calls = cpu_shards.ShardedStep.step, {"n": 0}
-
-    def nan_at_step_5(self, lr, hr, scaler):
-        calls["n"] += 1
-        loss, terms = real_step(self, lr, hr, scaler)
-        return loss * (float("nan") if calls["n"] == 5 else 1.0), terms
-
-    monkeypatch.setattr(cpu_shards.ShardedStep, "step", nan_at_step_5)
-    with pytest.raises(PipelineError, match="loss is nan at step 5"):
-        s02_train.train(load_config(cfg_path, ["train.lr=5e-4"]), fold=0, seed=0)
-    monkeypatch.setattr(cpu_shards.ShardedStep, "step", real_step)
+    with pytest.MonkeyPatch.context() as mp:
+        wrap_step_gradients(mp, lambda n, loss, terms, params: (loss * (float("nan") if n == 5 else 1.0), terms))
+        with pytest.raises(PipelineError, match="loss is nan at step 5"):
+            loop.train(load_config(cfg_path, ["train.lr=5e-4"]), fold=0, seed=0)
     last = paths.run_dir("tiny", 0, 0) / "last.pt"
     assert read_checkpoint(last)["step"] == 4
     with pytest.raises(PipelineError, match=r"was started with a different config \(train\.lr\); --force"):
-        s02_train.train(load_config(cfg_path, ["train.lr=1e-3"]), fold=0, seed=0)
+        loop.train(load_config(cfg_path, ["train.lr=1e-3"]), fold=0, seed=0)
     with pytest.raises(PipelineError, match=r"was started with a different config \(train\.lr\)"):
-        s02_train.train(load_config(cfg_path), fold=0, seed=0)
-    resumed = s02_train.train(load_config(cfg_path, ["train.lr=5e-4"]), fold=0, seed=0)
+        loop.train(load_config(cfg_path), fold=0, seed=0)
+    resumed = loop.train(load_config(cfg_path, ["train.lr=5e-4"]), fold=0, seed=0)
     assert resumed.steps_done == STEPS - 4
     assert all(torch.isfinite(v).all() for v in resumed.net.state_dict().values())
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.weights import load_pretrained, load_weights
 from pipeline.nets import build_net
+from pipeline.weights import load_pretrained, load_weights
 
 # net -> (constructor args without the scale, the module that depends on the scale, scales)
 NETS = {

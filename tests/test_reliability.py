@@ -1,4 +1,4 @@
-"""Crash-proof, concurrent-safe and bounded (issue 15).
+"""Crash-proof, concurrent-safe and bounded.
 
 - crash consistency: every stage (00-05, training included) SIGKILLed at points spread
   over its run, then rerun to the end, leaves exactly the artifacts of an uninterrupted
@@ -37,9 +37,10 @@ import tifffile
 import torch
 
 from pipeline.__main__ import main as cli_main
-from pipeline.core import io, paths
+from pipeline.core import io, locks, paths
 from pipeline.core.checkpoints import read_checkpoint
 from pipeline.core.errors import PipelineError
+from pipeline.data import competition
 from pipeline.tools import demo_data
 
 TINY_CONFIG = """\
@@ -285,21 +286,21 @@ def test_kill_between_the_two_renames_of_a_folder_keeps_the_previous_one(workdir
     """atomic_dir replaces a folder by two renames; killed between them, the next writer
     (holding the lock) puts the previous folder back before anything else."""
     target = workdir / "out"
-    with io.locked(target), io.atomic_dir(target) as tmp:
+    with locks.locked(target), io.atomic_dir(target) as tmp:
         (tmp / "a.txt").write_text("previous")
     pid = os.fork()
     if pid == 0:
         try:
             io.crash_points_passed = 0
             os.environ["SR_CRASH_AT"] = "3"   # locked, before swap, mid swap
-            with io.locked(target), io.atomic_dir(target) as tmp:
+            with locks.locked(target), io.atomic_dir(target) as tmp:
                 (tmp / "a.txt").write_text("new")
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and not target.exists()
     with pytest.warns(UserWarning, match="took over the lock of pid .* whose process is gone"):
-        with io.locked(target):
+        with locks.locked(target):
             assert (target / "a.txt").read_text() == "previous"
     assert leftovers(workdir) == []
 
@@ -314,33 +315,33 @@ def test_a_waiting_writer_queues_behind_a_live_holder(workdir):
     pid = os.fork()
     if pid == 0:                       # the holder: takes the lock, waits for the word, lets go
         try:
-            with io.locked(target):
+            with locks.locked(target):
                 os.write(ready[1], b"x")
                 os.read(release[0], 1)
         finally:
             os._exit(0)
     os.read(ready[0], 1)
     with pytest.raises(PipelineError, match=f"is locked by pid {pid} "):
-        with io.locked(target, wait=0.3):
+        with locks.locked(target, wait=0.3):
             pass
     threading.Timer(0.5, os.write, (release[1], b"x")).start()
     began = time.perf_counter()
-    with io.locked(target, wait=30):
+    with locks.locked(target, wait=30):
         waited = time.perf_counter() - began
-        assert json.loads(io.lock_path(target).read_text())["pid"] == os.getpid()
+        assert json.loads(locks.lock_path(target).read_text())["pid"] == os.getpid()
     os.waitpid(pid, 0)
-    assert 0.4 < waited < 10 and not io.lock_path(target).exists()
+    assert 0.4 < waited < 10 and not locks.lock_path(target).exists()
 
 
 def test_second_writer_stops_at_once_naming_the_holder(workdir):
     target = workdir / "models" / "x" / "seed0" / "fold0"
-    with io.locked(target):
-        holder = json.loads(io.lock_path(target).read_text())
+    with locks.locked(target):
+        holder = json.loads(locks.lock_path(target).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
         pid = os.fork()
         if pid == 0:
             try:
-                with io.locked(target):
+                with locks.locked(target):
                     os._exit(3)        # must not get here
             except PipelineError as exc:
                 Path(workdir / "msg").write_text(str(exc))
@@ -352,20 +353,20 @@ def test_second_writer_stops_at_once_naming_the_holder(workdir):
         assert (workdir / "msg").read_text() == (
             f"{target} is locked by pid {os.getpid()} on {socket.gethostname()} since {holder['since']}: "
             "another writer is at work on it (wait for it or stop it)")
-        with io.locked(target):   # re-entrant in the holding process
+        with locks.locked(target):   # re-entrant in the holding process
             pass
-        assert io.lock_path(target).exists()
-    assert not io.lock_path(target).exists()
+        assert locks.lock_path(target).exists()
+    assert not locks.lock_path(target).exists()
 
 
 def test_a_lock_held_on_another_host_is_never_taken_over(workdir):
     target = workdir / "data" / "folds.csv"
-    lock = io.lock_path(target)
+    lock = locks.lock_path(target)
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"pid": 1, "host": "gpu-node-7", "since": "2026-01-02T03:04:05Z"}))
     with pytest.raises(PipelineError, match=rf"folds.csv is locked by pid 1 on gpu-node-7 since "
                                             rf"2026-01-02T03:04:05Z: .*if that process is gone, delete {lock}"):
-        with io.locked(target):
+        with locks.locked(target):
             pass
     assert lock.exists()
 
@@ -381,7 +382,7 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_of_several_takers(workdir):
     over (one warning), the four others stop naming that one, never two holders."""
     target = workdir / "data" / "interim"
     for trial in range(3):
-        lock = io.lock_path(target)
+        lock = locks.lock_path(target)
         lock.parent.mkdir(parents=True, exist_ok=True)
         dead = _dead_pid()
         lock.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "since": "then", "start": "1"}))
@@ -397,7 +398,7 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_of_several_takers(workdir):
                         warnings.simplefilter("always")
                         outcome = {"pid": os.getpid()}
                         try:
-                            with io.locked(target):
+                            with locks.locked(target):
                                 outcome["held"] = True
                                 time.sleep(1.0)
                             code = 0
@@ -424,7 +425,7 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_of_several_takers(workdir):
 
 
 def test_two_concurrent_trainers_of_one_fold(workdir, capsys):
-    """Issue 15's first fault: the second trainer of models/<exp>/seed0/fold0 stops at once
+    """The first fault: the second trainer of models/<exp>/seed0/fold0 stops at once
     (well before the first ends) with one line naming the first, whose log is one writer's;
     once the first is killed, its lock is taken over with a warning."""
     config = workdir / f"{EXP}.yaml"
@@ -473,7 +474,7 @@ def trained(workdir):
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
 def test_truncated_checkpoint_names_the_remedy_and_force_or_resume_never_start_afresh(trained, workdir, capsys,
                                                                                      name):
-    """Issue 15's second fault (the CLI's own handler, in-process: the one line on stderr)."""
+    """The second fault (the CLI's own handler, in-process: the one line on stderr)."""
     run = paths.run_dir(EXP, 0, 0)
     train = stage_args(trained)["train"]
     for flags in (["--force"], ["--resume", "never"]):
@@ -556,14 +557,14 @@ BOMB_SCRIPT = textwrap.dedent("""
 
 
 def test_zip_bomb_refused_by_name_before_decoding_fast_and_small(workdir, tmp_path_factory):
-    """Issue 15's third fault: a train.zip whose high-res TIFF is a 24000x30000 image of
+    """The third fault: a train.zip whose high-res TIFF is a 24000x30000 image of
     zeros (2.2 GB decoded) is refused with one line, nothing extracted, under 2 s and
     500 MB (measured inside the process, after the interpreter's start)."""
     stream, size, crc = zero_bomb_member(24000, 30000, tmp_path_factory.mktemp("bomb"))
-    small = demo_data.tif_bytes(np.zeros((4, 5, 3), np.uint8))
+    small = competition.tif_bytes(np.zeros((4, 5, 3), np.uint8))
     paths.RAW.mkdir(parents=True)
     write_zip_with_deflated(paths.TRAIN_ZIP, "train_0_high.tif", stream, size, crc, {"train_0_low.tif": small})
-    paths.EVAL_ZIP.write_bytes(demo_data.zip_bytes([("test_0_low.tif", small)]))
+    paths.EVAL_ZIP.write_bytes(competition.zip_bytes([("test_0_low.tif", small)]))
     assert paths.TRAIN_ZIP.stat().st_size < 3_000_000
     with zipfile.ZipFile(paths.TRAIN_ZIP) as zf, zf.open("train_0_high.tif") as fh:   # a real TIFF
         with tifffile.TiffFile(__import__("io").BytesIO(fh.read(1 << 16))) as tif:
@@ -584,11 +585,11 @@ def test_image_over_max_pixels_and_extraction_over_free_space_refused(workdir, c
     from pipeline.stages import s00_unzip
     rng = np.random.default_rng(0)
     high = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-    members = [("train_0_high.tif", demo_data.tif_bytes(high)),
-               ("train_0_low.tif", demo_data.tif_bytes(high[::4, ::4]))]
+    members = [("train_0_high.tif", competition.tif_bytes(high)),
+               ("train_0_low.tif", competition.tif_bytes(high[::4, ::4]))]
     paths.RAW.mkdir(parents=True)
-    paths.TRAIN_ZIP.write_bytes(demo_data.zip_bytes(members))
-    paths.EVAL_ZIP.write_bytes(demo_data.zip_bytes([("test_0_low.tif", members[1][1])]))
+    paths.TRAIN_ZIP.write_bytes(competition.zip_bytes(members))
+    paths.EVAL_ZIP.write_bytes(competition.zip_bytes([("test_0_low.tif", members[1][1])]))
     small = config_file("small", data={"max_pixels": 1000})
     with pytest.raises(PipelineError, match=r"train.zip:train_0_high.tif: 40x48 image \(0.0 Mpx, 6.0 KB "
                                             r"uncompressed, .*\) exceeds data.max_pixels = 1000"):
@@ -642,7 +643,7 @@ def full_disk_run(limit: int, *argv, workdir: Path) -> subprocess.CompletedProce
 
 
 def test_full_disk_during_unzip_and_training_one_line_previous_intact(workdir):
-    """Issue 15's fourth fault: out of space mid-way through stage 00 (re-extracting over a
+    """The fourth fault: out of space mid-way through stage 00 (re-extracting over a
     previous data/interim) and while training writes a checkpoint."""
     config = workdir / f"{EXP}.yaml"
     config.write_text(TINY_CONFIG)

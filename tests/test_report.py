@@ -14,12 +14,13 @@ import pytest
 import yaml
 from tiny_experiment import build_competition
 
-from pipeline.core import io, paths
+from pipeline.core import io, ledger, paths
+from pipeline.core.artifacts import load_manifest
 from pipeline.core.checkpoints import read_checkpoint
 from pipeline.core.config import DEFAULTS, load_config
-from pipeline.stages import s02_train, s03_oof, s04_ensemble, s05_submission
-from pipeline.stages.s00_unzip import load_manifest
-from pipeline.tools import ledger, report
+from pipeline.stages import s03_oof, s04_ensemble, s05_submission
+from pipeline.tools import report
+from pipeline.train import loop
 
 # 4 training steps of a small ESPCN on 8x8 -> 32x32 crops, validated at steps 0, 2 and 4
 TINY_YAML = ("data: {n_folds: 2}\n"
@@ -56,7 +57,7 @@ def tiny_workdir(tmp_path_factory):
             cfg = load_config(exp)
             for seed in seeds:
                 for fold in folds:
-                    s02_train.train(cfg, fold, seed)
+                    loop.train(cfg, fold, seed)
             if exp != "tiny_nooof":
                 s03_oof.run_oof(cfg)
         cfg = load_config("tiny")

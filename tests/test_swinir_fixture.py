@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.weights import load_weights
 from pipeline.nets import build_net
+from pipeline.weights import load_weights
 
 pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("torch_one_thread")]
 DERIVED = ("attn_mask", "relative_position_index")  # buffers computed from the config

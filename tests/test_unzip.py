@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.core import paths
+from pipeline.core import artifacts, paths
 from pipeline.core.config import DEFAULTS
 from pipeline.core.errors import PipelineError
 from pipeline.stages import s00_unzip
@@ -79,10 +79,10 @@ def refused(match: str, data=None):
 def test_extracts_both_zips_with_manifest(workdir):
     images = build()
     manifest = run()
-    assert list(manifest.columns) == s00_unzip.MANIFEST_COLUMNS
+    assert list(manifest.columns) == artifacts.MANIFEST_COLUMNS
     assert manifest["split"].tolist() == ["train"] * 3 + ["test"] * 2
     assert manifest["id"].tolist() == [0, 1, 2, 0, 1]
-    loaded = s00_unzip.load_manifest()
+    loaded = artifacts.load_manifest()
     for row in loaded.itertuples():
         low = tifffile.imread(row.low_path)
         assert low.dtype == np.uint8 and low.shape == (4, 5, 3)
@@ -95,7 +95,7 @@ def test_extracts_both_zips_with_manifest(workdir):
             assert (row.high_height, row.high_width) == (16, 20)
         else:
             assert row.low_path.parent == paths.INTERIM / "evaluation" and row.high_path is None
-    assert len(s00_unzip.load_manifest("test")) == 2
+    assert len(artifacts.load_manifest("test")) == 2
     # nothing but the extracted scenes, the manifest and the stamp; no temp folder beside it
     assert sorted(p.name for p in paths.INTERIM.iterdir()) == ["evaluation", "manifest.csv", "train", "zips.json"]
     assert [p.name for p in paths.DATA.iterdir() if p.name.startswith(".")] == []
@@ -308,7 +308,7 @@ def test_rerun_does_nothing_and_changed_zip_is_reextracted(workdir, config_file,
     build(n_test=3)  # evaluation.zip changed
     out = cli("unzip", "--exp", config, check=True).stdout
     assert "3 train pairs + 3 test scenes" in out
-    assert len(s00_unzip.load_manifest("test")) == 3
+    assert len(artifacts.load_manifest("test")) == 3
 
 
 def test_force_extracts_again(workdir, config_file, cli):
@@ -328,7 +328,7 @@ def test_x5_and_other_patterns_are_a_config_change(workdir, config_file, cli):
           evaluation={k.replace("test_", "eval_").replace("_low", ""): v for k, v in evaluation.items()})
     out = cli("unzip", "--exp", x5, check=True).stdout
     assert "3 train pairs + 2 test scenes (x5)" in out
-    manifest = s00_unzip.load_manifest("train")
+    manifest = artifacts.load_manifest("train")
     assert manifest["high_width"].tolist() == [25] * 3
     assert manifest["high_path"].iloc[0].name == "0_hr.tif"
 

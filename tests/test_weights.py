@@ -8,11 +8,13 @@ import urllib.error
 import pytest
 import torch
 
+from pipeline import nets
 from pipeline.core import paths, weights
 from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.errors import PipelineError
 from pipeline.core.weights import KnownWeights, load_weights, resolve_weights
 from pipeline.nets import build_net
+from pipeline.tools import weights as weights_command
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -121,7 +123,7 @@ def test_download_verifies_and_then_finds_locally(known_file, monkeypatch):
         raise AssertionError("fetched although the file is local")
     monkeypatch.setattr(weights, "_fetch", no_network)
     assert resolve_weights("tiny_x2.pth") == path  # by file name too
-    net = weights.build_pretrained("tiny_x2")  # `pretrained: tiny_x2` in a config
+    net = nets.build_pretrained("tiny_x2")  # `pretrained: tiny_x2` in a config
     assert same_weights(net, espcn_pair()[0]) and not net.training
 
 
@@ -187,7 +189,7 @@ def test_registry_entries_build_their_nets():
 def test_shared_release_files_verify_and_build(shared, monkeypatch):
     monkeypatch.setenv("SR_WEIGHTS_DIR", str(paths.SHARED_WEIGHTS))
     assert resolve_weights("rlfn_x4") == paths.SHARED_WEIGHTS / "rlfn_x4.pth"  # sha256 checked
-    net = weights.build_pretrained("rlfn_s_x4")
+    net = nets.build_pretrained("rlfn_s_x4")
     assert type(net).__name__ == "RLFN" and net.conv_1.out_channels == 48
 
 
@@ -208,7 +210,7 @@ def test_fetch_all_reports_every_failure_and_fails(search_dirs, monkeypatch, cap
     def offline(url, dest):
         raise urllib.error.URLError("offline")
     monkeypatch.setattr(weights, "_fetch", offline)
-    assert weights.main(argparse.Namespace(fetch=["all"])) == 1
+    assert weights_command.main(argparse.Namespace(fetch=["all"])) == 1
     out, err = capsys.readouterr()
     errors = err.strip().splitlines()
     fetchable = [w for w in weights.KNOWN_WEIGHTS.values() if w.url]   # `all` leaves the cloud-drive files out

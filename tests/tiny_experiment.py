@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from pipeline.core import paths
-from pipeline.core.checkpoints import net_from_checkpoint, save_checkpoint
+from pipeline.core.checkpoints import save_checkpoint
 from pipeline.core.config import load_config
-from pipeline.nets import build_net
+from pipeline.nets import build_net, net_from_checkpoint
 from pipeline.stages import s00_unzip, s01_folds
 from pipeline.tools import demo_data
 
@@ -96,3 +96,39 @@ def assert_rounds_to(written: np.ndarray, expected: np.ndarray) -> None:
     assert undecidable.mean() < 2e-3
     np.testing.assert_array_equal(written[~undecidable], np.round(expected[~undecidable]).astype(np.uint8))
     assert set(written[undecidable].astype(int) - np.floor(expected[undecidable]).astype(int)) <= {0, 1}
+
+
+def wrap_step_gradients(monkeypatch, change) -> None:
+    """Every training step of the next runs calls `change(n, loss, terms, params)` after its
+    forward and backward (n: the step's number from 1, the gradients in the params' .grad,
+    whether the batch ran in shards or not) and takes the (loss, terms) it returns; a second
+    call replaces the first."""
+    from pipeline import accel
+    from pipeline.train import loop
+
+    real = getattr(accel.training_gradients, "unwrapped", accel.training_gradients)
+    count = {"n": 0}
+
+    class Changed:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, lr, hr, scaler):
+            loss, terms = self.inner(lr, hr, scaler)
+            count["n"] += 1
+            params = [p for p in self.inner.gradients.model.parameters() if p.requires_grad] \
+                if hasattr(self.inner, "gradients") else list(self.inner.model.parameters())
+            return change(count["n"], loss, terms, params)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    def wrapped(*args, **kwargs):
+        gradients, how = real(*args, **kwargs)
+        return Changed(gradients), how
+    wrapped.unwrapped = real
+    monkeypatch.setattr(loop.accel, "training_gradients", wrapped)

@@ -14,9 +14,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn as nn
-
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path
 
@@ -34,6 +31,8 @@ def save_checkpoint(path: str | Path, *, net_name: str, net_args: dict, state_di
     # serialised in memory, then written by Python: a full disk is then an OSError with its
     # errno (torch's own file writer only says "unexpected pos"), and the archive inside is
     # not named after the temporary file
+    import torch  # here, not at the top: stages that only find checkpoints never import torch
+
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_path(path) as tmp:
@@ -44,6 +43,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: checkpoint not found")
+    import torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -51,16 +52,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not is_pipeline_checkpoint(ckpt):
         raise PipelineError(f"{path}: not a pipeline checkpoint (format '{FORMAT}' expected)")
     return ckpt
-
-
-def net_from_checkpoint(path: str | Path) -> nn.Module:
-    """Rebuild the net a checkpoint was trained as and load its inference weights (eval mode)."""
-    from pipeline.nets import build_net
-
-    ckpt = read_checkpoint(path)
-    net = build_net(ckpt["net"]["name"], **ckpt["net"]["args"])
-    net.load_state_dict(ckpt["state_dict"], strict=True)
-    return net.eval()
 
 
 def find_checkpoints(folder: str | Path, name: str = "best.pt", seeds: list[int] | None = None) -> list[Path]:

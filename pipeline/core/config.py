@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
         # ~350 MB as float32 during validation; raise it for genuinely larger scenes.
         "max_pixels": 16 * 1200 * 1500,
         "groups": "groups.csv",      # id,group CSV in data/raw/: a group's scenes share a fold; null = off
-        # External high-res images for training only (pipeline/extra_data.py): folders,
+        # External high-res images for training only (pipeline/data/extra.py): folders,
         # the kernel their low-res is made with (null: the degradation probe's), and the
         # share of crops drawn from them (null: in proportion to their pixels).
         "extra": None,
@@ -62,9 +62,9 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.0,
         "ema": 0.999,                # EMA decay of the weights; 0 disables
         "grad_clip": 1.0,            # max grad norm; 0 disables
-        "precision": "auto",         # auto (what the hardware runs best) | bf16 | fp16 | fp32; pipeline/precision.py
+        "precision": "auto",         # auto (what the hardware runs best) | bf16 | fp16 | fp32; pipeline/infer/precision.py
         "fast": True,                # the nets' fast paths (SwinIR/HAT window orders, channels-last convs); false: reference
-        "compile": False,            # torch.compile the net (pays on GPUs; on 2 CPU cores it did not, see BENCHMARKS.md)
+        "compile": False,            # torch.compile the net (pays on GPUs; on 2 CPU cores it did not, docs/speed.md)
         "val_every": 200,
         "ckpt_every": 100,
         "val_tile": 0,               # validation tile side in LR pixels; 0 = whole scene

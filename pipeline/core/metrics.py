@@ -46,10 +46,8 @@ def competition_ssim(answer: np.ndarray, high: np.ndarray) -> float:
 def _window_means(moments: torch.Tensor, *, full: bool = False) -> torch.Tensor:
     """The 7x7 mean of every channel over the "valid" windows, as a 1x7 then a 7x1 depthwise
     convolution. All of SSIM's window means in one pass: its moments stacked as channels,
-    channels-last (the kernels vectorise over channels). As the loss, forward + backward of 8
-    crops of 128x128 on one thread (AMD EPYC): 90 ms as five NCHW 7x7 means, 65 ms as two
-    avg_pool2d, and the pooling alone 16.2 -> 5.3 ms as oneDNN's depthwise convolutions (equal
-    up to float rounding, 2e-7). `full` zero-pads by the window less one on every side: the
+    channels-last (the kernels vectorise over channels): faster than five NCHW 7x7 means or
+    avg_pool2d, equal up to float rounding. `full` zero-pads by the window less one on every side: the
     adjoint of the valid means (the kernel is symmetric), which is their backward. Never under
     autocast: the means stay in the input's dtype."""
     k = moments.shape[1]
@@ -102,14 +100,12 @@ class _SSIMAgainstTarget(torch.autograd.Function):
     over the three moments that hold x (x, x^2, xy), where autograd went back through every
     product of the map and all five moments. Same forward; gradients equal to autograd's
     within float rounding (5e-7 of the largest in float32, 1e-15 in float64;
-    tests/test_metrics.py). AMD EPYC: the SSIM loss of 8 crops of 128x128, forward + backward
-    on one thread, 23 -> 13 ms; an RLFN training step (batch 16, 2 shards) fp32 0.203 ->
-    0.194 s, bf16 0.147 -> 0.141 s (medians of 10, interleaved in one process)."""
+    tests/test_metrics.py), in about half autograd's time (docs/speed.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
         ssim, saved = _ssim(x, y, data_range)
-        ctx.save_for_backward(*saved)   # the factors kept, not recomputed: 21.2 -> 18.9 ms for 12 crops
+        ctx.save_for_backward(*saved)   # the factors kept, not recomputed
         return ssim
 
     @staticmethod
@@ -205,3 +201,20 @@ def y_ssim(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     s12 = filt(a * b) - mu1 * mu2
     ssim_map = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (s11 + s22 + c2))
     return float(ssim_map.mean())
+
+
+def most_detailed_window(truth: np.ndarray, side: int) -> tuple[slice, slice]:
+    """HR window of `side` with the most detail (gradient energy) of the truth: where SR matters."""
+    h, w = truth.shape[:2]
+    side = min(side, h, w)
+    grey = truth.astype(np.float32).mean(axis=2)
+    energy = np.abs(np.diff(grey, axis=0))[:, :-1] + np.abs(np.diff(grey, axis=1))[:-1, :]
+    best, where = -1.0, (0, 0)
+    step = max(side // 2, 1)
+    for y in list(range(0, h - side, step)) + [h - side]:
+        for x in list(range(0, w - side, step)) + [w - side]:
+            e = float(energy[y:y + side - 1, x:x + side - 1].sum())
+            if e > best:
+                best, where = e, (y, x)
+    y, x = where
+    return slice(y, y + side), slice(x, x + side)

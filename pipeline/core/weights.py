@@ -14,9 +14,7 @@ and where they were found; `--fetch NAME` (or `all`) downloads what is missing.
 """
 from __future__ import annotations
 
-import argparse
 import pickle
-import sys
 import urllib.error
 import urllib.request
 import warnings
@@ -31,7 +29,8 @@ from tqdm import tqdm
 from pipeline.core import paths
 from pipeline.core.checkpoints import is_pipeline_checkpoint
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_path, locked, sha256_file
+from pipeline.core.io import atomic_path, sha256_file
+from pipeline.core.locks import locked
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def _fetch(url: str, dest: Path) -> None:
 def download(known: KnownWeights) -> Path:
     """Download a known file into models/pretrained/, verified before it takes its name."""
     if known.url is None:
-        raise PipelineError(f"{known.file}: not found in {_where_searched()}; no script can download it: "
+        raise PipelineError(f"{known.file}: not found in {where_searched()}; no script can download it: "
                             f"get it by hand from {known.get_it} and put it in {paths.PRETRAINED} "
                             "or a folder on SR_WEIGHTS_DIR")
     dest = paths.PRETRAINED / known.file
@@ -131,7 +130,7 @@ def download(known: KnownWeights) -> Path:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise PipelineError(
-                f"{known.file}: not found in {_where_searched()} and the download from "
+                f"{known.file}: not found in {where_searched()} and the download from "
                 f"{known.url} failed ({reason}); download it by hand and put it in "
                 f"{paths.PRETRAINED} or a folder on SR_WEIGHTS_DIR") from None
         try:
@@ -141,7 +140,7 @@ def download(known: KnownWeights) -> Path:
     return dest
 
 
-def _where_searched() -> str:
+def where_searched() -> str:
     return ", ".join(str(d) for d in paths.weights_search_dirs())
 
 
@@ -169,9 +168,9 @@ def resolve_weights(name_or_path: str | Path, download_missing: bool = True) -> 
             known = known_weights(text)
             if known is None:
                 raise PipelineError(f"{text}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)}) "
-                                    f"and no such file in {_where_searched()}")
+                                    f"and no such file in {where_searched()}")
             if not download_missing and known.url is not None:
-                raise PipelineError(f"{known.file}: not found in {_where_searched()}; download it "
+                raise PipelineError(f"{known.file}: not found in {where_searched()}; download it "
                                     f"from {known.url} into {paths.PRETRAINED} or a folder on SR_WEIGHTS_DIR")
             return download(known)
     known = known_weights(found.name)
@@ -315,54 +314,3 @@ def _load(net: nn.Module, path_or_name: str | Path | Mapping, strict: bool, para
                       unused=len(state) - len(kept))
 
 
-def build_pretrained(name: str, **overrides) -> nn.Module:
-    """Build the net a known weight file belongs to and load it (eval mode)."""
-    from pipeline.nets import build_net
-
-    known = known_weights(name)
-    if known is None:
-        raise PipelineError(f"{name}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")
-    net = build_net(known.net, **{**known.net_args, **overrides})
-    return load_weights(net, known.name).eval()
-
-
-# ---------------------------------------------------------------- command line
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fetch", nargs="+", metavar="NAME",
-                        help="download these known files (or 'all') into models/pretrained/ unless found")
-
-
-def _status(known: KnownWeights) -> tuple[str, str]:
-    found = find_local(known.name)
-    if found is None:
-        return "missing", known.url or f"by hand: {known.get_it}"
-    try:
-        verify(found, known)
-    except PipelineError:
-        return "REFUSED (checksum)", str(found)
-    return "ok", str(found)
-
-
-def main(args: argparse.Namespace) -> int:
-    failed = 0
-    if args.fetch:
-        # all: every file a script can download (the cloud-drive ones are listed as by hand)
-        names = [w.name for w in KNOWN_WEIGHTS.values() if w.url] if args.fetch == ["all"] else args.fetch
-        unknown = [n for n in names if known_weights(n) is None]
-        if unknown:
-            raise PipelineError(f"{unknown[0]}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")
-        for name in names:
-            try:
-                resolve_weights(known_weights(name).name)
-            except PipelineError as exc:  # report each file, try the others
-                print(f"error: {exc}", file=sys.stderr)
-                failed += 1
-    rows = [(w, *_status(w)) for w in KNOWN_WEIGHTS.values()]
-    print(f"{'name':<12} {'net':<9} {'status':<18} where (or the address to download it from)")
-    for w, status, where in rows:
-        print(f"{w.name:<12} {w.net:<9} {status:<18} {where}")
-    n_ok = sum(status == "ok" for _, status, _ in rows)
-    print(f"{n_ok} of {len(rows)} known weight files found and verified "
-          f"(searched {_where_searched()}); `python -m pipeline weights --fetch NAME|all` downloads")
-    return 1 if failed else 0

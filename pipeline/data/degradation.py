@@ -39,10 +39,8 @@ scenes of the competition's size take a few seconds.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,7 +49,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.core import io, paths
+from pipeline.core import io
+from pipeline.core.artifacts import degradation_path
 from pipeline.core.errors import PipelineError
 
 # --- the candidates --------------------------------------------------------------------
@@ -194,7 +193,7 @@ def same_operation(a: str, b: str, scale: int) -> bool:
 
 # Best mean PSNR below which no candidate counts as the one that made the images: an RMS
 # error of 1.4 levels. Measured on real aerial tiles (`python -m pipeline.tools.degradation_study`,
-# README): the right kernel gives 100 dB, the same operation from other code 54 dB,
+# docs/data.md): the right kernel gives 100 dB, the same operation from other code 54 dB,
 # truncation instead of rounding 51, an off-grid Gaussian sigma 50 (all still fit); near
 # relatives that are different operations 46-50 (the margin tells them apart), other
 # kernels 36-40; a known kernel under noise of 2 levels 42, under JPEG q95 36.5.
@@ -355,42 +354,3 @@ def format_table(result: dict, gauss_rows: int = 3) -> str:
                    f"{result['threshold']:.0f} dB); the closest is {best} ({margin_text}; {scenes}). "
                    f"External data needs data.extra_kernel set by hand.")
     return "\n".join(lines + [verdict])
-
-
-def degradation_path() -> Path:
-    return paths.INTERIM / "degradation.json"
-
-
-def load_degradation() -> dict:
-    path = degradation_path()
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing; run `python -m pipeline degradation` (`make unzip` runs it)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
-
-
-# --- command line ------------------------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--exp", default="demo", help="experiment name or YAML path (data.scale)")
-    parser.add_argument("--max-scenes", type=int, default=PROBE_SCENES,
-                        help=f"training scenes compared at most, evenly spread (default {PROBE_SCENES}; 0 = all)")
-    parser.add_argument("--jobs", type=int, default=-1, help="joblib threads (default: one per core)")
-
-
-def main(args) -> int:
-    from pipeline.core.config import load_config
-    from pipeline.stages.s00_unzip import load_manifest
-
-    start = time.time()
-    scale = int(load_config(args.exp)["data"]["scale"])
-    rows = load_manifest("train")
-    pairs = list(zip(rows["low_path"], rows["high_path"]))
-    result = probe(pairs, scale, max_scenes=args.max_scenes or None, n_jobs=args.jobs)
-    with io.atomic_path(degradation_path()) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    print(f"degradation: -> {degradation_path()} ({time.time() - start:.1f} s)")
-    return 0

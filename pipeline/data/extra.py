@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.core import io, paths
+from pipeline.core import io, locks, paths
+from pipeline.core.artifacts import load_degradation
 from pipeline.core.errors import PipelineError
-from pipeline.data.degradation import check_kernel, downscale, load_degradation
-from pipeline.tools.demo_data import MAX_HIGH_SIZE, MIN_LOW_SIDE
+from pipeline.data.competition import MAX_HIGH_SIZE, MIN_LOW_SIDE
+from pipeline.data.degradation import check_kernel, downscale
 
 MANIFEST_NAME = "manifest.json"
 
@@ -108,7 +109,7 @@ BUILD_WAIT = 24 * 3600.0
 def _lock():
     """The cache's write lock (io.locked: one mechanism for every artifact, taken over from a
     builder that died, its half-built temporaries removed)."""
-    return io.locked(extra_dir(), what=f"{extra_dir()} (the external data cache)", wait=BUILD_WAIT)
+    return locks.locked(extra_dir(), what=f"{extra_dir()} (the external data cache)", wait=BUILD_WAIT)
 
 
 def _file_state(path: Path, with_sha: bool) -> dict:
@@ -150,7 +151,7 @@ def _competition_hashes() -> dict[str, str]:
     """sha256 of the pixels of every competition training high-res image -> its scene name."""
     import hashlib
 
-    from pipeline.stages.s00_unzip import load_manifest
+    from pipeline.core.artifacts import load_manifest
 
     rows = load_manifest("train")
     return {hashlib.sha256(io.read_image(p).tobytes()).hexdigest(): str(s)

@@ -1,6 +1,6 @@
 """Training data: scenes held in memory, scale-aware paired crops, paired augmentation.
 
-External scenes (`data.extra`, pipeline/extra_data.py) join the training scenes only,
+External scenes (`data.extra`, pipeline/data/extra.py) join the training scenes only,
 drawn with their share of the crops (`data.extra_weight`); validation never sees them.
 
 Every training sample is a pure function of (seed, fold, sample index): sample `i`
@@ -29,10 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import paths
+from pipeline.core.artifacts import load_folds, load_manifest
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_image
-from pipeline.stages.s00_unzip import load_manifest
-from pipeline.stages.s01_folds import load_folds
 
 # Magnitudes of the colour augmentations (the config sets only their probabilities):
 # small shifts that keep rooftops, roads and vegetation their plausible colours.
@@ -197,7 +196,7 @@ class PairedPatches(Dataset):
 
 
 # train.num_workers: auto = no workers on CPU, where the loader takes under 1 % of a step
-# (BENCHMARKS.md) and a worker would take a core from the training threads; on CUDA one
+# (docs/speed.md) and a worker would take a core from the training threads; on CUDA one
 # worker per CPU thread of the job, up to this many, so the GPU never waits for crops.
 AUTO_WORKERS_CUDA = 4
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -41,15 +40,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.core import io, paths
-from pipeline.core.checkpoints import find_checkpoints
+from pipeline.core.artifacts import BLEND_FORMAT, BLEND_JSON
 from pipeline.core.config import config_path, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import competition_ssim
 
-BLEND_JSON = "blend.json"
 MAX_STEPS = 20       # additions of the greedy selection: weights in steps of at least 1/20
 PATIENCE = 5         # ... and it stops after this many additions without a new best
-FORMAT = "sr-pipeline-blend/1"
 WEIGHTINGS = ("fit", "equal")   # blend --weights
 
 # A score function: (member counts, scene positions) -> SSIM of each of those scenes.
@@ -193,8 +190,8 @@ def fit_blend(exps: list[str], name: str, weighting: str = "fit") -> dict:
     equal); "equal" keeps equal weights whatever the fit says (the figures are the same)."""
     if weighting not in WEIGHTINGS:
         raise PipelineError(f"blend --weights {weighting}: one of {', '.join(WEIGHTINGS)} expected")
+    from pipeline.core.artifacts import load_folds
     from pipeline.data.patches import load_scenes
-    from pipeline.stages.s01_folds import load_folds
 
     start = time.time()
     if config_path(name).exists():
@@ -239,7 +236,7 @@ def fit_blend(exps: list[str], name: str, weighting: str = "fit") -> dict:
         verdict = (f"too few scenes for a weight fit to beat equal weights out of fold ({len(ids)} scenes: "
                    f"fitted {fitted_cv:.4f} vs equal {equal_cv:.4f}); keeping equal weights")
     record = {
-        "format": FORMAT, "name": name,
+        "format": BLEND_FORMAT, "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": f"greedy forward selection with replacement (Caruana et al. 2004), at most {MAX_STEPS} additions",
         "members": [{"exp": e, "weight": float(w), "seeds": s["float_predictions"]["seeds"],
@@ -258,80 +255,3 @@ def fit_blend(exps: list[str], name: str, weighting: str = "fit") -> dict:
     with io.atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     return record
-
-
-# --- reading a blend (stage 04, predict) ---------------------------------------------------
-
-def is_blend_file(path: str | Path) -> bool:
-    return Path(path).suffix == ".json"
-
-
-def read_blend(name_or_path: str | Path) -> tuple[Path, dict]:
-    """(path, record) of a blend by name (models/blends/<name>/blend.json) or file path."""
-    path = Path(name_or_path)
-    if not is_blend_file(path):
-        path = paths.blend_dir(str(name_or_path)) / BLEND_JSON
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such blend; fit one with `python -m pipeline blend --exps A B --name NAME`")
-    try:
-        record = json.loads(path.read_text())
-    except ValueError:
-        raise PipelineError(f"{path}: not valid JSON") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise PipelineError(f"{path}: not a blend file (format '{FORMAT}' expected)")
-    weights = [m["weight"] for m in record["members"]]
-    if min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
-        raise PipelineError(f"{path}: member weights {weights} must be non-negative and sum to 1")
-    return path, record
-
-
-def member_dir(exp: str, source: Path) -> Path:
-    """A member's experiment folder: beside the blend's own models/ folder when the blend file
-    sits in <models>/blends/<name>/ (so a blend of another work folder, a benchmark's, works
-    from anywhere), else the current work folder's models/<exp>."""
-    blends = source.resolve().parent.parent        # <models>/blends
-    beside = blends.parent / exp
-    if blends.name == "blends" and beside.is_dir():
-        return beside
-    return paths.experiment_dir(exp)
-
-
-def weighted_checkpoints(record: dict, source: Path) -> list[tuple[Path, float]]:
-    """Every member's fold x seed best.pt with its weight in the blend: the member's weight
-    shared equally among its checkpoints (as stage 04 averages one experiment's)."""
-    out = []
-    for member in record["members"]:
-        if member["weight"] == 0:
-            continue
-        folder = member_dir(member["exp"], source)
-        found = find_checkpoints(folder, seeds=member["seeds"])
-        if not found:
-            raise PipelineError(f"{source}: member {member['exp']} has no checkpoint seed*/fold*/best.pt "
-                                f"for seed(s) {member['seeds']} under {folder}")
-        out += [(p, member["weight"] / len(found)) for p in found]
-    return out
-
-
-# --- the command ---------------------------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--exps", nargs="+", required=True, help="experiments whose stage 03 kept OOF predictions")
-    parser.add_argument("--name", required=True, help="blend name: models/blends/<name>/blend.json")
-    parser.add_argument("--weights", default="fit", choices=WEIGHTINGS,
-                        help="fit (default): fitted weights when they beat equal weights out of fold; "
-                             "equal: equal weights always (a baseline to compare on the test)")
-
-
-def main(args) -> int:
-    record = fit_blend(args.exps, args.name, args.weights)
-    width = max(len(e) for e in args.exps)
-    print(f"blend {record['name']}: {record['n_scenes']} scenes, out-of-fold competition SSIM (TTA {record['tta']})")
-    for member in record["members"]:
-        print(f"  {member['exp']:<{width}}  CV {member['cv']:.4f}  weight {member['weight']:.3f} "
-              f"(fitted {record['fitted_weights'][member['exp']]:.3f})")
-    cv = record["cv"]
-    print(f"  equal weights          CV {cv['equal']:.4f}")
-    print(f"  fitted, out of fold    CV {cv['fitted_out_of_fold']:.4f} (in sample {cv['fitted_in_sample']:.4f})")
-    print(f"  {record['verdict']}")
-    print(f"-> {paths.blend_dir(record['name']) / BLEND_JSON} ({record['seconds']:.1f} s)")
-    return 0

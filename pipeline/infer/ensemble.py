@@ -8,6 +8,8 @@ rounds once at the end, so an ensemble is never the mean of already-rounded imag
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -15,11 +17,31 @@ import torch
 import torch.nn as nn
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.precision import NAMES as PRECISIONS
-from pipeline.core.precision import choose
+from pipeline.infer.precision import NAMES as PRECISIONS
+from pipeline.infer.precision import choose, hardware, native
 from pipeline.infer.tiling import tiled_forward
 from pipeline.infer.tta import tta_forward, tta_views
-from pipeline.nets.fast.prepare import prepare_for_inference
+from pipeline.nets.fast import use_fast_path
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_emulated(precision: str, device_type: str) -> None:
+    warnings.warn(f"{precision} on this {device_type} is emulated (no native {precision}), "
+                  "far slower than fp32; use precision fp32 or auto here", stacklevel=3)
+
+
+def prepare_for_inference(net: nn.Module, device: str | torch.device, precision: str = "fp32",
+                          fast: bool = True) -> nn.Module:
+    """Move `net` to `device` in eval mode, on its fast path (`fast`) or the reference one.
+
+    In place (the same module is returned); idempotent, so nets shared by several calls
+    are prepared once in effect.
+    """
+    device = torch.device(device)
+    net = net.to(device).eval()
+    if precision in ("bf16", "fp16") and not native(precision, hardware(device)):
+        _warn_emulated(precision, device.type)
+    return use_fast_path(net, fast)
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -79,7 +101,7 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
     """Mean over nets x TTA views of the SR of float NCHW `x`, float32 on the CPU, not rounded.
 
     The nets are moved to `device` and put in eval mode; `precision` "auto" is resolved for
-    the nets on `device` (pipeline.core.precision). `weights` (one per net, >= 0): a weighted mean
+    the nets on `device` (pipeline.infer.precision). `weights` (one per net, >= 0): a weighted mean
     over the nets instead (a blend of experiments); None: equal weights.
     """
     scale = net_scale(nets)
@@ -92,7 +114,7 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
     total = None
     with torch.inference_mode(), autocast(precision, device):
         for k, net in enumerate(nets):
-            # on `device`, eval mode, fast path (fast=False: the reference path); see speed.py
+            # on `device`, eval mode, fast path (fast=False: the reference path)
             prepare_for_inference(net, device, precision, fast=fast)
 
             def views_of_net(t: torch.Tensor, net: nn.Module = net) -> torch.Tensor:
@@ -114,8 +136,8 @@ def predict_scene(nets: Sequence[nn.Module], lr: np.ndarray, *, tta: int = 1, ti
     Every net x TTA view is averaged in float32 before the one rounding (see
     tensor_to_image). `tta`: 1, 2, 4 or 8 dihedral views; `tile` > 0: LR tiles of that
     side with `overlap` (feathered blend); `batch`: views/tiles per forward pass;
-    `precision`: "fp32", "bf16", "fp16" (autocast, also on CPU) or "auto" (pipeline.core.precision); `fast`: the nets' optimised
-    paths (speed.prepare_for_inference; False: their reference paths); `weights`: one per
+    `precision`: "fp32", "bf16", "fp16" (autocast, also on CPU) or "auto" (pipeline.infer.precision); `fast`: the nets' optimised
+    paths (pipeline.nets.fast; False: their reference paths); `weights`: one per
     net for a weighted mean (a blend), None for equal weights.
     """
     sr = predict_float(nets, image_to_tensor(lr), tta=tta, tile=tile, overlap=overlap, batch=batch,

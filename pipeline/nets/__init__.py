@@ -1,22 +1,25 @@
 """Architectures, picked by name: `build_net("rlfn", **kwargs)`.
 
-Each net is a plain nn.Module in its own file, registered with `@register("name")`.
-Contract: every net takes and returns float images in [0, 1], NCHW, and has an integer
-attribute `scale`; nets trained on 0..255 are wrapped so callers never see it.
+Each net is a plain nn.Module in its own file of this folder, registered with
+`@register("name")`; every module here is imported on first use, so a new net is one new
+file and nothing else. Contract: every net takes and returns float images in [0, 1], NCHW,
+and has an integer attribute `scale`; nets trained on 0..255 are wrapped so callers never
+see it. The nets' fast paths (same weights, faster code) live in `pipeline.nets.fast`.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from pathlib import Path
 from typing import Callable
 
 import torch.nn as nn
 
+from pipeline.core.checkpoints import read_checkpoint
 from pipeline.core.errors import PipelineError
+from pipeline.core.weights import KNOWN_WEIGHTS, known_weights, load_weights
 
 NETS: dict[str, Callable[..., nn.Module]] = {}
-
-# modules whose import registers nets; imported lazily on first use
-_NET_MODULES = ["bicubic", "espcn", "srcnn", "rlfn", "swinir", "hat", "rfdn", "safmn"]
 
 
 def register(name: str):
@@ -27,12 +30,10 @@ def register(name: str):
 
 
 def _load_all() -> None:
-    for mod in _NET_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{mod}":
-                raise
+    """Import every architecture module of this folder (each registers its nets)."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.ispkg:
+            importlib.import_module(f"{__name__}.{module.name}")
 
 
 def available_nets() -> list[str]:
@@ -54,9 +55,26 @@ def build_net(name: str, **kwargs) -> nn.Module:
         raise PipelineError(f"net '{name}': {exc} (check model.args in the experiment config)") from None
 
 
+def net_from_checkpoint(path: str | Path) -> nn.Module:
+    """Rebuild the net a checkpoint was trained as and load its inference weights (eval mode)."""
+    ckpt = read_checkpoint(path)
+    net = build_net(ckpt["net"]["name"], **ckpt["net"]["args"])
+    net.load_state_dict(ckpt["state_dict"], strict=True)
+    return net.eval()
+
+
+def build_pretrained(name: str, **overrides) -> nn.Module:
+    """Build the net a known weight file belongs to and load it (eval mode)."""
+    known = known_weights(name)
+    if known is None:
+        raise PipelineError(f"{name}: unknown weights (known: {', '.join(KNOWN_WEIGHTS)})")
+    net = build_net(known.net, **{**known.net_args, **overrides})
+    return load_weights(net, known.name).eval()
+
+
 def window_transformer(net: nn.Module | None) -> str:
     """"SwinIR" or "HAT", the first of them inside `net` ('' if none): nets whose steps are
-    thousands of small operations run from Python, which some choices (precision, shards) weigh."""
+    thousands of small operations run from Python, which some choices (precision) weigh."""
     from pipeline.nets.hat import HAT
     from pipeline.nets.swinir import SwinIR
 

@@ -1,7 +1,7 @@
 """Stochastic depth (DropPath) whose random draws can come from a generator per thread.
 
 timm's DropPath draws its keep mask from torch's global generator. Training with the batch
-split across threads (pipeline/cpu_shards.py) needs each thread to draw from a generator
+split across threads (pipeline/accel/cpu/shards.py) needs each thread to draw from a generator
 of its own, seeded in a fixed order: two threads drawing from the one global stream take
 their numbers in whatever order they happen to run, and a run would no longer be a
 function of its seed. `thread_generator(g)` sets the calling thread's generator; without

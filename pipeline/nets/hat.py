@@ -25,7 +25,7 @@ release files (`{'params_ema': ...}`) carry two buffers derived from the configu
 (non-persistent); when a file is loaded they are checked against what this configuration
 computes and consumed, so a file for another window or overlap is refused by name.
 
-This is the plain reference implementation; `hat_fast.py` is the optimised path.
+This is the plain reference implementation; `fast/hat.py` is the optimised path.
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ from pipeline.nets.swinir import (
     SwinIR,
     Upsample,
     WindowAttention,
-    _image,
-    _tokens,
+    image_to_tokens,
     relative_position_index,
+    tokens_to_image,
     window_partition,
     window_reverse,
 )
@@ -119,7 +119,7 @@ class HAB(nn.Module):
         b, _, c = x.shape
         ws, shift = self.window_size, self.shift_size
         y = self.norm1(x).view(b, h, w, c)
-        conv_x = _tokens(self.conv_block(y.permute(0, 3, 1, 2)))
+        conv_x = image_to_tokens(self.conv_block(y.permute(0, 3, 1, 2)))
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
         y = window_reverse(self.attn(window_partition(y, ws), mask=mask if shift else None), ws, h, w)
@@ -213,7 +213,7 @@ class RHAG(nn.Module):
         self.conv = _resi_conv(dim, resi_connection)
 
     def forward(self, x, x_size, mask, rpi_oca):
-        return _tokens(self.conv(_image(self.residual_group(x, x_size, mask, rpi_oca), x_size))) + x
+        return image_to_tokens(self.conv(tokens_to_image(self.residual_group(x, x_size, mask, rpi_oca), x_size))) + x
 
 
 def _resi_conv(dim: int, kind: str) -> nn.Module:
@@ -303,6 +303,11 @@ class HAT(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return {"relative_position_bias_table", "absolute_pos_embed"}
 
+    def edge_convs(self) -> list[nn.Conv2d]:
+        """The convolutions that read the image or write it (as SwinIR's `edge_convs`)."""
+        return [m for part in (self.conv_first, self.conv_after_body, self.conv_last)
+                for m in part.modules() if isinstance(m, nn.Conv2d)]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # the release files carry the two derived index buffers: check them, then consume them
@@ -325,7 +330,7 @@ class HAT(nn.Module):
         x = self.pos_drop(x)
         for layer in self.layers:
             x = layer(x, x_size, mask, self.relative_position_index_OCA)
-        return _image(self.norm(x), x_size)
+        return tokens_to_image(self.norm(x), x_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -77,6 +77,12 @@ class RLFN(nn.Module):
         self.upsampler = nn.Sequential(_conv(feature_channels, in_chans * self.scale ** 2, 3),
                                        nn.PixelShuffle(self.scale))
 
+    def edge_convs(self) -> list[nn.Conv2d]:
+        """The convolutions that read the image or write it: shallow features, the skip's conv
+        and the upsampler (kept float32 under bf16 autocast, `pipeline.nets.fast`)."""
+        return [m for part in (self.conv_1, self.conv_2, self.upsampler) for m in part.modules()
+                if isinstance(m, nn.Conv2d)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if h < _MIN_SIDE or w < _MIN_SIDE:  # the authors' code fails there; pad, then crop

@@ -207,12 +207,12 @@ def _resi_conv(dim: int, kind: str) -> nn.Module:
     raise PipelineError(f"swinir: resi_connection '{kind}' unknown (1conv or 3conv)")
 
 
-def _tokens(x: torch.Tensor) -> torch.Tensor:
+def image_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C)"""
     return x.flatten(2).transpose(1, 2)
 
 
-def _image(x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+def tokens_to_image(x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
     """(B, H*W, C) -> (B, C, H, W)"""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *x_size)
 
@@ -228,7 +228,7 @@ class RSTB(nn.Module):
         self.conv = _resi_conv(dim, resi_connection)
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
-        return _tokens(self.conv(_image(self.residual_group(x, x_size, mask), x_size))) + x
+        return image_to_tokens(self.conv(tokens_to_image(self.residual_group(x, x_size, mask), x_size))) + x
 
 
 class PatchEmbed(nn.Module):
@@ -239,7 +239,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim) if patch_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _tokens(x)
+        x = image_to_tokens(x)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -344,6 +344,13 @@ class SwinIR(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return {"relative_position_bias_table", "absolute_pos_embed"}
 
+    def edge_convs(self) -> list[nn.Conv2d]:
+        """The convolutions that read the image or write it: shallow features, the conv after
+        the body and the image's conv (kept float32 under bf16 autocast, `pipeline.nets.fast`)."""
+        last = self.upsample if self.upsampler == "pixelshuffledirect" else getattr(self, "conv_last", None)
+        return [m for part in (self.conv_first, self.conv_after_body, last) if part is not None
+                for m in part.modules() if isinstance(m, nn.Conv2d)]
+
     def pad_to_window(self, x: torch.Tensor) -> torch.Tensor:
         """Reflect-pad bottom/right to a multiple of the window (repeated when the image
         is smaller than the padding, where a single reflection cannot reach)."""
@@ -376,7 +383,7 @@ class SwinIR(nn.Module):
         x = self.pos_drop(x)
         for layer in self.layers:
             x = layer(x, x_size, mask)
-        return _image(self.norm(x), x_size)
+        return tokens_to_image(self.norm(x), x_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

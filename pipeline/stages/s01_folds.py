@@ -12,7 +12,7 @@ thus gets the same spread of easy and hard scenes and fold sizes differ by at mo
 
 With groups (`data.groups`, default `groups.csv`: an `id,group` CSV beside the zips in
 data/raw/), scenes of one group (one place) always share a fold: groups are dealt instead
-of scenes, balanced on their mean edge density and on size (pipeline/groups.py), and
+of scenes, balanced on their mean edge density and on size (pipeline/data/folds.py), and
 folds.csv gets a `group` column. Without the file the split is per scene, as said once.
 
 K is `data.n_folds` (`--n-folds` overrides), the seed `data.fold_seed`. The same manifest,
@@ -27,45 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from skimage.color import rgb2gray
-from skimage.filters import sobel
 
-from pipeline.core import io, paths
+from pipeline.core import io, locks, paths
+from pipeline.core.artifacts import load_manifest
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.data.groups import assign_group_folds, read_groups
-from pipeline.stages.s00_unzip import load_manifest
-
-STATISTIC = "edge_density"
-
-
-def edge_density(image: np.ndarray) -> float:
-    """Mean Sobel gradient magnitude of the luminance of a uint8 RGB image, in [0, 1]."""
-    return float(sobel(rgb2gray(image)).mean())
-
-
-def assign_folds(statistic: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold of each scene: sorted by `statistic`, each group of K consecutive scenes
-    goes one to each fold in a random order; sizes differ by at most one."""
-    n = len(statistic)
-    if n_folds < 2:
-        raise PipelineError(f"n_folds {n_folds}: at least 2 folds are needed")
-    if n_folds > n:
-        raise PipelineError(f"{paths.MANIFEST}: {n_folds} folds requested but only {n} training scene(s); "
-                            f"use --n-folds {n} or fewer")
-    rng = np.random.default_rng(seed)
-    order = np.argsort(statistic, kind="stable")
-    # the partial group (n mod K scenes) is taken from the middle of the ranking, so the
-    # folds that get one scene more get a typical one, not the extreme
-    extra = n % n_folds
-    cut = (n // n_folds // 2) * n_folds
-    groups = [order[s:s + n_folds] for s in range(0, cut, n_folds)]
-    groups += [order[cut:cut + extra]] if extra else []
-    groups += [order[s:s + n_folds] for s in range(cut + extra, n, n_folds)]
-    folds = np.empty(n, dtype=int)
-    for group in groups:
-        folds[group] = rng.permutation(n_folds)[:len(group)]
-    return folds
+from pipeline.data.folds import STATISTIC, assign_folds, assign_group_folds, edge_density, read_groups
 
 
 def groups_path(data_cfg: dict) -> Path | None:
@@ -92,13 +59,6 @@ def make_folds(n_folds: int, seed: int, groups_csv: Path | None = None) -> pd.Da
     return table
 
 
-def load_folds() -> pd.DataFrame:
-    """data/folds.csv as a DataFrame (id, scene, fold, edge_density[, group])."""
-    if not paths.FOLDS.exists():
-        raise PipelineError(f"{paths.FOLDS}: missing; run `make folds` (stage 01) first")
-    return pd.read_csv(paths.FOLDS, dtype={"group": str})
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--exp", default="demo", help="experiment name or YAML path (data: n_folds, fold_seed)")
     parser.add_argument("--n-folds", type=int, default=None, help="number of folds K (default: data.n_folds)")
@@ -117,7 +77,7 @@ def main(args) -> int:
         groups_csv = None
     folds = make_folds(n_folds, seed, groups_csv)
     text = folds.to_csv(index=False)
-    with io.locked(paths.FOLDS):
+    with locks.locked(paths.FOLDS):
         changed = not paths.FOLDS.exists() or paths.FOLDS.read_text() != text
         if changed:
             with io.atomic_path(paths.FOLDS) as tmp:

@@ -35,177 +35,25 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
-from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from pipeline.core import io, paths, weights
-from pipeline.core.checkpoints import find_checkpoints
+from pipeline.core import io, locks, paths
+from pipeline.core.artifacts import checkpoint_record, load_folds
 from pipeline.core.config import add_set_argument, load_config
-from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import competition_ssim
-from pipeline.data.patches import fold_ids, load_scenes, split_digest
+from pipeline.data.patches import fold_ids, load_scenes
 from pipeline.infer.ensemble import image_to_tensor, pick_device, predict_float, predict_scene, tensor_to_image
+from pipeline.infer.load import infer_settings, load_nets
+from pipeline.infer.oof import check_splits, checkpoints_by_fold, gallery_item, plot_oof, start_net, stats, summarize
 from pipeline.infer.tta import TTA_CHOICES
 from pipeline.nets import build_net
-from pipeline.stages.s01_folds import load_folds
-from pipeline.stages.s04_ensemble import checkpoint_record, infer_settings, load_nets
 
 SEED_ENSEMBLE = -1           # the `seed` of seed-ensemble rows in oof_seeds.csv
-GALLERY_CROP = 96            # HR side of the gallery crops
-
-
 def pred_folder(seed: int) -> str:
     return "pred_seeds" if seed == SEED_ENSEMBLE else f"pred_seed{seed}"
-
-
-def checkpoints_by_fold(exp: str, seeds: list[int] | None, folds: list[int]) -> dict[int, dict[int, Path]]:
-    """fold -> seed -> best.pt; warns about folds with no checkpoint, errors when none at all."""
-    found: dict[int, dict[int, Path]] = defaultdict(dict)
-    for path in find_checkpoints(paths.experiment_dir(exp), seeds=seeds):
-        seed, fold = int(path.parent.parent.name[4:]), int(path.parent.name[4:])
-        found[fold][seed] = path
-    if not found:
-        which = f" for seed(s) {' '.join(map(str, seeds))}" if seeds else ""
-        raise PipelineError(f"{paths.experiment_dir(exp)}: no checkpoint seed*/fold*/best.pt{which}; "
-                            f"run `make train-all EXP={exp}` first")
-    unknown = sorted(set(found) - set(folds))
-    if unknown:
-        raise PipelineError(f"{paths.experiment_dir(exp)}: checkpoints for fold(s) {unknown} that "
-                            f"{paths.FOLDS} does not have (folds changed? retrain with `make train-all`)")
-    seeds_seen = sorted({s for by_seed in found.values() for s in by_seed})
-    gaps = [f"seed{s}/fold{f}" for f in folds for s in seeds_seen if s not in found.get(f, {})]
-    if gaps:
-        warnings.warn(f"{paths.experiment_dir(exp)}: no best.pt for {', '.join(gaps)}; "
-                      "the CV covers only the folds that have one")
-    return dict(found)
-
-
-def check_splits(records: dict[int, dict[int, dict]], held_out: dict[int, list]) -> None:
-    """Refuse a checkpoint (by its `checkpoint_record`) whose fold held out other scenes than
-    folds.csv's fold does now (folds re-split after training): its out-of-fold score would
-    include scenes it trained on. Checkpoints from before the split was recorded pass."""
-    for fold, by_seed in records.items():
-        split = split_digest(held_out[fold])
-        for record in by_seed.values():
-            if record["val_split"] not in (None, split):
-                raise PipelineError(f"{record['path']}: trained with other validation scenes than fold {fold} "
-                                    f"of {paths.FOLDS} holds now (folds re-split?); its out-of-fold score "
-                                    f"would leak: retrain (`make train-all`)")
-
-
-def start_net(cfg: dict, device) -> torch.nn.Module | None:
-    """The net the recipe starts from: `model.pretrained` loaded into the configured net,
-    untouched (eval mode), or None when it trains from scratch or re-initialises modules
-    (then there is no meaningful starting point to score)."""
-    m = cfg["model"]
-    if not m.get("pretrained") or m.get("reinit"):
-        return None
-    net = build_net(m["name"], **m["args"])
-    try:
-        weights.load_pretrained(net, m["pretrained"])
-    except PipelineError as exc:
-        warnings.warn(f"{exc}; the out-of-fold table has no starting-point figure")
-        return None
-    return net.eval().to(device)
-
-
-def _stats(values) -> dict:
-    values = np.asarray(values, dtype=float)
-    return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
-
-
-def summarize(table: pd.DataFrame) -> dict:
-    """CV figures of one table with columns id, fold, seed, ssim, bicubic_ssim."""
-    scenes = table.groupby("id")[["ssim", "bicubic_ssim"]].mean()  # one value per scene
-    out = {"cv": _stats(table["ssim"]), "bicubic": _stats(scenes["bicubic_ssim"]),
-           "gain_over_bicubic": float(table["ssim"].mean() - scenes["bicubic_ssim"].mean()),
-           "per_fold": {}}
-    for fold, rows in table.groupby("fold"):
-        out["per_fold"][str(fold)] = {**_stats(rows["ssim"]),
-                                      "bicubic_mean": float(rows["bicubic_ssim"].mean()),
-                                      "gain_over_bicubic": float((rows["ssim"] - rows["bicubic_ssim"]).mean())}
-    fold_means = [v["mean"] for v in out["per_fold"].values()]
-    out["fold_std"] = float(np.std(fold_means))  # spread between folds, not scenes
-    start = table.groupby("id")["start_ssim"].mean() if "start_ssim" in table else pd.Series(dtype=float)
-    if start.notna().all() and len(start):
-        out["start"] = _stats(start)
-        out["gain_over_start"] = float(table["ssim"].mean() - start.mean())
-    return out
-
-
-def _gallery_crop(truth: np.ndarray, side: int) -> tuple[slice, slice]:
-    """HR window of `side` with the most detail (gradient energy) of the truth: where SR matters."""
-    h, w = truth.shape[:2]
-    side = min(side, h, w)
-    grey = truth.astype(np.float32).mean(axis=2)
-    energy = np.abs(np.diff(grey, axis=0))[:, :-1] + np.abs(np.diff(grey, axis=1))[:-1, :]
-    best, where = -1.0, (0, 0)
-    step = max(side // 2, 1)
-    for y in list(range(0, h - side, step)) + [h - side]:
-        for x in list(range(0, w - side, step)) + [w - side]:
-            e = float(energy[y:y + side - 1, x:x + side - 1].sum())
-            if e > best:
-                best, where = e, (y, x)
-    y, x = where
-    return slice(y, y + side), slice(x, x + side)
-
-
-def plot_oof(table: pd.DataFrame, gallery: list[dict], out_path: Path, title: str) -> None:
-    """Per-scene model vs bicubic SSIM, the per-scene gain, and the crop gallery."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per_scene = table.groupby(["id", "fold"], as_index=False)[["ssim", "bicubic_ssim"]].mean()
-    per_scene["gain"] = per_scene["ssim"] - per_scene["bicubic_ssim"]
-    fig = plt.figure(figsize=(13, 4.2 + 3.3 * len(gallery)), constrained_layout=True)
-    grid = fig.add_gridspec(1 + len(gallery), 4, height_ratios=[1.3] + [1] * len(gallery))
-    ax = fig.add_subplot(grid[0, :2])
-    for fold, rows in per_scene.groupby("fold"):
-        ax.scatter(rows["bicubic_ssim"], rows["ssim"], s=22, label=f"fold {fold}")
-    lo = float(min(per_scene["bicubic_ssim"].min(), per_scene["ssim"].min()))
-    hi = float(max(per_scene["bicubic_ssim"].max(), per_scene["ssim"].max()))
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="model = bicubic")
-    ax.set_xlabel("bicubic SSIM")
-    ax.set_ylabel("model SSIM (out of fold)")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("per scene, mean over seeds", fontsize=9)
-    ax = fig.add_subplot(grid[0, 2:])
-    ordered = per_scene.sort_values("gain")
-    colors = ["tab:red" if g < 0 else "tab:green" for g in ordered["gain"]]
-    ax.bar(range(len(ordered)), ordered["gain"], color=colors)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(ordered)), [str(i) for i in ordered["id"]], fontsize=6, rotation=90)
-    ax.set_xlabel("scene id (sorted by gain)")
-    ax.set_ylabel("SSIM gain over bicubic")
-    for row, item in enumerate(gallery, start=1):
-        for col, (name, image) in enumerate(item["images"].items()):
-            ax = fig.add_subplot(grid[row, col])
-            ax.imshow(image, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{item['label']} {name}" + (f" {item['scores'][name]:.4f}" if name in item["scores"] else ""),
-                         fontsize=9)
-    fig.suptitle(title)
-    with io.atomic_path(out_path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-
-
-def _gallery_item(label: str, scene, prediction: np.ndarray, bicubic: np.ndarray, scale: int,
-                  scores: dict) -> dict:
-    rows, cols = _gallery_crop(scene.hr, GALLERY_CROP)
-    lr_rows = slice(rows.start // scale, rows.stop // scale)
-    lr_cols = slice(cols.start // scale, cols.stop // scale)
-    return {"label": f"{label} (scene {scene.id})", "scores": scores, "images": {
-        "LR": scene.lr[lr_rows, lr_cols], "bicubic": bicubic[rows, cols],
-        "prediction": prediction[rows, cols], "truth": scene.hr[rows, cols]}}
 
 
 def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -> dict:
@@ -229,7 +77,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
 
     rows, seed_rows = [], []
     out_dir = paths.oof_dir(exp)
-    with io.locked(out_dir), io.atomic_dir(out_dir) as tmp:
+    with locks.locked(out_dir), io.atomic_dir(out_dir) as tmp:
         bar = tqdm(total=total, desc=f"oof {exp} (tta {settings['tta']})", unit="pred", disable=None)
         for fold in sorted(ckpts):
             scenes = load_scenes(held_out[fold], scale)
@@ -242,7 +90,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
                     start_ssim[scene.id] = competition_ssim(predict_scene([starting_net], scene.lr, **settings, device=device),
                                                             scene.hr)
             fold_seeds = sorted(ckpts[fold])
-            nets = dict(zip(fold_seeds, load_nets([ckpts[fold][s] for s in fold_seeds], scale, device)))
+            nets = dict(zip(fold_seeds, load_nets([ckpts[fold][s] for s in fold_seeds], scale)))
             for scene in scenes:
                 x = image_to_tensor(scene.lr)
                 # the seed ensemble is the float mean of the seeds' float outputs, exactly
@@ -267,7 +115,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
         table.to_csv(tmp / "oof.csv", index=False, float_format="%.6f")
         summary = {"exp": exp, "seeds": seeds_used, "folds": sorted(ckpts), "n_scenes": int(table["id"].nunique()),
                    **summarize(table), "start_weights": cfg["model"]["pretrained"] if starting_net is not None else None,
-                   "per_seed": {str(s): _stats(r["ssim"]) for s, r in table.groupby("seed")},
+                   "per_seed": {str(s): stats(r["ssim"]) for s, r in table.groupby("seed")},
                    "seed_ensemble": None,
                    "float_predictions": {"folder": paths.oof_predictions_dir(exp).name, "dtype": "uint16",
                                          "layout": "3xHxW, (value + 0.25) / 1.5 * 65535, not clipped to [0, 1] or rounded",
@@ -288,7 +136,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
             scene = load_scenes([table.at[index, "id"]], scale)[0]
             pred = io.read_image(tmp / pred_folder(seeds_used[0]) / f"{scene.id}.tif")
             up = predict_scene([bicubic], scene.lr, **{**settings, "tta": 1}, device=device)
-            gallery.append(_gallery_item(label, scene, pred, up, scale, {
+            gallery.append(gallery_item(label, scene, pred, up, scale, {
                 "prediction": float(table.at[index, "ssim"]), "bicubic": float(table.at[index, "bicubic_ssim"])}))
         plot_oof(table, gallery, tmp / "oof.png",
                  f"{exp}: out-of-fold SSIM {summary['cv']['mean']:.4f} vs bicubic "

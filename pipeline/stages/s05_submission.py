@@ -15,7 +15,6 @@ tracks, so a rerun of `make submission` with nothing new does no work), and
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 import zipfile
@@ -24,15 +23,13 @@ from pathlib import Path
 
 import tifffile
 
-from pipeline.core import io, paths
+from pipeline.core import io, ledger, locks, paths
+from pipeline.core.artifacts import blend_config, read_ensemble_record, test_scenes
 from pipeline.core.checkpoints import find_checkpoints
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import sha256_file
-from pipeline.stages.s04_ensemble import blend_config, test_scenes
-from pipeline.tools import ledger
-
-ZIP_DATE = (1980, 1, 1, 0, 0, 0)   # the earliest date a zip stores: members carry no build time
+from pipeline.data.competition import zip_member
 
 
 def latest_pointer(exp: str) -> Path:
@@ -42,16 +39,6 @@ def latest_pointer(exp: str) -> Path:
 
 def _short(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def read_ensemble_record(exp: str) -> dict:
-    meta = paths.ensemble_record(exp)
-    if not meta.is_file():
-        raise PipelineError(f"{meta}: missing, no ensembled predictions; run `make ensemble EXP={exp}` first")
-    try:
-        return json.loads(meta.read_text())
-    except ValueError:
-        raise PipelineError(f"{meta}: not valid JSON; rerun `make ensemble EXP={exp}`") from None
 
 
 def check_fresh(exp: str, record: dict, answer_paths: list[Path]) -> None:
@@ -106,14 +93,6 @@ def check_answers(cfg: dict) -> list[Path]:
     return [pred_dir / s["answer"] for s in scenes]
 
 
-def submission_member(name: str) -> zipfile.ZipInfo:
-    """A zip member with a fixed date and mode: the same answers always make the same zip bytes."""
-    info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
-    info.compress_type = zipfile.ZIP_DEFLATED
-    info.external_attr = 0o644 << 16
-    return info
-
-
 def build_submission(cfg: dict) -> Path:
     """Check the predictions of `cfg`'s experiment and write the submission zip; returns its path."""
     exp = cfg["exp"]
@@ -126,7 +105,7 @@ def build_submission(cfg: dict) -> Path:
     with io.atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for path in answers:
-                zf.writestr(submission_member(path.name), path.read_bytes())
+                zf.writestr(zip_member(path.name), path.read_bytes())  # fixed dates: same answers, same bytes
         with zipfile.ZipFile(tmp) as zf:  # read back: every member's CRC, nothing else inside
             bad = zf.testzip()
             if bad is not None or sorted(zf.namelist()) != sorted(names):
@@ -156,7 +135,7 @@ def main(args) -> int:
     start = time.time()
     blend = getattr(args, "blend", None)
     cfg = blend_config(blend)[0] if blend else load_config(args.exp)
-    with io.locked(latest_pointer(cfg["exp"]), what=f"{paths.SUBMISSIONS} ({cfg['exp']}'s submissions)"):
+    with locks.locked(latest_pointer(cfg["exp"]), what=f"{paths.SUBMISSIONS} ({cfg['exp']}'s submissions)"):
         remove_zip_temporaries(cfg["exp"])
         out = build_submission(cfg)
     with zipfile.ZipFile(out) as zf:

@@ -1,11 +1,11 @@
 """The ablation table of a benchmark competition, as markdown, from the results on disk.
 
-    python -m pipeline.tools.ablation [--workdir data/benchmarks/aerial] [--exp aerial]
+    python -m pipeline ablation [--workdir data/benchmarks/aerial] [--exp aerial]
 
-`make benchmark-aerial` leaves, under its work folder, the test predictions of every row
+`python -m pipeline benchmark-aerial` leaves, under its work folder, the test predictions of every row
 (`data/predictions/<row>/`) and the training results (`models/<exp>/...`). This reads
 them and prints one markdown row per result found (rows with nothing on disk are left
-out), so the README's table is reproducible from files:
+out), so docs/recipes.md's table is reproducible from files:
 
 - test: the competition SSIM (`pipeline.tools.score`) of the row's predictions against the
   test answers (`data/demo/answers`);
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import io, paths
+from pipeline.core.artifacts import oof_summary
 from pipeline.core.checkpoints import read_checkpoint, run_seconds
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
@@ -37,7 +37,7 @@ from pipeline.core.errors import PipelineError
 AERIAL_WORKDIR = paths.ROOT / "data" / "benchmarks" / "aerial"
 REFERENCE_ROW = "pretrained-tta8"   # the gains are measured against pretrained RLFN + TTA
 ABLATION_FOLD = 0                   # ablations are trained on this fold only
-PARALLEL_JOBS = 2                   # folds trained side by side by `make benchmark-aerial` (AERIAL_JOBS)
+PARALLEL_JOBS = 2                   # folds trained side by side by `benchmark-aerial` (its --jobs)
 RANDOM_FOLDS_SUFFIX = "-random-folds"   # <workdir>-random-folds: the same benchmark, folds without groups
 TRAINING_BUDGET_HOURS = 2.5         # the default submission's training must fit in this on the 2-core machine
 DEFAULT_SUBMISSION = "default-submission.txt"
@@ -52,11 +52,6 @@ class Row:
     cv_reference: float | None = None   # pretrained + TTA on the same CV scenes: the CV gain's origin
     train_seconds: float | None = None  # wall time of the training it needs (every member's, for a blend)
     checkpoint: Path | None = None      # what `predict --checkpoint` takes: a default-submission candidate
-
-
-def _oof_summary(exp: str) -> dict | None:
-    path = paths.oof_dir(exp) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _best_val(exp: str, fold: int = ABLATION_FOLD, seed: int = 0) -> float | None:
@@ -103,7 +98,7 @@ def _fold_ids(fold: int) -> list:
 
 def _training_seconds(exp: str) -> float | None:
     """Training wall time of an experiment on this machine as `make benchmark-aerial` runs
-    it (AERIAL_JOBS folds at once, one thread each): the runs' times summed, divided by the
+    it (--jobs folds at once, one thread each): the runs' times summed, divided by the
     jobs that ran side by side."""
     seconds = [run_seconds(run) for run in sorted(paths.experiment_dir(exp).glob("seed*/fold*"))]
     seconds = [t for t in seconds if t is not None]
@@ -142,7 +137,7 @@ def _kfold_row(exp: str, cfg: dict, main: str, oof: dict, reference: float | Non
 
 def _blend_rows(reference: float | None, seconds_of: dict[str, float | None]) -> list[Row]:
     rows = []
-    for path in sorted(paths.MODELS.glob("blends/*/blend.json")):   # pipeline/blend.py
+    for path in sorted(paths.MODELS.glob("blends/*/blend.json")):   # pipeline/infer/blend.py
         record = json.loads(path.read_text())
         mix = " + ".join(f"{m['weight']:.2f} `{m['exp']}`" for m in record["members"] if m["weight"] > 0)
         # every member's training, zero weights too: the fit that gave them zero needed them
@@ -169,7 +164,7 @@ def _random_folds_row(exp: str) -> Row | None:
         return None
     paths.set_workdir(other)
     try:
-        oof = _oof_summary(exp)
+        oof = oof_summary(exp)
         return Row(f"fine-tuned (`{exp}`), {len(oof['folds'])} **random** folds + {oof['inference']['tta']}-way TTA",
                    paths.predictions_dir(exp), oof["cv"]["mean"],
                    f"stage 03, random folds ({other.name})", cv_reference=_pretrained_tta_cv(exp, oof),
@@ -181,7 +176,7 @@ def _random_folds_row(exp: str) -> Row | None:
 def collect_rows(exp: str) -> list[Row]:
     """Every row of the table that has results on disk, in the table's order."""
     cfg = load_config(exp)
-    oof = _oof_summary(exp)
+    oof = oof_summary(exp)
     tta = cfg["infer"]["tta"]
     net = cfg["model"]["name"].upper().replace("_", "-")
     pre_cv, pre_folds = _pretrained_cv(exp)
@@ -202,7 +197,7 @@ def collect_rows(exp: str) -> list[Row]:
         other_cfg = load_config(other)
         if other_cfg["data"]["scale"] != cfg["data"]["scale"]:
             continue   # another competition (aerial_x5), not a variant of this one
-        rows += _kfold_row(other, other_cfg, exp, _oof_summary(other), reference)
+        rows += _kfold_row(other, other_cfg, exp, oof_summary(other), reference)
         seconds_of[other] = rows[-1].train_seconds
     rows += _blend_rows(reference, seconds_of)
     random_row = _random_folds_row(exp)
@@ -222,7 +217,7 @@ def test_score(folder: Path, answers: Path, data_cfg: dict) -> float | None:
     Stage 04 names its files like the submission (`test_{i}_answer.tif`); `predict` keeps
     the input names (`test_{i}_low.tif`): either is matched to `test_{i}_high.tif` by id.
     """
-    from pipeline.tools.score import score_submission
+    from pipeline.data.scoring import score_submission
 
     if not folder.is_dir():
         return None
@@ -346,8 +341,7 @@ def check_default(folder: Path, rows: list[Row]) -> str:
             f"for all {len(stage04)} test scenes")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.ablation", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=AERIAL_WORKDIR,
                         help=f"the benchmark's work folder (default {AERIAL_WORKDIR.relative_to(paths.ROOT)})")
     parser.add_argument("--exp", default="aerial", help="the recipe whose table to print (default aerial)")
@@ -357,29 +351,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-default", type=Path, metavar="FOLDER",
                         help="check that FOLDER (predict's output with the default's arguments) equals "
                              "stage 04's predictions of the default, pixel for pixel")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     paths.set_workdir(args.workdir)
-    try:
-        if args.check_default:   # the choice needs the CVs only: no test scoring here
-            print(check_default(args.check_default, collect_rows(args.exp)))
-            return 0
-        scored = scored_rows(args.exp)
-        print(table(args.exp, scored))
-        if args.write_default:
-            chosen = choose_default([row for row, _ in scored])
-            if chosen is None:
-                raise PipelineError(f"{args.workdir}: no experiment on all folds or blend with its training time "
-                                    f"within {TRAINING_BUDGET_HOURS} h: nothing to choose the default from")
-            score = next(s for r, s in scored if r is chosen)
-            out = write_default(chosen)
-            print(f"\ndefault submission (best grouped CV within {TRAINING_BUDGET_HOURS} h of training): "
-                  f"{chosen.label}: CV {chosen.cv:.4f}, test {'—' if score is None else f'{score:.4f}'}, "
-                  f"training {_hours(chosen.train_seconds)} -> {out}: {out.read_text().strip()}")
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.check_default:   # the choice needs the CVs only: no test scoring here
+        print(check_default(args.check_default, collect_rows(args.exp)))
+        return 0
+    scored = scored_rows(args.exp)
+    print(table(args.exp, scored))
+    if args.write_default:
+        chosen = choose_default([row for row, _ in scored])
+        if chosen is None:
+            raise PipelineError(f"{args.workdir}: no experiment on all folds or blend with its training time "
+                                f"within {TRAINING_BUDGET_HOURS} h: nothing to choose the default from")
+        score = next(s for r, s in scored if r is chosen)
+        out = write_default(chosen)
+        print(f"\ndefault submission (best grouped CV within {TRAINING_BUDGET_HOURS} h of training): "
+              f"{chosen.label}: CV {chosen.cv:.4f}, test {'—' if score is None else f'{score:.4f}'}, "
+              f"training {_hours(chosen.train_seconds)} -> {out}: {out.read_text().strip()}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

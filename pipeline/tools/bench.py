@@ -3,38 +3,32 @@
 Rows (see ROWS), each the median of `--repeats` timed runs after a warm-up, with the
 throughput in output megapixels per second and the peak resident memory of the process
 that ran it:
-- SwinIR-S x4 and RLFN x4 on one competition scene (300x375 -> 1200x1500) through
-  `inference.predict_scene`: the reference path (`fast=False`, the equivalence
-  reference) against the fast path, fp32 and bf16, whole scene and tiled, and 8-way TTA
-  (views batched two whole scenes at a time, or eight tiles at a time);
-- one training step as stage 02 takes it (the recipe's batch of 32 -> 128 crops: RLFN 16
-  (`aerial`), SwinIR-S 24 (`swinir_s`); its loss, optimizer, EMA, gradient clipping) on
-  ready tensors: `<net>-train-ref` the way it was before issue 11 (fp32, NCHW, SwinIR's
-  reference attention, the whole batch on one thread's ops), `<net>-train` stage 02's
-  default on this machine (`train.precision: auto`, `train.fast`: window orders,
-  channels-last; `train.cpu_shards: auto`), `-fp32`/`-bf16`/`-fp16` the fast path and
-  shards at one precision (bf16/fp16 only where the hardware runs them natively), `-compile`
-  with `train.compile` (its warm-up, `warmup_s`, is the compile time), `swinir_s-train[-fp32]-torch-attn`
-  the same step with torch's products for the window attention instead of the compiled kernel
-  (`nets/window_attention_native.py`; the table's header says which one the other rows ran); and
-  `<net>-train-loader` with the real sample stream (`data.PairedPatches`: crops +
-  augmentation through the DataLoader), which also times the wait for each batch on its
-  own (`loader_s`, its share of the step);
-- stage 04 (`run_ensemble`) for one scene with 2 checkpoints and 8 TTA views, with the
-  config's inference defaults (whole scene, 8 images per pass), no warm-up.
+- SwinIR-S x4, RLFN x4 and HAT-S on one competition scene (300x375 -> 1200x1500; HAT-S a
+  96x128 crop) through `infer.ensemble.predict_scene`: the reference path (`fast=False`, the
+  equivalence reference) against the fast path, fp32 and bf16, whole scene and tiled, and
+  8-way TTA; `-noaccel` rows the fast path with the CPU speed-ups off (`pipeline.accel`);
+- one training step as stage 02 takes it (`train.step.TrainStep` with the recipe's loss,
+  optimizer, schedule, EMA and gradient clipping, on ready tensors): `<net>-train-ref` the
+  plain way (fp32, reference path, the whole batch on one thread's operations, no CPU
+  speed-ups), `<net>-train` stage 02's default on this machine (`train.precision: auto`,
+  fast path, CPU speed-ups), `-noaccel` the same without the CPU speed-ups,
+  `-fp32`/`-bf16`/`-fp16` one precision (bf16/fp16 only where the hardware runs them
+  natively), `-p48` the default recipe's 48 -> 192 crops, `-compile` with `train.compile`
+  (its warm-up, `warmup_s`, is the compile time), `-loader` with the real sample stream
+  (`data.patches.PairedPatches` through the DataLoader), which also times the wait for each
+  batch (`loader_s`, its share of the step);
+- stage 04 as a user runs it (`python -m pipeline ensemble`, a fresh process) for one scene
+  with 2 checkpoints and 8 TTA views.
 Weights are random (speed does not depend on them). Every row runs in its own child
-process (forked where possible, so torch is imported once), so its peak memory is its
-own (a training row's is the memory of a training step; where the step's shards run in
-processes of their own, each one's peak growth over what it inherited is added). bf16/fp16
-rows run only where the precision is native (pipeline.core.precision: bf16 on CUDA >= 8.0 or a
-CPU with AVX512-BF16/AMX, fp16 on CUDA): emulated, they are 10-90x slower than fp32 and say
-nothing about the hardware that has them.
+process (forked where possible, so torch is imported once), so its peak memory is its own.
+bf16/fp16 rows run only where the precision is native (pipeline.infer.precision): emulated,
+they are 10-90x slower than fp32 and say nothing about the hardware that has them.
 
 Before and after the rows a cores probe (`cores_probe`) times fp32 matrix products on one core
 alone and on every core at once: on a shared (virtualised) machine its share falls while other
 work takes the cores, so a run says whether its figures were disturbed.
-Writes `bench/results.csv` and `bench/results.md` (the table, the machine, the probe, the command);
-BENCHMARKS.md keeps the latest full run. `--quick` is a smoke run on tiny inputs.
+Writes `bench/results.csv` and `bench/results.md` (the table, the machine, the probe, the
+command); docs/benchmarks.md keeps the latest full run. `--quick` is a smoke run on tiny inputs.
 """
 from __future__ import annotations
 
@@ -43,12 +37,13 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,12 +51,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.accel.cpu import native as window_attention_native
-from pipeline.accel.cpu.memory import peak_rss_mb
+from pipeline import accel
 from pipeline.core import paths
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_path, locked
-from pipeline.core.precision import choose, hardware, native
+from pipeline.core.io import atomic_path
+from pipeline.core.locks import locked
+from pipeline.infer.precision import choose, hardware, native
 
 SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
 QUICK_LR = (40, 48)
@@ -70,7 +65,7 @@ QUICK_TILE, QUICK_OVERLAP = 24, 4
 TRAIN_PATCH = 32
 PROBE_SIZE, PROBE_SECONDS = 512, 0.3   # the cores probe: fp32 (512 x 512) products, 0.3 s a measure
 QUICK_BATCH = 2
-CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial", "hat_s": "hat_s"}   # experiment whose training recipe a row uses
+CONFIGS = {"swinir_s": "swinir_s", "rlfn": "aerial", "rfdn": "aerial_rfdn", "hat_s": "hat_s"}   # a row's recipe
 COLUMNS = ["row", "net", "path", "precision", "shards", "mode", "input", "tile", "tta", "batch", "repeats",
            "median_s", "min_s", "max_s", "mpix_per_s", "peak_rss_mb", "peak_gpu_mb", "baseline",
            "ratio", "loader_s", "loader_share", "warmup_s", "status", "load_1min"]
@@ -89,13 +84,18 @@ class Row:
     args: dict = field(default_factory=dict)   # inference: tile (bool), batch
 
 
+NO_ACCEL: frozenset[str] = frozenset()
+
+
 def _rows() -> list[Row]:
     rows = []
     for net in ("swinir_s", "rlfn"):
         rows += [
-            Row(f"{net}-ref-fp32", "infer", net, "reference"),
+            Row(f"{net}-ref-fp32", "infer", net, "reference", args={"accel": NO_ACCEL}),
             Row(f"{net}-fast-fp32", "infer", net, baseline=f"{net}-ref-fp32"),
-            Row(f"{net}-ref-bf16", "infer", net, "reference", "bf16", baseline=f"{net}-ref-fp32"),
+            Row(f"{net}-fast-fp32-noaccel", "infer", net, baseline=f"{net}-ref-fp32", args={"accel": NO_ACCEL}),
+            Row(f"{net}-ref-bf16", "infer", net, "reference", "bf16", baseline=f"{net}-ref-fp32",
+                args={"accel": NO_ACCEL}),
             Row(f"{net}-fast-bf16", "infer", net, precision="bf16", baseline=f"{net}-ref-fp32"),
             Row(f"{net}-fast-fp32-tiled", "infer", net, mode="tiled", baseline=f"{net}-fast-fp32"),
             Row(f"{net}-fast-fp32-tta8", "infer", net, mode="tta8", baseline=f"{net}-fast-fp32",
@@ -103,30 +103,35 @@ def _rows() -> list[Row]:
             Row(f"{net}-fast-fp32-tta8-tiled", "infer", net, mode="tta8-tiled", baseline=f"{net}-fast-fp32-tta8",
                 args={"tile": True, "batch": 8}),
         ]
-    for net in ("swinir_s", "rlfn"):
+    for net in ("rlfn", "rfdn", "swinir_s"):
         ref = f"{net}-train-ref"
-        rows += [Row(ref, "train", net, "reference", "fp32", "ready"),
-                 Row(f"{net}-train", "train", net, precision="auto", mode="ready", baseline=ref)]
-        rows += [Row(f"{net}-train-{p}", "train", net, precision=p, mode="ready", baseline=ref)
-                 for p in ("fp32", "bf16", "fp16")]
-        rows += [Row(f"{net}-train-loader", "train", net, precision="auto", mode="loader",
-                     baseline=f"{net}-train")]
-    # the same steps with torch's products for the window attention instead of the compiled kernel
-    rows += [Row(f"swinir_s-train{suffix}-torch-attn", "train", "swinir_s", precision=p, mode="ready",
-                 baseline="swinir_s-train-ref", args={"native_attention": False})
-             for suffix, p in (("", "auto"), ("-fp32", "fp32"))]
+        rows += [Row(ref, "train", net, "reference", "fp32", "ready", args={"accel": NO_ACCEL}),
+                 Row(f"{net}-train", "train", net, precision="auto", mode="ready", baseline=ref),
+                 Row(f"{net}-train-noaccel", "train", net, precision="auto", mode="ready", baseline=ref,
+                     args={"accel": NO_ACCEL})]
+        if net != "rfdn":
+            rows += [Row(f"{net}-train-{p}", "train", net, precision=p, mode="ready", baseline=ref)
+                     for p in ("fp32", "bf16", "fp16")]
+        rows += [Row(f"{net}-train-loader", "train", net, precision="auto", mode="loader", baseline=f"{net}-train")]
+    # the default recipe's 48 -> 192 crops
+    rows += [Row("rlfn-train-p48", "train", "rlfn", precision="auto", mode="ready", args={"patch": 48}),
+             Row("rlfn-train-p48-noaccel", "train", "rlfn", precision="auto", mode="ready",
+                 baseline="rlfn-train-p48", args={"patch": 48, "accel": NO_ACCEL})]
     rows += [Row("rlfn-train-compile", "train", "rlfn", precision="auto", mode="compile",
                  baseline="rlfn-train")]
     rows += [Row("ensemble-rlfn", "ensemble", "rlfn", mode="ensemble"),
              Row("ensemble-swinir_s", "ensemble", "swinir_s", mode="ensemble", repeats=1)]
-    # HAT-S (issue 14): ~10x SwinIR-S's work per pixel, so one timed run per row; training
-    # on the recipe's 64 -> 256 crops (batch 2 here, 8 in hat_s.yaml), reference and fast path
+    # HAT-S: ~10x SwinIR-S's work per pixel, so one timed run per row; training on the recipe's
+    # 64 -> 256 crops (batch 2 here, 8 in hat_s.yaml)
     hat_crops = {"batch": 2, "patch": 64}
-    rows += [Row("hat_s-ref-fp32", "infer", "hat_s", "reference", repeats=1),
+    rows += [Row("hat_s-ref-fp32", "infer", "hat_s", "reference", repeats=1, args={"accel": NO_ACCEL}),
              Row("hat_s-fast-fp32", "infer", "hat_s", baseline="hat_s-ref-fp32", repeats=1),
+             Row("hat_s-fast-fp32-noaccel", "infer", "hat_s", baseline="hat_s-ref-fp32", repeats=1,
+                 args={"accel": NO_ACCEL}),
              Row("hat_s-fast-bf16", "infer", "hat_s", precision="bf16", baseline="hat_s-fast-fp32", repeats=1),
              Row("hat_s-fast-fp32-tiled", "infer", "hat_s", mode="tiled", baseline="hat_s-fast-fp32", repeats=1),
-             Row("hat_s-train-ref", "train", "hat_s", "reference", "fp32", "ready", repeats=1, args=hat_crops)]
+             Row("hat_s-train-ref", "train", "hat_s", "reference", "fp32", "ready", repeats=1,
+                 args={**hat_crops, "accel": NO_ACCEL})]
     rows += [Row(f"hat_s-train{suffix}", "train", "hat_s", precision=p, mode="ready", repeats=1,
                  baseline="hat_s-train-ref", args=hat_crops) for suffix, p in (("", "auto"), ("-fp32", "fp32"))]
     return rows
@@ -138,13 +143,11 @@ ROWS = {r.name: r for r in _rows()}
 @dataclass
 class Setup:
     """A row ready to run: `warmup()` once, then `run()` is timed; `meta` describes it;
-    `loader_waits`, on loader rows, collects each run's wait for its batch; `other_processes_mb`,
-    where the row also computes in processes of its own (shards), their peak memory growth."""
+    `loader_waits`, on loader rows, collects each run's wait for its batch."""
     warmup: Callable[[], Any]
     run: Callable[[], Any]
     meta: dict
     loader_waits: list[float] | None = None
-    other_processes_mb: Callable[[], float] | None = None
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -189,29 +192,14 @@ def _setup_infer(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
 
 
 def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
-    """Stage 02's pieces for one experiment (random init), the recipe's batch of 32 -> 128 crops."""
-    from torch.optim.swa_utils import AveragedModel
-
-    from pipeline.accel.cpu import shards as cpu_shards
+    """Stage 02's step for one experiment (random init), the recipe's batch of 32 -> 128 crops."""
     from pipeline.core.config import load_config
     from pipeline.data import patches as data
-    from pipeline.stages import s02_train as s02
     from pipeline.train import losses
+    from pipeline.train.recipe import build_model, build_optimizer, lr_factor_at, make_ema, training_net
+    from pipeline.train.resume import seed_everything
+    from pipeline.train.step import Gradients, TrainStep
 
-    if row.args.get("native_attention") is False:
-        # torch's products in this row's step, its forked shards included (forked below), and
-        # only in its runs when rows run in turn in one process (--interleave)
-        torch_attention = lambda: window_attention_native.disabled("the bench row's choice")   # noqa: E731
-        with torch_attention():
-            setup = _setup_train(replace(row, args={**row.args, "native_attention": True}), quick, device, stack)
-
-        def in_torch_attention(fn: Callable[[], Any]) -> Callable[[], Any]:
-            def call() -> Any:
-                with torch_attention():
-                    return fn()
-            return call
-        setup.warmup, setup.run = in_torch_attention(setup.warmup), in_torch_attention(setup.run)
-        return setup
     cfg = load_config(CONFIGS[row.net])
     t = cfg["train"]
     if quick:
@@ -221,18 +209,18 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     t.update(lr_patch=TRAIN_PATCH if quick else row.args.get("patch", TRAIN_PATCH),
              precision=row.precision, fast=row.path == "fast", compile=row.mode == "compile",
              cpu_shards=t["cpu_shards"] if row.path == "fast" else 1)
-    s02.seed_everything(0)
-    net = s02.build_model(cfg, pretrained=False, main=True).to(device).train()
-    forward_net = s02.training_net(net, t)
-    ema = AveragedModel(net, multi_avg_fn=s02.ema_update(t["ema"]), use_buffers=True) if t["ema"] > 0 else None
-    optimizer = s02.build_optimizer(net.parameters(), t)
+    seed_everything(0)
+    net = build_model(cfg, pretrained=False, main=True).to(device).train()
+    forward_net = training_net(net, t)
+    optimizer = build_optimizer(net.parameters(), t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor_at(s, t))
     loss_fn = losses.build_loss(cfg["loss"]).to(device)
     prec = choose(t["precision"], device, net)
-    amp = prec.dtype
     scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
-    shards = cpu_shards.plan(t["cpu_shards"], device, net, t["batch_size"], compiled=t["compile"])
-    sharded = stack.enter_context(cpu_shards.ShardedStep(forward_net, loss_fn, shards.shards, amp, device,
-                                                         shards.processes))
+    gradients, _ = accel.training_gradients(Gradients(forward_net, loss_fn, prec.dtype, device), net,
+                                            t["cpu_shards"], t["batch_size"], compiled=t["compile"])
+    stack.enter_context(gradients)
+    step = TrainStep(net, gradients, optimizer, scheduler, scaler, make_ema(net, t["ema"]), t["grad_clip"])
     scale = cfg["data"]["scale"]
     lr_shape = QUICK_LR if quick else SCENE_LR
     scenes = [data.Scene(str(i), _scene(lr_shape, i), _scene((lr_shape[0] * scale, lr_shape[1] * scale), 100 + i))
@@ -240,24 +228,14 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     stream = data.PairedPatches(scenes, scale=scale, lr_patch=t["lr_patch"], batch_size=t["batch_size"],
                                 steps=10_000, augment=t["augment"], seed=0, fold=0)
 
-    def step(lr_u8: torch.Tensor, hr_u8: torch.Tensor) -> None:
-        """One optimisation step, as stage 02's loop takes it."""
-        lr_img, hr_img = data.to_float(lr_u8, device), data.to_float(hr_u8, device)
-        optimizer.zero_grad(set_to_none=True)
-        sharded.step(lr_img, hr_img, scaler)
-        scaler.unscale_(optimizer)
-        if t["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update_parameters(net)
+    def train_step(lr_u8: torch.Tensor, hr_u8: torch.Tensor) -> None:
+        step(data.to_float(lr_u8, device), data.to_float(hr_u8, device))
 
     waits: list[float] = []   # loader row: seconds spent waiting for each batch
 
     if row.mode != "loader":
         batch = stream[0]
-        run = lambda: step(*batch)                        # noqa: E731
+        run = lambda: train_step(*batch)                  # noqa: E731
     else:   # the real stream: crops + augmentation through the DataLoader, as stage 02 reads it
         batches = iter(data.batches(stream, 0, t["num_workers"]))
 
@@ -265,48 +243,57 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
             start = time.perf_counter()
             lr_u8, hr_u8 = next(batches)
             waits.append(time.perf_counter() - start)
-            step(lr_u8, hr_u8)
+            train_step(lr_u8, hr_u8)
     side = t["lr_patch"] * scale
     return Setup(warmup=run, run=run,   # warm-up: optimizer state, kernels
                  meta={"out_mpix": t["batch_size"] * side * side / 1e6,
-                       "precision": prec.name, "shards": shards.shards,
+                       "precision": prec.name, "shards": getattr(gradients, "shards", 1),
                        "input": f"{t['batch_size']}x{t['lr_patch']}x{t['lr_patch']}", "batch": t["batch_size"]},
-                 loader_waits=waits if row.mode == "loader" else None, other_processes_mb=sharded.peak_growth_mb)
+                 loader_waits=waits if row.mode == "loader" else None)
 
 
 def _setup_ensemble(row: Row, quick: bool, device: torch.device, stack: ExitStack) -> Setup:
-    """Stage 04 in a temporary work folder: one test scene, 2 checkpoints (folds 0, 1), 8 views."""
+    """Stage 04 as a user runs it (`python -m pipeline ensemble`, a fresh process) in a temporary
+    work folder: one test scene, 2 checkpoints (folds 0, 1), 8 views."""
     from pipeline.core.checkpoints import save_checkpoint
     from pipeline.core.config import load_config
+    from pipeline.data.competition import tif_bytes, zip_bytes
     from pipeline.nets import build_net
-    from pipeline.stages import s00_unzip
-    from pipeline.stages.s04_ensemble import run_ensemble
-    from pipeline.tools.demo_data import tif_bytes, zip_bytes
 
     lr_shape = QUICK_LR if quick else SCENE_LR
-    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-bench-"))
-    paths.set_workdir(tmp)
-    exp_file = Path(tmp) / "bench.yaml"
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sr-bench-")))
+    exp_file = tmp / "bench.yaml"
     exp_file.write_text(f"model: {{name: {row.net}}}\ninfer: {{tta: 8, precision: {row.precision}}}\n")
     cfg = load_config(exp_file)
     d, scale = cfg["data"], cfg["data"]["scale"]
-    paths.RAW.mkdir(parents=True)
+    (tmp / "data" / "raw").mkdir(parents=True)
     low = _scene(lr_shape)
     high = _scene((lr_shape[0] * scale, lr_shape[1] * scale), 1)
-    paths.TRAIN_ZIP.write_bytes(zip_bytes([(d["train_low"].format(i=0), tif_bytes(low)),
-                                           (d["train_high"].format(i=0), tif_bytes(high))]))
-    paths.EVAL_ZIP.write_bytes(zip_bytes([(d["test_low"].format(i=0), tif_bytes(low))]))
-    s00_unzip.extract(d)
+    (tmp / "data" / "raw" / "train.zip").write_bytes(zip_bytes([(d["train_low"].format(i=0), tif_bytes(low)),
+                                                                 (d["train_high"].format(i=0), tif_bytes(high))]))
+    (tmp / "data" / "raw" / "evaluation.zip").write_bytes(zip_bytes([(d["test_low"].format(i=0), tif_bytes(low))]))
+    env = {**os.environ, "SR_WORKDIR": str(tmp), "TQDM_DISABLE": "1"}
+    if torch.get_num_threads() != os.cpu_count():
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    command = [sys.executable, "-m", "pipeline"]
+    subprocess.run([*command, "unzip", "--exp", str(exp_file)], env=env, check=True, capture_output=True)
     for fold in (0, 1):
         torch.manual_seed(fold)
         net = build_net(row.net)
-        save_checkpoint(paths.run_dir(cfg["exp"], 0, fold) / "best.pt", net_name=row.net, net_args={},
-                        state_dict=net.state_dict(), exp=cfg["exp"], seed=0, fold=fold, step=0, val_ssim=None)
+        save_checkpoint(tmp / "models" / cfg["exp"] / "seed0" / f"fold{fold}" / "best.pt", net_name=row.net,
+                        net_args={}, state_dict=net.state_dict(), exp=cfg["exp"], seed=0, fold=fold, step=0,
+                        val_ssim=None)
+
+    def run() -> None:
+        done = subprocess.run([*command, "ensemble", "--exp", str(exp_file)], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "ensemble failed")
+
     # no warm-up: every `make ensemble` is a fresh process that pays its first-call costs
-    return Setup(warmup=lambda: None, run=lambda: run_ensemble(cfg),
+    return Setup(warmup=lambda: None, run=run,
                  meta={"out_mpix": lr_shape[0] * lr_shape[1] * scale ** 2 / 1e6,
                        "input": f"{lr_shape[0]}x{lr_shape[1]}", "tile": cfg["infer"]["tile"], "tta": 8,
-                       "batch": cfg["infer"]["batch"]})
+                       "batch": cfg["infer"]["batch"], "in_subprocess": True})
 
 
 SETUPS = {"infer": _setup_infer, "train": _setup_train, "ensemble": _setup_ensemble}
@@ -322,6 +309,24 @@ def _profile(fn: Callable[[], Any], device: torch.device) -> str:
         _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+
+
+def _use_accel(row: Row) -> None:
+    """The row's CPU speed-ups in this process (default: all of them), for its setup and runs."""
+    chosen = row.args.get("accel", frozenset(accel.PARTS))
+    os.environ[accel.SWITCH] = ",".join(sorted(chosen)) or "0"     # shards: read when a step is set up
+    accel.enable(chosen)                                           # memory, attention, jobs
+
+
+def peak_rss_mb(children: bool = False) -> float | None:
+    """Peak resident memory (MB) of this process, or of its finished child processes; None where
+    the OS does not tell."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10   # bytes on macOS, KiB on Linux
 
 
 def _worker(rows: list[Row], quick: bool, repeats: int, device: str, threads: int | None, profile: bool,
@@ -340,6 +345,7 @@ def _worker(rows: list[Row], quick: bool, repeats: int, device: str, threads: in
         with ExitStack() as stack:
             setups, results = [], []
             for row in rows:
+                _use_accel(row)
                 setup = SETUPS[row.kind](row, quick, dev, stack)
                 began = time.perf_counter()
                 setup.warmup()
@@ -348,15 +354,15 @@ def _worker(rows: list[Row], quick: bool, repeats: int, device: str, threads: in
                     setup.loader_waits.clear()            # the warm-up's batch
                 setups.append(setup)
             for _ in range(repeats):
-                for setup, result in zip(setups, results):
+                for row, setup, result in zip(rows, setups, results):
+                    _use_accel(row)
                     result["times"] += _timed(setup.run, 1, dev)
-            for setup, result in zip(setups, results):
+            for row, setup, result in zip(rows, setups, results):
                 if setup.loader_waits:
                     result["loader_s"] = statistics.median(setup.loader_waits)
-                result["peak_rss_mb"] = peak_rss_mb()
-                if result["peak_rss_mb"] is not None and setup.other_processes_mb is not None:
-                    result["peak_rss_mb"] += setup.other_processes_mb()
+                result["peak_rss_mb"] = peak_rss_mb(children=result.pop("in_subprocess", False))
                 if profile:
+                    _use_accel(row)
                     result["profile"] = _profile(setup.run, dev)
                 if dev.type == "cuda":
                     result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
@@ -468,7 +474,7 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": (f"{torch.cuda.get_device_name(0)} (compute capability "
                     f"{'.'.join(map(str, torch.cuda.get_device_capability(0)))})" if torch.cuda.is_available() else "none"),
-            "window_attention": window_attention_native.status()}
+            "accel": accel.describe()}
     return info
 
 
@@ -512,7 +518,7 @@ def markdown(table: pd.DataFrame, info: dict, command: str, seconds: float, prob
              f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
              f"flags {info['simd']} (torch kernels {info['torch_cpu_capability']}), native bf16 on CPU: "
              f"{info['cpu_bf16']}, GPU: {info['gpu']}; torch {info['torch']}, Python {info['python']}", "",
-             f"Window attention of CPU training steps (one torch thread a shard): {info['window_attention']}", "",
+             f"{info['accel']} (the `-noaccel` and `-ref` rows: none)", "",
              *([probe, ""] if probe else []),
              "| row | precision | shards | input | tile | TTA | median s | min-max s | out MP/s | peak RSS MB "
              "| vs baseline | 1-min load |",

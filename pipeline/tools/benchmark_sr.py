@@ -25,7 +25,8 @@ from tqdm import tqdm
 from pipeline.core import paths
 from pipeline.core.checkpoints import is_pipeline_checkpoint
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_path, locked, to_rgb_uint8
+from pipeline.core.io import atomic_path, to_rgb_uint8
+from pipeline.core.locks import locked
 from pipeline.core.metrics import y_psnr, y_ssim
 from pipeline.infer.ensemble import predict_scene
 

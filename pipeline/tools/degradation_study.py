@@ -1,5 +1,5 @@
 """How far apart the probe's candidates are, and what damaged low-res scores: the figures
-behind degradation.FIT_PSNR (README, "Degradation probe").
+behind degradation.FIT_PSNR (docs/data.md, "Degradation probe").
 
     python -m pipeline.tools.degradation_study [--source ../shared/data/ucmerced_urban] [--n 20]
 
@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.core import io, paths
 from pipeline.data import degradation
-from pipeline.tools.demo_data import crop_to_scale
+from pipeline.data.competition import crop_to_scale
 
 
 def _jpeg(low: np.ndarray, quality: int) -> np.ndarray:

@@ -16,46 +16,31 @@ byte-identical zips, and a zip whose content did not change is not rewritten (it
 stays, so `make` does not redo the stages after it).
 
 With `--source`, `data/raw/groups.csv` (id,group of the training scenes) says which
-scenes come from one place, for stage 01's grouped folds (pipeline/groups.py: folder plus
+scenes come from one place, for stage 01's grouped folds (pipeline/data/folds.py: folder plus
 a block of tile numbers); `--test-numbers 30-44` makes those tile numbers of every
 folder the test set, so the test holds places the training never saw.
 """
 from __future__ import annotations
 
 import hashlib
-import io as bytes_io
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
-from pipeline.core import io, paths
+from pipeline.core import io, locks, paths
 from pipeline.core.config import load_config
 from pipeline.core.errors import PipelineError
+from pipeline.data.competition import MAX_HIGH_SIZE, MIN_LOW_SIDE, answer_pattern, crop_to_scale, tif_bytes, zip_bytes
 from pipeline.data.degradation import KERNELS, check_kernel, downscale, kernel_names  # noqa: F401 (re-exported)
-from pipeline.data.groups import source_group, tile_number
+from pipeline.data.folds import source_group, tile_number
 
-# The competition's high-res scenes are 1200 (rows) x 1500 (columns).
-MAX_HIGH_SIZE = (1200, 1500)
 # scikit-image's bundled RGB photographs (greyscale, synthetic and mostly-black ones left out).
 BUILTIN_SAMPLES = ("astronaut", "chelsea", "coffee", "immunohistochemistry", "rocket", "motorcycle")
 BUILTIN_TILE = 192        # small scenes (rounded down to a multiple of the scale): the whole demo
                           # pipeline, training included, runs in minutes on a CPU
 BUILTIN_COUNTS = (16, 6)  # train, test scenes from the built-in photographs
-MIN_LOW_SIDE = 8          # smaller scenes are useless for SSIM (7x7 window) and are skipped
-ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: same input, same bytes
-
-
-def crop_to_scale(image: np.ndarray, scale: int, max_size: tuple[int, int] = MAX_HIGH_SIZE) -> np.ndarray:
-    """Centre crop to at most `max_size` and to sides that are multiples of `scale`."""
-    h, w = (min(side, limit) // scale * scale for side, limit in zip(image.shape[:2], max_size))
-    top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-    return image[top:top + h, left:left + w]
-
-
 def tile_image(image: np.ndarray, tile: int) -> list[np.ndarray]:
     """Non-overlapping tile x tile squares on a grid centred in the image."""
     rows, cols = image.shape[0] // tile, image.shape[1] // tile
@@ -137,32 +122,6 @@ def split_counts(available: int, n_train: int | None, n_test: int | None,
         raise PipelineError(f"{n_train} train + {n_test} test scenes requested but the sources give only "
                             f"{available} (use a smaller --tile, more images or smaller counts)")
     return n_train, n_test
-
-
-def answer_pattern(test_low: str) -> str:
-    """Name of a demo answer: the test pattern with its last 'low' made 'high' (test_{i}_high.tif)."""
-    head, sep, tail = test_low.rpartition("low")
-    if not sep:
-        raise PipelineError(f"test pattern '{test_low}' has no 'low' to turn into the answer's 'high'")
-    return head + "high" + tail
-
-
-def tif_bytes(image: np.ndarray) -> bytes:
-    buf = bytes_io.BytesIO()
-    tifffile.imwrite(buf, image, photometric="rgb")
-    return buf.getvalue()
-
-
-def zip_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A flat zip with fixed member dates, so equal content gives equal bytes."""
-    buf = bytes_io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members:
-            info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, data)
-    return buf.getvalue()
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:
@@ -252,7 +211,7 @@ def build_demo(source: Path | None = None, exp: str = "demo", scale: int | None 
     eval_members = [(data_cfg["test_low"].format(i=i), tif_bytes(downscale(high, scale, kernel)))
                     for i, (_, high) in enumerate(test_scenes)]
     answer_name = answer_pattern(data_cfg["test_low"])
-    with io.locked(paths.RAW, what=f"the demo competition ({paths.RAW}, {paths.DEMO_ANSWERS})"):
+    with locks.locked(paths.RAW, what=f"the demo competition ({paths.RAW}, {paths.DEMO_ANSWERS})"):
         written = [write_if_changed(paths.TRAIN_ZIP, zip_bytes(train_members)),
                    write_if_changed(paths.EVAL_ZIP, zip_bytes(eval_members))]
         with io.atomic_dir(paths.DEMO_ANSWERS) as tmp:

@@ -21,71 +21,15 @@ from pathlib import Path
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline.core import io
-from pipeline.core.checkpoints import find_checkpoints, net_from_checkpoint, read_checkpoint
+from pipeline.core import io, locks
+from pipeline.core.artifacts import is_blend_file, read_blend
 from pipeline.core.errors import PipelineError
-from pipeline.core.precision import choose
-from pipeline.infer.blend import is_blend_file, read_blend, weighted_checkpoints
 from pipeline.infer.ensemble import PRECISIONS, pick_device, predict_scene
+from pipeline.infer.load import checkpoint_paths, load_nets, named_net
+from pipeline.infer.precision import choose
 from pipeline.infer.tta import TTA_CHOICES
 
 LOSSY_SUFFIXES = {".jpg", ".jpeg"}
-
-
-def checkpoint_paths(checkpoint: Path) -> list[Path]:
-    """One checkpoint file, every seed*/fold*/best.pt of an experiment folder, or every
-    fold*/best.pt of one seed's folder."""
-    if checkpoint.is_dir():
-        found = find_checkpoints(checkpoint)
-        if not found:
-            raise PipelineError(f"{checkpoint}: no seed*/fold*/best.pt or fold*/best.pt checkpoint in this folder")
-        return found
-    if not checkpoint.is_file():
-        raise PipelineError(f"{checkpoint}: checkpoint not found")
-    return [checkpoint]
-
-
-def load_nets(model: str | None = None, weights: str | None = None, checkpoint: str | Path | None = None,
-              scale: int | None = None) -> tuple[list[nn.Module], list[float] | None]:
-    """The nets to run and their weights in the mean (None: equal): from checkpoint(s) or a
-    blend file, or `model` built by name with `weights` loaded.
-
-    A net with parameters and no weights is refused (its output would be noise);
-    `scale`, when given, must match (and is passed to build_net for a named model).
-    """
-    from pipeline.core.weights import load_weights
-    from pipeline.nets import build_net
-
-    net_weights = None
-    if checkpoint is not None:
-        if weights is not None:
-            raise PipelineError("--weights and --checkpoint exclude each other (a checkpoint holds its weights)")
-        nets = []
-        if is_blend_file(checkpoint):
-            path, record = read_blend(checkpoint)
-            weighted = weighted_checkpoints(record, path)
-            found, net_weights = [p for p, _ in weighted], [w for _, w in weighted]
-        else:
-            found = checkpoint_paths(Path(checkpoint))
-        for path in found:
-            trained_as = read_checkpoint(path)["net"]["name"]
-            if model is not None and trained_as != model:
-                raise PipelineError(f"{path}: holds a '{trained_as}' net, not the --model '{model}'")
-            nets.append(net_from_checkpoint(path))
-    elif model is not None:
-        net = build_net(model, **({"scale": scale} if scale else {}))
-        if weights is not None:
-            load_weights(net, weights)
-        elif any(p.numel() for p in net.parameters()):
-            raise PipelineError(f"--model {model} has trainable parameters: give --weights (a file or a "
-                                "known name, see `python -m pipeline weights`) or --checkpoint")
-        nets = [net.eval()]
-    else:
-        raise PipelineError("give --model NAME (with --weights) or --checkpoint CKPT_OR_EXPDIR")
-    for net in nets:
-        if scale is not None and getattr(net, "scale", None) != scale:
-            raise PipelineError(f"the net upscales x{getattr(net, 'scale', '?')}, but --scale is {scale}")
-    return nets, net_weights
 
 
 def input_images(path: Path) -> list[Path]:
@@ -117,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, default=16, help="LR pixels shared by neighbouring tiles")
     parser.add_argument("--batch", type=int, default=8, help="views/tiles per forward pass")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="fp32 (default), bf16, fp16, or auto: what the device runs natively (pipeline/precision.py)")
+                        help="fp32 (default), bf16, fp16, or auto: what the device runs natively (pipeline/infer/precision.py)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -127,7 +71,15 @@ def main(args: argparse.Namespace) -> int:
     out_dir = args.output
     if out_dir.resolve() in {p.parent.resolve() for p in images}:
         raise PipelineError(f"{out_dir}: the output folder holds the inputs; results would overwrite them")
-    nets, net_weights = load_nets(args.model, args.weights, args.checkpoint, args.scale)
+    if args.checkpoint is not None:
+        if args.weights is not None:
+            raise PipelineError("--weights and --checkpoint exclude each other (a checkpoint holds its weights)")
+        checkpoints, net_weights = checkpoint_paths(args.checkpoint)
+        nets = load_nets(checkpoints, args.scale, args.model)
+    elif args.model is not None:
+        nets, net_weights = [named_net(args.model, args.weights, args.scale)], None
+    else:
+        raise PipelineError("give --model NAME (with --weights) or --checkpoint CKPT_OR_EXPDIR")
     if args.tta is None:
         blend = args.checkpoint is not None and is_blend_file(args.checkpoint)
         args.tta = read_blend(args.checkpoint)[1]["tta"] if blend else 1
@@ -141,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(images, desc=f"predict ({len(nets)} net{'s' * (len(nets) > 1)} x {args.tta} views)",
                unit="image", disable=None)
-    with io.locked(out_dir, what=f"{out_dir} (predict's output folder)"):
+    with locks.locked(out_dir, what=f"{out_dir} (predict's output folder)"):
         for path in bar:
             lr = io.read_image(path)
             io.write_image(out_dir / path.name, predict_scene(nets, lr, **settings))

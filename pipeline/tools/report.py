@@ -43,11 +43,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.core import io, paths
+from pipeline.core import io, ledger, locks, paths
 from pipeline.core.checkpoints import run_seconds
 from pipeline.core.config import DEFAULTS, PRETRAINED_RECORD, load_config
 from pipeline.core.errors import PipelineError
-from pipeline.tools import ledger
+from pipeline.core.metrics import most_detailed_window
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 CROP = 320                      # HR side of the scene crops (the zoom works inside it)
@@ -374,11 +374,9 @@ def plot_cv_lb(table: pd.DataFrame, corr: dict | None) -> str:
 
 def crop_window(truth: np.ndarray, scale: int, side: int = CROP) -> tuple[int, int, int]:
     """(y, x, side) of the most detailed HR window, on the LR grid so LR and HR crops align."""
-    from pipeline.stages.s03_oof import _gallery_crop  # the gallery's own choice: where SR matters
-
     h, w = truth.shape[:2]
     side = max(scale, min(side, h, w) // scale * scale)
-    rows, cols = _gallery_crop(truth, side)
+    rows, cols = most_detailed_window(truth, side)
     y = min(rows.start // scale * scale, (h - side) // scale * scale)
     x = min(cols.start // scale * scale, (w - side) // scale * scale)
     return y, x, side
@@ -395,7 +393,7 @@ class SceneImages:
 
     def manifest(self) -> pd.DataFrame:
         if self._manifest is None:
-            from pipeline.stages.s00_unzip import load_manifest
+            from pipeline.core.artifacts import load_manifest
             self._manifest = load_manifest("train").set_index("id")
         return self._manifest
 
@@ -413,8 +411,8 @@ class SceneImages:
         kept = paths.oof_dir(exp) / f"pred_seed{seed}" / f"{scene_id}.tif"
         if kept.is_file():
             return io.read_image(kept)
-        from pipeline.core.checkpoints import net_from_checkpoint
         from pipeline.infer.ensemble import pick_device, predict_scene
+        from pipeline.nets import net_from_checkpoint
 
         ckpt = paths.run_dir(exp, seed, fold) / "best.pt"
         settings = {k: v for k, v in summary.get("inference", {}).items()
@@ -423,7 +421,7 @@ class SceneImages:
         return predict_scene([net_from_checkpoint(ckpt)], lr, **settings, device=self._device)
 
     def _bicubic(self, lr: np.ndarray, scale: int) -> np.ndarray:
-        from pipeline.infer.ensemble import pick_device, predict_scene
+        from pipeline.infer.ensemble import predict_scene
         from pipeline.nets import build_net
 
         if scale not in self._nets:
@@ -582,7 +580,7 @@ def build_report(out_dir: Path | None = None) -> dict:
     start = time.time()
     out_dir = Path(out_dir or paths.REPORTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with io.locked(out_dir, what=f"{out_dir} (the report)"):   # two renders would prune each other's cache
+    with locks.locked(out_dir, what=f"{out_dir} (the report)"):   # two renders would prune each other's cache
         return _render_report(out_dir, start)
 
 

@@ -90,7 +90,7 @@ class WeightedLoss(nn.Module):
 
     def evaluate(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """(the weighted loss, each term's unweighted value), keeping no state: threads that
-        train shards of one batch (pipeline/cpu_shards.py) call it at the same time."""
+        train shards of one batch (pipeline/accel/cpu/shards.py) call it at the same time."""
         if sr.shape != hr.shape:
             raise PipelineError(f"loss: SR {tuple(sr.shape)} and HR {tuple(hr.shape)} differ in shape")
         # float32 even inside a bf16 autocast region: SSIM's variances need the precision

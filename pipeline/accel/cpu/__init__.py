@@ -1,1 +1,1 @@
-"""TODO"""
+"""CPU-only speed-ups, switched by `pipeline.accel`: shards, memory, attention (with native), jobs."""

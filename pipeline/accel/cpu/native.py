@@ -1,21 +1,18 @@
 """The compiled window attention of `kernels/window_attention.c`, built on first use and loaded with ctypes.
 
 `kernel()` returns the loaded library, or None when it cannot be had (no C compiler, a failed
-build, `SR_NATIVE_KERNELS=0`), and `status()` says which and why, one line for the logs.
+build), and `status()` says which and why, one line for the logs.
 
 Built for AVX-512 (F, BW and VL: Intel Skylake-SP and later, AMD Zen 4 and later) its vectors
-are 16 floats, else 8 (AVX2: 16 took two of its sixteen registers each, spilled, and ran 3x
-slower than torch's products); `vector_floats()` and the status line say which.
+are 16 floats, else 8 (AVX2's registers); `vector_floats()` and the status line say which.
 
 The library is built with the system's C compiler (`$CC`, else `cc`) for the CPU it runs on
 (-march=native) into a cache directory (`$SR_KERNEL_CACHE`, else ~/.cache/sr-pipeline/kernels),
 named by a hash of the sources, the flags and the CPU's model and flags: a checkout shared
 between machines, or a session on another CPU, builds its own. A build is written to a
-temporary name and renamed, so concurrent first uses (a training step's forked shards) and
-interrupted builds never leave a half-written library behind. Building takes about a second.
-
-Why C and not torch: see the kernel's header comment. Why not a torch C++ extension: that
-compiles torch's headers (a minute, and ninja) for two plain loops over float pointers.
+temporary name and renamed, so concurrent first uses and interrupted builds never leave a
+half-written library behind. Building takes a few seconds. Why C and not a torch C++
+extension: that compiles torch's headers (a minute, and ninja) for plain loops over floats.
 """
 from __future__ import annotations
 
@@ -28,14 +25,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 SOURCES = Path(__file__).parent / "kernels"
 SOURCE = SOURCES / "window_attention.c"
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
 CPU_FLAGS = ["-march=native"]        # dropped where the compiler does not take it
-DISABLE_ENV = "SR_NATIVE_KERNELS"    # "0": the torch path everywhere (comparisons, debugging)
 
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None, str] | None = None
@@ -90,19 +85,15 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suffix in ("f32", "bf16"):
         forward = getattr(lib, f"window_attention_forward_{suffix}")
         forward.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, p, p]
-        backward = getattr(lib, f"window_attention_backward_{suffix}")
-        backward.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, p]
-        forward.restype = backward.restype = ctypes.c_int
+        forward.restype = ctypes.c_int
     lib.window_attention_vector_floats.argtypes, lib.window_attention_vector_floats.restype = [], ctypes.c_int
     return lib
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None, f"torch products ({DISABLE_ENV}=0)"
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
-        return None, f"torch products (no C compiler: {compiler!r} not found; set CC to build the native kernel)"
+        return None, f"torch's fused attention (no C compiler: {compiler!r} not found; set CC to build the native kernel)"
     path = _library_path(compiler)
     built = ""
     try:
@@ -114,7 +105,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         width = lib.window_attention_vector_floats()
         return lib, f"native kernel ({width}-float vectors; {path}{built})"
     except (RuntimeError, OSError, AttributeError) as e:
-        return None, f"torch products (the native kernel did not build: {e})"
+        return None, f"torch's fused attention (the native kernel did not build: {e})"
 
 
 def _get() -> tuple[ctypes.CDLL | None, str]:
@@ -137,21 +128,8 @@ def vector_floats() -> int:
 
 
 def status() -> str:
-    """Which window attention CPU training runs, and why: one line."""
+    """Which window attention CPU inference runs, and why: one line."""
     return _get()[1]
-
-
-@contextmanager
-def disabled(reason: str):
-    """torch's products within the block (and in processes forked within it), `reason` in status()."""
-    global _loaded
-    with _lock:
-        saved, _loaded = _loaded, (None, f"torch products ({reason})")
-    try:
-        yield
-    finally:
-        with _lock:
-            _loaded = saved
 
 
 def forget() -> None:

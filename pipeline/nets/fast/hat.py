@@ -5,10 +5,10 @@ subclass that only replaces `forward_features`; `make_reference(net)` switches b
 module tree, parameters and state_dict keys stay the reference's (`hat.py`), so
 `load_weights`, checkpoints and the official fixture work unchanged either way;
 tests/test_fast_paths.py holds this path to the reference (fp32 within 1e-4, the same
-gradients). Inference (`speed.prepare_for_inference`) uses it by default, as SwinIR's.
+gradients). Inference uses it by default, as SwinIR's.
 
 What is faster, and why it computes the same thing (the pieces shared with SwinIR's fast
-path are imported from `swinir_fast.py`):
+path are in `windows.py`):
 - Tokens stay one (B*H*W, C) matrix in image order; convolutions (each block's CAB, each
   group's conv) see it as a channels-last image, a view. Window attention gathers its
   windows with one precomputed permutation (the cyclic shift folded in) and scatters the
@@ -22,33 +22,29 @@ path are imported from `swinir_fast.py`):
   from the token matrix through a precomputed index (a zero row stands for the zero
   padding beyond the border, exactly what the reference's nn.Unfold pads with) instead of
   unfold + rearrange of the whole (2C, H, W) map, and attends with the fused kernel.
-- Inference runs attention in jobs of a few hundred windows on worker threads (each job's
-  gathers stay in cache; see swinir_fast._workers), so the 24x24 key windows of a whole
-  scene (2.25x the map) never exist at once.
+- Inference runs attention in jobs of windows (`windows.in_jobs`; on the CPU, a few dozen
+  windows a job on worker threads), so there the 24x24 key windows of a whole scene (2.25x
+  the map) never exist at once.
 - Permutations, gather indices and masks depend only on (batch, H, W, device): built once
   per input size and cached for a few sizes (tiles and TTA views reuse them).
 With autograd (training) every step is differentiable: caches that depend on weights are
 rebuilt inside the graph when gradients are needed, attention takes SwinIR's training path
-(window attention: `window_attention_cpu` by hand on the CPU, the fused kernel on CUDA;
-the cross-attention: `swinir_fast.attend`, spelt out on the CPU), and
+(window attention and the cross-attention: `windows.attend`, the fused kernel on CUDA and
+spelt out on the CPU), and
 stochastic depth drops whole images as the reference's DropPath does.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from pipeline.accel.cpu.onednn_linear import linear as _linear
 from pipeline.nets.drop_path import keep_mask
-from pipeline.nets.fast.swinir import _cached, _mlp, _Orders, _position_bias, _run_jobs, _window_attention, attend
 from pipeline.nets.fast.switch import cached_orders, reorder, to_fast, to_reference
+from pipeline.nets.fast.windows import WindowOrders, attend, cached, in_jobs, position_bias, run_jobs, window_attention
 from pipeline.nets.hat import HAB, HAT, OCAB, overlap_window_size
 
-_CHUNK_WINDOWS = 32  # windows per inference job (8192 query tokens of a 16x16 window)
 
-
-class _HatOrders(_Orders):
-    """SwinIR's window orders of one (batch, H, W) map ("img", "U", "S": see _Orders) and,
+class _HatOrders(WindowOrders):
+    """SwinIR's window orders of one (batch, H, W) map ("img", "U", "S": see WindowOrders) and,
     for the overlapping cross-attention, `kv_index`: for every window of "U" (laid out
     (window, image)), the token index of each cell of the ows x ows window around it, or
     B*H*W (a zero row appended to the tokens) where that cell lies beyond the border."""
@@ -76,10 +72,10 @@ def _oca_bias(oca: OCAB, rpi: torch.Tensor) -> torch.Tensor:
 
     def build() -> torch.Tensor:
         return table[rpi.view(-1)].view(nq, n, -1).permute(2, 0, 1).unsqueeze(0).contiguous()
-    return _cached(oca, "_fast_bias", [table], build)
+    return cached(oca, "_fast_bias", [table], build)
 
 
-def _drop_path(blk: HAB, y: torch.Tensor, b: int) -> torch.Tensor:
+def drop_path(blk: HAB, y: torch.Tensor, b: int) -> torch.Tensor:
     """Stochastic depth per image on image-ordered tokens (B*H*W, C), as the reference's."""
     p = getattr(blk.drop_path, "drop_prob", 0.0)
     if not blk.training or not p:
@@ -90,20 +86,18 @@ def _drop_path(blk: HAB, y: torch.Tensor, b: int) -> torch.Tensor:
 
 def _in_jobs(out: torch.Tensor, cells: int, attend, device: torch.device,
              segments: list[tuple[int, int, torch.Tensor | None]]) -> torch.Tensor:
-    """out[window rows] = attend(first, stop, mask) for chunks of windows: in one call where
-    gradients flow (training), else in jobs on the worker threads (inference). `mask` is
-    None or one row per window of its segment; the segments run from window 0 in order, so
-    the last one's mask is that of the last windows, as `attend` takes it in one call."""
+    """out[window rows] = attend(first, stop, mask) for runs of windows: in one call where
+    gradients flow (training), else in jobs (inference: `windows.in_jobs`). `mask` is None or
+    one row per window of its segment; the segments run from window 0 in order, so the last
+    one's mask is that of the last windows, as `attend` takes it in one call."""
     if torch.is_grad_enabled():
         return attend(0, segments[-1][1], segments[-1][2])
-    jobs = [(a, min(a + _CHUNK_WINDOWS, e), first, m) for first, e, m in segments
-            for a in range(first, e, _CHUNK_WINDOWS)]
 
     def run(job: tuple) -> None:
         a, e, first, m = job
         out[a * cells:e * cells] = attend(a, e, None if m is None else m[a - first:e - first])
 
-    _run_jobs(run, jobs, device)
+    run_jobs(run, in_jobs(segments, cells, device), device)
     return out
 
 
@@ -115,22 +109,22 @@ def _hab(blk: HAB, t: torch.Tensor, orders: _HatOrders, b: int, h: int, w: int) 
     conv_x = conv_x.permute(0, 2, 3, 1).reshape(-1, c)
     order = "S" if blk.shift_size else "U"
     windows = reorder(y, orders, "img", order)
-    bias = _position_bias(blk.attn)
+    bias = position_bias(blk.attn)
     segments = orders.segments(bool(blk.shift_size))
 
     def attend_windows(a: int, e: int, mask: torch.Tensor | None) -> torch.Tensor:
-        return _window_attention(blk.attn, windows[a * n:e * n], n, bias, mask)
+        return window_attention(blk.attn, windows[a * n:e * n], n, bias, mask)
 
     y = _in_jobs(torch.empty_like(windows), n, attend_windows, t.device, segments)
-    t = t + _drop_path(blk, reorder(y, orders, order, "img"), b) + conv_x * blk.conv_scale
-    return t + _drop_path(blk, _mlp(blk.mlp, blk.norm2(t)), b)
+    t = t + drop_path(blk, reorder(y, orders, order, "img"), b) + conv_x * blk.conv_scale
+    return t + drop_path(blk, blk.mlp(blk.norm2(t)), b)
 
 
 def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> torch.Tensor:
     """The overlapping cross-attention block on image-ordered tokens t (B*H*W, C)."""
     c, heads = t.shape[1], oca.num_heads
     d, nq, n = c // heads, orders.cells, orders.kv_cells
-    qkv = _linear(oca.norm1(t), oca.qkv.weight, oca.qkv.bias)
+    qkv = oca.qkv(oca.norm1(t))
     q = reorder(qkv[:, :c], orders, "img", "U")                    # windows of queries
     kv = torch.cat([qkv[:, c:], qkv.new_zeros(1, 2 * c)])                       # + the zero padding row
     bias = _oca_bias(oca, rpi)
@@ -140,12 +134,12 @@ def _ocab(oca: OCAB, t: torch.Tensor, orders: _HatOrders, rpi: torch.Tensor) -> 
         kvw = kv.index_select(0, orders.kv_index[a * n:e * n]).view(e - a, n, 2, heads, d)
         k, v = kvw[:, :, 0].transpose(1, 2), kvw[:, :, 1].transpose(1, 2)
         out = attend(qw, k, v, bias.to(qw.dtype), oca.scale)                     # (windows, heads, nq, d)
-        return _linear(out.transpose(1, 2).reshape((e - a) * nq, c), oca.proj.weight, oca.proj.bias)
+        return oca.proj(out.transpose(1, 2).reshape((e - a) * nq, c))
 
     n_windows = q.shape[0] // nq
     y = _in_jobs(torch.empty_like(q), nq, attend_windows, t.device, [(0, n_windows, None)])
     t = t + reorder(y, orders, "U", "img")
-    return t + _mlp(oca.mlp, oca.norm2(t))
+    return t + oca.mlp(oca.norm2(t))
 
 
 class FastHAT(HAT):

@@ -1,31 +1,23 @@
-/* Window attention on the CPU: forward (training and inference) and backward, one (window, head)
-   at a time.
+/* Window attention on the CPU, one (window, head) at a time.
 
    softmax(q.k * scale + bias + mask).v for windows of n tokens and heads of d channels, reading
    q, k and v straight from the qkv projection's output and writing the input of the output
-   projection: what `window_attention_cpu.py` computes with torch's batched products. There,
-   with SwinIR-S's 64-token windows and 10-channel heads, the products are too small for the
-   matrix kernels, and every product, the softmax and their gradients is a pass over the scores
-   with copies between them. Here a window-head's scores stay in the core's first-level cache
-   from the first product to the last, in float32 whatever the storage type (float32 or
-   bfloat16). Measured on SwinIR-S's shapes (AMD EPYC, avx512_bf16, one thread, 192 windows):
-   forward + backward 9.6 ms in fp32 and 7.0 ms in bf16 (12 and 11 ms with the Python around
-   it), against 21 and 14 ms through torch's chunked products; inference (128 windows) 2.9 ms
-   against 7.2 (fp32) and 8.8 ms (bf16) through torch's fused attention kernel.
+   projection. With SwinIR-S's 64-token windows and 10-channel heads the products are too small
+   for the matrix kernels, and torch passes over the scores in memory between them; here a
+   window-head's scores stay in the core's first-level cache from the first product to the
+   last, in float32 whatever the storage type (float32 or bfloat16).
 
    The layout is what makes it fast: every product is written as vectors of VL tokens times
    scalars broadcast from the other operand, so nothing is summed across a vector's lanes. The
    scores are computed transposed (a vector holds VL queries' scores for one key), so the
-   softmax's maximum and sum are lane-wise over keys; the probabilities are stored transposed
-   for the backward, which transposes them (and the scores' gradient) once in cache to make
-   the key-side gradients the same way.
+   softmax's maximum and sum are lane-wise over keys.
 
    Vectors are GCC/Clang vector extensions of VL floats, one register of the machine it is
    built for (16 with AVX-512, else 8: AVX2's, or two SSE registers), which the compiler lowers
    to its instructions; intrinsics only for what the extensions lack (AVX-512's masked moves,
-   its exponent scaling). Built by `window_attention_native.py` with -O3 -march=native.
-   Single-threaded: a training step's shards and the inference window jobs run one per core.
-   n must be a multiple of 16 (at most 256), d at most 32. */
+   its exponent scaling). Built by `native.py` with -O3 -march=native. Single-threaded: the
+   inference window jobs run one per core. n must be a multiple of 16 (at most 256), d at
+   most 32. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -123,17 +115,6 @@ INLINE void transpose_block(vf r[VL]) {
 }
 #undef SWAP_BLOCKS
 #undef UNPACK
-
-/* dst = src^T for (n, n) float32 matrices, n a multiple of VL */
-INLINE void transpose(const float *src, float *dst, const int64_t n) {
-    for (int64_t a = 0; a < n; a += VL)
-        for (int64_t b = 0; b < n; b += VL) {
-            vf r[VL];
-            for (int k = 0; k < VL; ++k) r[k] = load_f32(src + (a + k) * n + b);
-            transpose_block(r);
-            for (int k = 0; k < VL; ++k) store_f32(dst + (b + k) * n + a, r[k]);
-        }
-}
 
 /* Storage types: 16 values, or the first m (<= 16; the rest read as 0), as float32. bfloat16 is
    stored rounded to nearest even. The first m go through AVX-512's masked moves where the

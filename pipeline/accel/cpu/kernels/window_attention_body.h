@@ -1,12 +1,10 @@
-/* The forward and backward for one storage type T, included by window_attention.c once per
+/* The attention for one storage type T, included by window_attention.c once per
    type (T, SUFFIX; LOAD/STORE of VL values, LOADN/STOREN of the first m).
 
    qkv: (windows * n, 3 * heads * d), q then k then v, each heads then d; out: (windows * n,
    heads * d). bias_t: float32 (heads, n, n), the position bias transposed (key, query); mask_t:
    float32 (masked, n, n), the mask of the last `masked` windows transposed, or NULL. probs_t:
-   (windows, heads, n, n), the probabilities transposed (key, query), written by the forward for
-   the backward (NULL: not kept, inference). d_bias_t: float32 (heads, n, n), transposed, added
-   to (summed over windows). */
+   (windows, heads, n, n), the probabilities transposed (key, query), or NULL: not kept. */
 #define FN(name) CAT(name, SUFFIX)
 
 /* The first m values at p, read as VL where that stays inside the buffer (before `end`): the
@@ -92,65 +90,6 @@ INLINE void FN(forward_)(const T *qkv, const float *bias_t, const float *mask_t,
         }
 }
 
-INLINE void FN(backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_t windows,
-                          int64_t heads, const int64_t n, const int64_t d, float scale,
-                          T *d_qkv, float *d_bias_t, float *scratch) {
-    const int64_t width = 3 * heads * d;
-    const T *qkv_end = qkv + windows * n * width, *d_out_end = d_out + windows * n * heads * d;
-    float *q = scratch, *k = q + n * d, *v = k + n * d, *g = v + n * d, *g_t = g + n * d;  /* (n, d) x4, (d, n) */
-    float *p_t = g_t + d * n, *ds_t = p_t + n * n, *p = ds_t + n * n, *ds = p + n * n;     /* (n, n) x4 */
-    for (int64_t w = 0; w < windows; ++w)
-        for (int64_t h = 0; h < heads; ++h) {
-            const int64_t at = w * n * width + h * d;
-            const T *q_in = qkv + at, *k_in = q_in + heads * d, *v_in = k_in + heads * d;
-            const T *g_in = d_out + w * n * heads * d + h * d, *probs_wh = probs_t + (w * heads + h) * n * n;
-            T *d_q = d_qkv + at, *d_k = d_q + heads * d, *d_v = d_k + heads * d;
-            FN(copy_rows_)(q_in, width, n, d, qkv_end, q);
-            FN(copy_rows_)(k_in, width, n, d, qkv_end, k);
-            FN(copy_rows_)(v_in, width, n, d, qkv_end, v);
-            FN(copy_rows_)(g_in, heads * d, n, d, d_out_end, g);
-            FN(copy_transposed_)(g_in, heads * d, n, d, 1.f, d_out_end, g_t);
-            for (int64_t j = 0; j < n * n; j += VL) store_f32(p_t + j, LOAD(probs_wh + j));
-            float *d_bias_h = d_bias_t + h * n * n;
-            for (int64_t i0 = 0; i0 < n; i0 += VL) {                     /* query side: VL queries a vector */
-                vf gq[MAX_D], row_dot = splat(0.f);
-                for (int64_t c = 0; c < d; ++c) gq[c] = load_f32(g_t + c * n + i0);
-                for (int64_t j = 0; j < n; ++j) {                           /* dP^T = v.g^T */
-                    vf dp = splat(0.f);
-                    for (int64_t c = 0; c < d; ++c) dp += splat(v[j * d + c]) * gq[c];
-                    row_dot += dp * load_f32(p_t + j * n + i0);
-                    store_f32(ds_t + j * n + i0, dp);
-                }
-                vf dq[MAX_D];
-                for (int64_t c = 0; c < d; ++c) dq[c] = splat(0.f);
-                for (int64_t j = 0; j < n; ++j) {                           /* the softmax's backward, then dq = dS.k */
-                    vf s = load_f32(p_t + j * n + i0) * (load_f32(ds_t + j * n + i0) - row_dot);
-                    store_f32(ds_t + j * n + i0, s);
-                    store_f32(d_bias_h + j * n + i0, load_f32(d_bias_h + j * n + i0) + s);
-                    for (int64_t c = 0; c < d; ++c) dq[c] += splat(k[j * d + c]) * s;
-                }
-                FN(store_transposed_)(dq, d, scale, d_q + i0 * width, width);
-            }
-            transpose(p_t, p, n);
-            transpose(ds_t, ds, n);
-            for (int64_t j0 = 0; j0 < n; j0 += VL) {                     /* key side: VL keys a vector */
-                vf acc[MAX_D];
-                for (int64_t c = 0; c < d; ++c) acc[c] = splat(0.f);
-                for (int64_t i = 0; i < n; ++i) {                           /* dk = dS^T.q */
-                    const vf s = load_f32(ds + i * n + j0);
-                    for (int64_t c = 0; c < d; ++c) acc[c] += splat(q[i * d + c]) * s;
-                }
-                FN(store_transposed_)(acc, d, scale, d_k + j0 * width, width);
-                for (int64_t c = 0; c < d; ++c) acc[c] = splat(0.f);
-                for (int64_t i = 0; i < n; ++i) {                           /* dv = P^T.g */
-                    const vf pi = load_f32(p + i * n + j0);
-                    for (int64_t c = 0; c < d; ++c) acc[c] += splat(g[i * d + c]) * pi;
-                }
-                FN(store_transposed_)(acc, d, 1.f, d_v + j0 * width, width);
-            }
-        }
-}
-
 /* Return 0, or -1 if scratch memory ran out. */
 int FN(window_attention_forward_)(const T *qkv, const float *bias_t, const float *mask_t,
                                   int64_t masked, int64_t windows, int64_t heads, int64_t n,
@@ -160,18 +99,6 @@ int FN(window_attention_forward_)(const T *qkv, const float *bias_t, const float
 #define FORWARD(N, D) FN(forward_)(qkv, bias_t, mask_t, masked, windows, heads, N, D, scale, out, probs_t, scratch)
     SPECIALISED(FORWARD);
 #undef FORWARD
-    free(scratch);
-    return 0;
-}
-
-int FN(window_attention_backward_)(const T *qkv, const T *probs_t, const T *d_out, int64_t windows,
-                                   int64_t heads, int64_t n, int64_t d, float scale, T *d_qkv,
-                                   float *d_bias_t) {
-    float *scratch = malloc(sizeof(float) * (5 * n * d + 4 * n * n));
-    if (!scratch) return -1;
-#define BACKWARD(N, D) FN(backward_)(qkv, probs_t, d_out, windows, heads, N, D, scale, d_qkv, d_bias_t, scratch)
-    SPECIALISED(BACKWARD);
-#undef BACKWARD
     free(scratch);
     return 0;
 }

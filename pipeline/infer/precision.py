@@ -5,18 +5,16 @@
 dtype, whether a gradient scaler is needed (fp16 training), and the reason, which stage 02
 prints and writes to log.csv.
 
-`auto` picks what the hardware runs natively and fastest (measured, see BENCHMARKS.md):
+`auto` picks what the hardware runs natively and fastest (docs/speed.md has the figures):
 - CUDA, compute capability >= 8.0 (A100, H100, RTX 30xx/40xx): bf16 (fp32's range, no scaler).
 - CUDA below 8.0 (Kaggle's P100 and T4, Colab's T4): fp16, with `torch.amp.GradScaler`
   in training (fp16's range is too small for gradients without it).
 - CPU with AMX (`amx_bf16`: Xeon Sapphire Rapids and later): bf16; its tile unit runs bf16
   matrix products and convolutions several times faster than fp32.
-- CPU with AVX512-BF16 but no AMX (AMD Zen 4/5, Cooper Lake): bf16 too, with one exception.
-  Measured on an AMD EPYC with avx512_bf16 (2 cores; BENCHMARKS.md): RLFN's training step
-  x1.95 of the same fast path in fp32, SwinIR-S's x1.3-1.5, RLFN's inference x1.63; but the
-  inference of the window transformers is slower in bf16 since their fp32 linears go through
-  oneDNN (training round 3): SwinIR-S x0.93 (round 5), HAT-S x0.91. So at inference a net
-  holding a SwinIR or a HAT stays in fp32 there (bf16 would also move its SSIM).
+- CPU with AVX512-BF16 but no AMX (AMD Zen 4/5, Cooper Lake): bf16 too (faster training and
+  convolution inference), with one exception: the inference of the window transformers ran
+  no faster in bf16 than in fp32 there, and bf16 moves their SSIM, so at inference a net
+  holding a SwinIR or a HAT stays in fp32.
 - any other CPU (AVX2 only, ...) and other devices: fp32 (bf16 would be emulated, 10-90x slower).
 An explicit name is honoured where the device runs it, with these exceptions and notes:
 `bf16` on a device without native bf16 trains in fp32 (emulated bf16 is 10-90x slower;
@@ -148,7 +146,7 @@ def _auto(hw: Hardware, net: nn.Module | None, where: str, training: bool) -> Pr
             transformer = "" if training else window_transformer(net)
             if transformer:
                 return Precision("fp32", "auto", f"auto: this CPU has AVX512-BF16 but no AMX, where {transformer}'s "
-                                                 "inference measured slower in bf16 than in fp32 (x0.91-0.93)")
+                                                 "inference measured no faster in bf16 than in fp32")
             return Precision("bf16", "auto", "auto: this CPU has AVX512-BF16 (no AMX), where bf16 "
                                              "measured faster than fp32 (convolutions and attention)")
         return Precision("fp32", "auto", "auto: this CPU has no native bf16 (needs AVX512-BF16 or AMX)")

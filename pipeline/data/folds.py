@@ -1,4 +1,10 @@
-"""Groups of related training scenes (the same place) and fold splits that keep them together.
+"""How training scenes are dealt to folds: balanced on their edge density, one by one or by group.
+
+Scenes differ most in how much fine structure they hold (dense city blocks vs fields or
+water), which is also what drives their SSIM; folds are balanced on that (`edge_density`,
+`assign_folds`: sorted by it, each run of K scenes dealt one to each fold).
+
+Groups of related training scenes (the same place) are kept in one fold (`assign_group_folds`).
 
 A competition's scenes are often cut from a few large images: neighbouring scenes share
 roofs, roads and light, so a net validated on a neighbour of a training scene reads
@@ -8,7 +14,7 @@ says which scenes belong together; stage 01 then never splits a group across fol
 `demo-data --source` writes it for what it builds: the group of a source image is its
 folder plus a block of `TILE_BLOCK` consecutive tile numbers (`denseresidential/15-29`),
 and all tiles cut from one image share its group. Why numbers: in UC Merced, tiles with
-nearby numbers come from the same place (see the README, "Groups and blending").
+nearby numbers come from the same place (docs/data.md, "Groups").
 """
 from __future__ import annotations
 
@@ -17,7 +23,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
+from skimage.color import rgb2gray
+from skimage.filters import sobel
 
+from pipeline.core import paths
 from pipeline.core.errors import PipelineError
 
 # UC Merced: of the within-class tile pairs that look alike (closest 2 % by colour
@@ -95,3 +104,37 @@ def assign_group_folds(statistic: np.ndarray, groups: np.ndarray, n_folds: int, 
             fold_of_group[group] = fold
             fold_sizes[fold] += sizes[group]
     return fold_of_group[inverse]
+
+
+STATISTIC = "edge_density"
+
+
+
+def edge_density(image: np.ndarray) -> float:
+    """Mean Sobel gradient magnitude of the luminance of a uint8 RGB image, in [0, 1]."""
+    return float(sobel(rgb2gray(image)).mean())
+
+
+
+def assign_folds(statistic: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold of each scene: sorted by `statistic`, each group of K consecutive scenes
+    goes one to each fold in a random order; sizes differ by at most one."""
+    n = len(statistic)
+    if n_folds < 2:
+        raise PipelineError(f"n_folds {n_folds}: at least 2 folds are needed")
+    if n_folds > n:
+        raise PipelineError(f"{paths.MANIFEST}: {n_folds} folds requested but only {n} training scene(s); "
+                            f"use --n-folds {n} or fewer")
+    rng = np.random.default_rng(seed)
+    order = np.argsort(statistic, kind="stable")
+    # the partial group (n mod K scenes) is taken from the middle of the ranking, so the
+    # folds that get one scene more get a typical one, not the extreme
+    extra = n % n_folds
+    cut = (n // n_folds // 2) * n_folds
+    groups = [order[s:s + n_folds] for s in range(0, cut, n_folds)]
+    groups += [order[cut:cut + extra]] if extra else []
+    groups += [order[s:s + n_folds] for s in range(cut + extra, n, n_folds)]
+    folds = np.empty(n, dtype=int)
+    for group in groups:
+        folds[group] = rng.permutation(n_folds)[:len(group)]
+    return folds

@@ -1,0 +1,145 @@
+"""What an experiment's `model` and `train` sections build: the net, its optimizer, schedule and EMA.
+
+`check_train_config` refuses values the loop cannot use, naming the key; `build_model` makes
+the configured net (with `model.pretrained` loaded by `load_pretrained`, `model.reinit`
+modules left fresh); `build_optimizer` MADGRAD or Adam; `lr_factor_at` the step schedule;
+`make_ema` the exponential moving average of the weights, with timm's warm-up;
+`training_net` the module the loop calls (fast path, optionally compiled).
+"""
+from __future__ import annotations
+
+import bisect
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel
+
+from pipeline.core import weights
+from pipeline.core.errors import PipelineError
+from pipeline.infer.precision import NAMES as PRECISIONS
+from pipeline.nets import build_net
+from pipeline.nets.fast import use_fast_path
+
+OPTIMIZERS = ("madgrad", "adam")
+
+
+def check_train_config(cfg: dict[str, Any]) -> None:
+    """Refuse values the training loop cannot use, naming the config key."""
+    t, source = cfg["train"], f"config '{cfg['exp']}'"
+
+    def bad(key: str, problem: str) -> PipelineError:
+        return PipelineError(f"{source}: train.{key} {problem}")
+
+    for key in ("steps", "batch_size", "lr_patch", "val_every", "ckpt_every"):
+        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
+            raise bad(key, f"must be a positive integer, got {t[key]!r}")
+    if t["optimizer"] not in OPTIMIZERS:
+        raise bad("optimizer", f"'{t['optimizer']}' unknown ({' or '.join(OPTIMIZERS)})")
+    if t["precision"] not in PRECISIONS:
+        raise bad("precision", f"'{t['precision']}' unknown ({', '.join(PRECISIONS)})")
+    for key in ("fast", "compile"):
+        if not isinstance(t[key], bool):
+            raise bad(key, f"must be true or false, got {t[key]!r}")
+    ms, fs = list(t["milestones"]), list(t["lr_factors"])
+    if ms != sorted(ms) or any(not 0 < m < 1 for m in ms):
+        raise bad("milestones", f"must be increasing fractions of the steps in (0, 1), got {ms}")
+    if len(fs) != len(ms) + 1:
+        raise bad("lr_factors", f"needs one factor more than milestones ({len(ms) + 1}), got {fs}")
+    if not 0 <= t["ema"] < 1:
+        raise bad("ema", f"must be in [0, 1) (0 disables), got {t['ema']}")
+    for key in ("grad_clip", "weight_decay", "val_tile"):
+        if t[key] < 0:
+            raise bad(key, f"must be >= 0, got {t[key]}")
+    for key, least in (("num_workers", 0), ("cpu_shards", 1)):
+        w = t[key]
+        if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < least):
+            raise bad(key, f"must be 'auto' or an integer >= {least}, got {w!r}")
+    for key, p in t["augment"].items():
+        if key != "dihedral" and not 0 <= p <= 1:
+            raise bad(f"augment.{key}", f"is a probability in [0, 1], got {p}")
+
+
+
+def build_model(cfg: dict[str, Any], pretrained: bool, main: bool) -> nn.Module:
+    """The configured net; with its pretrained weights when asked (and `pretrained`)."""
+    m = cfg["model"]
+    net = build_net(m["name"], **m["args"])
+    scale = cfg["data"]["scale"]
+    if getattr(net, "scale", None) != scale:
+        raise PipelineError(f"config '{cfg['exp']}': net '{m['name']}' upscales x{getattr(net, 'scale', '?')} "
+                            f"but data.scale is {scale}; set the scale in model.args")
+    if pretrained:
+        load_pretrained(cfg, net, main)
+    return net
+
+
+
+def load_pretrained(cfg: dict[str, Any], net: nn.Module, main: bool) -> dict | None:
+    """model.pretrained into the net, the model.reinit modules left freshly initialised
+    (e.g. an upsampler for another scale); what was loaded (recorded in config.yaml), or
+    None when training from scratch."""
+    m = cfg["model"]
+    if m["reinit"] and not m["pretrained"]:
+        raise PipelineError(f"config '{cfg['exp']}': model.reinit {m['reinit']} needs model.pretrained")
+    if not m["pretrained"]:
+        return None
+    try:
+        report = weights.load_pretrained(net, m["pretrained"], reinit=m["reinit"])
+    except PipelineError as exc:
+        if m["pretrained_required"]:
+            raise
+        if main:
+            warnings.warn(f"{exc}; model.pretrained_required is false, so '{m['name']}' "
+                          "trains from scratch (expect a lower score)")
+        return None
+    if main:
+        print(f"train: pretrained {m['pretrained']}: {report.summary()} (sha256 {report.sha256[:16]}...)")
+    return report.record()
+
+
+
+def build_optimizer(params, t: dict[str, Any]) -> torch.optim.Optimizer:
+    if t["optimizer"] == "madgrad":
+        import madgrad
+        return madgrad.MADGRAD(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    return torch.optim.Adam(params, lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+
+def ema_update(decay: float):
+    """AveragedModel's multi_avg_fn: an EMA whose decay warms up as min(decay, (1+n)/(10+n))
+    after n updates (TensorFlow's/timm's warm-up), so a short fine-tuning run is not
+    dominated by its starting weights. It depends only on n, which the EMA state holds."""
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged) -> None:
+        n = int(num_averaged)
+        weight = 1.0 - min(decay, (1 + n) / (10 + n))
+        for e, p in zip(ema_params, params):
+            if e.is_floating_point():
+                e.lerp_(p.detach(), weight)
+            else:  # integer buffers (SwinIR's relative position index) are copied, not averaged
+                e.copy_(p)
+    return update
+
+
+
+def lr_factor_at(step: int, t: dict[str, Any]) -> float:
+    """Step schedule: lr_factors[i] between the (i-1)th and ith milestone (fractions of steps)."""
+    bounds = [round(m * t["steps"]) for m in t["milestones"]]
+    return t["lr_factors"][bisect.bisect_right(bounds, step)]
+
+
+
+def training_net(net: nn.Module, t: dict[str, Any]) -> nn.Module:
+    """The module the loop calls: `net` on its fast path (`train.fast`, in place: weights,
+    gradients and optimizer state channels-last), compiled when `train.compile`
+    (parameters shared, so checkpoints and the EMA see the same tensors)."""
+    use_fast_path(net, fast=t["fast"])   # before the EMA copy and the optimizer: they share the layout
+    return torch.compile(net) if t["compile"] else net
+
+
+def make_ema(net: nn.Module, decay: float) -> AveragedModel | None:
+    """The EMA of `net`'s weights and buffers (None when `decay` is 0: EMA off)."""
+    return AveragedModel(net, multi_avg_fn=ema_update(decay), use_buffers=True) if decay > 0 else None
