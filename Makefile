@@ -12,9 +12,11 @@ NPROC ?= 1
 PYTHON ?= python3
 # extra arguments of the train, oof and ensemble commands: ARGS="--set train.steps=2000 --set loss.sobel=0.1"
 ARGS ?=
-# GPUs the training jobs claim, one job per GPU (pipeline/train/gpus.py): default every GPU
-# nvidia-smi lists, none on a CPU machine; GPUS="0 0" lets two jobs share GPU 0 on purpose
-GPUS ?= $(shell nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -E '^[0-9]+$$')
+# GPUs the GPU jobs (train, oof, ensemble) claim, one job per GPU (pipeline/train/gpus.py):
+# default the CUDA_VISIBLE_DEVICES a scheduler set, else every GPU nvidia-smi lists, none on
+# a CPU machine; GPUS="0 0" lets two jobs share GPU 0 on purpose
+comma := ,
+GPUS ?= $(if $(CUDA_VISIBLE_DEVICES),$(subst $(comma), ,$(CUDA_VISIBLE_DEVICES)),$(shell nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -E '^[0-9]+$$'))
 # arguments of the benchmarks: BENCH_ARGS='--quick' or '--rows rlfn'; AERIAL_ARGS='--main-rows'
 BENCH_ARGS ?=
 AERIAL_ARGS ?=
@@ -39,9 +41,9 @@ SUBMISSION_LATEST := submissions/$(EXP)-latest.txt
 CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
 # folds of the experiment, read from its config (lazily: needs the venv)
 FOLD_LIST = $(shell $(PY) -c "from pipeline.core.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
-# With GPUS, a training job first claims NPROC free GPUs of them (waiting while none is
+# With GPUS, a job first claims N free GPUs of them (training: NPROC; waiting while none is
 # free) and runs on those alone (CUDA_VISIBLE_DEVICES); the claim ends with the job.
-GPU_CLAIM = $(if $(strip $(GPUS)),$(PY) -m pipeline.train.gpus --gpus "$(strip $(GPUS))" --count $(NPROC) --)
+GPU_CLAIM = $(if $(strip $(GPUS)),$(PY) -m pipeline.train.gpus --gpus "$(strip $(GPUS))" --count $(1) --)
 TRAIN = $(if $(filter 1,$(NPROC)),$(PIPE),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline)
 # make -jN: each of the N jobs gets cores/N CPU threads unless OMP_NUM_THREADS is set
 MAKE_JOBS = $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS)))
@@ -86,7 +88,7 @@ $(FOLDS_CSV): $(MANIFEST) $(wildcard $(CONFIG)) $(wildcard data/raw/groups.csv) 
 	$(PIPE) folds --exp $(EXP)
 
 train: $(FOLDS_CSV) ## stage 02: train one fold (FOLD=0 SEED=0 EXP=aerial NPROC=1 GPUS= ARGS=)
-	$(GPU_CLAIM) $(TRAIN) train --exp $(EXP) --fold $(FOLD) --seed $(SEED) $(ARGS)
+	$(call GPU_CLAIM,$(NPROC)) $(TRAIN) train --exp $(EXP) --fold $(FOLD) --seed $(SEED) $(ARGS)
 
 train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j4 train-all GPUS="0 1 2 3"`: one per GPU)
 	$(MAKE) $(foreach s,$(SEEDS),$(foreach f,$(FOLD_LIST),models/$(EXP)/seed$(s)/fold$(f)/.trained))
@@ -104,11 +106,11 @@ FORCE:
 # Stages 03-05 are file targets: each reruns only when a checkpoint (or another input) is newer.
 oof: $(OOF_SUMMARY) ## stage 03: out-of-fold SSIM -> models/EXP/oof/{oof.csv,summary.json,oof.png}
 $(OOF_SUMMARY): $(CKPTS) $(FOLDS_CSV) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
-	$(PIPE) oof --exp $(EXP) --seeds $(SEEDS) $(ARGS)
+	$(call GPU_CLAIM,1) $(PIPE) oof --exp $(EXP) --seeds $(SEEDS) $(ARGS)
 
 ensemble: $(PRED_DIR)/ensemble.json ## stage 04: fold x seed ensemble + 8-way TTA on the test set
 $(PRED_DIR)/ensemble.json: $(CKPTS) $(MANIFEST) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
-	$(PIPE) ensemble --exp $(EXP) --seeds $(SEEDS) $(ARGS)
+	$(call GPU_CLAIM,1) $(PIPE) ensemble --exp $(EXP) --seeds $(SEEDS) $(ARGS)
 
 submission: $(SUBMISSION_LATEST) ## stage 05: check and zip the predictions -> submissions/EXP-<time>.zip
 $(SUBMISSION_LATEST): $(PRED_DIR)/ensemble.json | $(SETUP)
@@ -118,7 +120,7 @@ blend: | $(SETUP) ## fit blend weights on EXPS' out-of-fold predictions -> model
 	$(PIPE) blend --exps $(EXPS) --name $(BLEND)
 
 blend-submission: | $(SETUP) ## stages 04-05 from the blend BLEND -> submissions/BLEND-<time>.zip
-	$(PIPE) ensemble --blend $(BLEND)
+	$(call GPU_CLAIM,1) $(PIPE) ensemble --blend $(BLEND)
 	$(PIPE) submission --blend $(BLEND)
 
 all: ## stages 00-05 for EXP

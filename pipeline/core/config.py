@@ -23,6 +23,9 @@ from pipeline.core.errors import PipelineError
 PRETRAINED_RECORD = "pretrained_loaded"
 
 DEFAULTS: dict[str, Any] = {
+    # Where training and inference run: auto (a GPU torch can use, else the CPU; never the CPU
+    # silently beside GPUs torch cannot use), cpu, cuda or cuda:N (pipeline/core/device.py).
+    "device": "auto",
     # Competition format: file patterns and scale (the 2023 Solafune contest used x5).
     "data": {
         "scale": 4,
@@ -93,7 +96,7 @@ DEFAULTS: dict[str, Any] = {
 # Keys that never change what a run computes (how fast it goes, which inputs are accepted):
 # a resume or a finished run is not refused for them (the sample stream is the same with any
 # number of workers; the pixel bound only refuses inputs before anything is trained).
-RUNTIME_KEYS = ("train.num_workers", "data.max_pixels")
+RUNTIME_KEYS = ("train.num_workers", "data.max_pixels", "device")
 
 
 class _Loader(yaml.SafeLoader):

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline.core.device import pick_device
 from pipeline.core.errors import PipelineError
 from pipeline.infer.precision import NAMES as PRECISIONS
-from pipeline.infer.precision import choose, hardware, native
+from pipeline.infer.precision import choose, hardware, native, tf32
 from pipeline.infer.tiling import tiled_forward
 from pipeline.infer.tta import tta_forward, tta_views
 from pipeline.nets.fast import use_fast_path
@@ -42,13 +43,6 @@ def prepare_for_inference(net: nn.Module, device: str | torch.device, precision:
     if precision in ("bf16", "fp16") and not native(precision, hardware(device)):
         _warn_emulated(precision, device.type)
     return use_fast_path(net, fast)
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else "cuda" when available, else "cpu"."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @contextlib.contextmanager
@@ -112,7 +106,7 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
     precision = choose(precision, device, nn.ModuleList(nets), training=False).name
     x = x.to(device)
     total = None
-    with torch.inference_mode(), autocast(precision, device):
+    with torch.inference_mode(), autocast(precision, device), tf32(False):   # scored: full float32
         for k, net in enumerate(nets):
             # on `device`, eval mode, fast path (fast=False: the reference path)
             prepare_for_inference(net, device, precision, fast=fast)

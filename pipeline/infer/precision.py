@@ -23,9 +23,11 @@ GradScaler work there, which is how the GPU path is tested) but is emulated and 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -160,3 +162,21 @@ def _describe(hw: Hardware) -> str:
     if hw.device_type == "cpu":
         return {"amx": "this CPU (AMX)", "avx512_bf16": "this CPU (AVX512-BF16)"}.get(hw.cpu_bf16, "this CPU")
     return hw.device_type
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool) -> Iterator[None]:
+    """CUDA matrix products and convolutions in TF32 (`allowed`) or in full float32, in the block.
+
+    The policy: a training step allows TF32 on the GPUs that have it (compute capability 8.0
+    and later: several times fp32's throughput, within training's own noise); every forward
+    whose output is scored (validation, out of fold, ensemble, predict) runs in full float32,
+    so a "fp32" answer is float32 and a GPU's answer matches the CPU's. No effect on the CPU."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

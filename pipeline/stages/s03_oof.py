@@ -43,9 +43,10 @@ from tqdm import tqdm
 from pipeline.core import io, locks, paths
 from pipeline.core.artifacts import checkpoint_record, load_folds
 from pipeline.core.config import add_set_argument, load_config
+from pipeline.core.device import pick_device
 from pipeline.core.metrics import competition_ssim
 from pipeline.data.patches import fold_ids, load_scenes
-from pipeline.infer.ensemble import image_to_tensor, pick_device, predict_float, predict_scene, tensor_to_image
+from pipeline.infer.ensemble import image_to_tensor, predict_float, predict_scene, tensor_to_image
 from pipeline.infer.load import infer_settings, load_nets
 from pipeline.infer.oof import check_splits, checkpoints_by_fold, gallery_item, plot_oof, start_net, stats, summarize
 from pipeline.infer.tta import TTA_CHOICES
@@ -62,7 +63,7 @@ def run_oof(cfg: dict, seeds: list[int] | None = None, tta: int | None = None) -
     exp = cfg["exp"]
     scale = int(cfg["data"]["scale"])
     settings = infer_settings(cfg, tta)
-    device = pick_device()
+    device = pick_device(cfg["device"])
     folds = sorted(int(f) for f in load_folds()["fold"].unique())
     ckpts = checkpoints_by_fold(exp, seeds, folds)
     seeds_used = sorted({s for by_seed in ckpts.values() for s in by_seed})

@@ -37,8 +37,9 @@ from pipeline.core.artifacts import (
     test_scenes,
 )
 from pipeline.core.config import add_set_argument, load_config
+from pipeline.core.device import pick_device
 from pipeline.core.errors import PipelineError
-from pipeline.infer.ensemble import pick_device, predict_scene
+from pipeline.infer.ensemble import predict_scene
 from pipeline.infer.load import ensemble_checkpoints, infer_settings, load_nets
 from pipeline.infer.precision import choose
 from pipeline.infer.tta import TTA_CHOICES
@@ -52,7 +53,7 @@ def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = No
     exp = cfg["exp"]
     scale = int(cfg["data"]["scale"])
     settings = infer_settings(cfg, tta, tile)
-    device = pick_device()
+    device = pick_device(cfg["device"])
     scenes = test_scenes(cfg)
     ckpt_paths, net_weights, extra = ensemble_checkpoints(exp, seeds, blend)
     records = [checkpoint_record(p) for p in ckpt_paths]

@@ -11,7 +11,8 @@ that ran it:
   optimizer, schedule, EMA and gradient clipping, on ready tensors): `<net>-train-ref` the
   plain way (fp32, reference path, the whole batch on one thread's operations, no CPU
   speed-ups), `<net>-train` stage 02's default on this machine (`train.precision: auto`,
-  fast path, CPU speed-ups), `-noaccel` the same without the CPU speed-ups,
+  fast path, CPU speed-ups), `-noaccel` the same without the CPU speed-ups, `-shards` /
+  `-memory` (training) and `-attention` / `-jobs` (SwinIR-S inference) with that one alone,
   `-fp32`/`-bf16`/`-fp16` one precision (bf16/fp16 only where the hardware runs them
   natively), `-p48` the default recipe's 48 -> 192 crops, `-compile` with `train.compile`
   (its warm-up, `warmup_s`, is the compile time), `-loader` with the real sample stream
@@ -113,6 +114,11 @@ def _rows() -> list[Row]:
             rows += [Row(f"{net}-train-{p}", "train", net, precision=p, mode="ready", baseline=ref)
                      for p in ("fp32", "bf16", "fp16")]
         rows += [Row(f"{net}-train-loader", "train", net, precision="auto", mode="loader", baseline=f"{net}-train")]
+    # what each CPU speed-up buys alone: training (shards, memory) and SwinIR inference (attention, jobs)
+    rows += [Row(f"rlfn-train-{part}", "train", "rlfn", precision="auto", mode="ready", baseline="rlfn-train-noaccel",
+                 args={"accel": frozenset({part})}) for part in ("shards", "memory")]
+    rows += [Row(f"swinir_s-fast-fp32-{part}", "infer", "swinir_s", baseline="swinir_s-fast-fp32-noaccel",
+                 args={"accel": frozenset({part})}) for part in ("attention", "jobs")]
     # the default recipe's 48 -> 192 crops
     rows += [Row("rlfn-train-p48", "train", "rlfn", precision="auto", mode="ready", args={"patch": 48}),
              Row("rlfn-train-p48-noaccel", "train", "rlfn", precision="auto", mode="ready",

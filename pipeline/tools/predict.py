@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from pipeline.core import io, locks
 from pipeline.core.artifacts import is_blend_file, read_blend
+from pipeline.core.device import pick_device
 from pipeline.core.errors import PipelineError
-from pipeline.infer.ensemble import PRECISIONS, pick_device, predict_scene
+from pipeline.infer.ensemble import PRECISIONS, predict_scene
 from pipeline.infer.load import checkpoint_paths, load_nets, named_net
 from pipeline.infer.precision import choose
 from pipeline.infer.tta import TTA_CHOICES
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="views/tiles per forward pass")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="fp32 (default), bf16, fp16, or auto: what the device runs natively (pipeline/infer/precision.py)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="auto (default: a GPU torch can use, else the CPU), cpu, cuda, cuda:1 ...")
 
 
 def main(args: argparse.Namespace) -> int:

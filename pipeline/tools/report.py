@@ -411,7 +411,8 @@ class SceneImages:
         kept = paths.oof_dir(exp) / f"pred_seed{seed}" / f"{scene_id}.tif"
         if kept.is_file():
             return io.read_image(kept)
-        from pipeline.infer.ensemble import pick_device, predict_scene
+        from pipeline.core.device import pick_device
+        from pipeline.infer.ensemble import predict_scene
         from pipeline.nets import net_from_checkpoint
 
         ckpt = paths.run_dir(exp, seed, fold) / "best.pt"

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.core.device import pick_device
+
 
 @dataclass
 class Dist:
@@ -54,15 +56,16 @@ class Dist:
 
 
 
-def init_distributed() -> Dist:
-    """DDP from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK); alone otherwise."""
+def init_distributed(setting: str = "auto") -> Dist:
+    """DDP from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK); alone otherwise. The
+    device is the config's `device` (`pipeline.core.device`); on GPUs each rank takes the one
+    of its LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(setting)
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world == 1:
         return Dist(device=device)
     if not dist.is_initialized():

@@ -15,7 +15,9 @@ the locked descriptors. So a claim
 - does not depend on make's job slots, fold numbers or the order jobs start in: with any
   -j (more jobs than GPUs wait for one to free up), two experiments, or two checkouts on
   one machine, two jobs never land on one GPU by accident.
-A GPU named twice (GPUS="0 0") is two slots of it: sharing on purpose. Nothing here needs
+A GPU named twice (GPUS="0 0") is two slots of it: sharing on purpose. Where a scheduler
+already set CUDA_VISIBLE_DEVICES (SLURM, Kubernetes), the Makefile's GPUS defaults to those
+GPUs and a claim of any other is refused. Nothing here needs
 a GPU or torch (ids are strings passed to CUDA_VISIBLE_DEVICES), so it is tested on CPU.
 """
 from __future__ import annotations
@@ -161,6 +163,11 @@ def run_on_claimed(gpus: list[str], count: int, command: list[str]) -> None:
     """Claim, then exec `command` with CUDA_VISIBLE_DEVICES set; the command holds the claim."""
     if not command:
         raise PipelineError("gpus: no command given (python -m pipeline.train.gpus --gpus '0 1' -- COMMAND)")
+    given = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(",", " ").split()
+    outside = [g for g in gpus if given and g not in given]
+    if outside:     # a scheduler (SLURM, Kubernetes) gave this job those GPUs and no others
+        raise PipelineError(f"gpus: GPU {outside[0]} is not among the GPUs this job was given "
+                            f"(CUDA_VISIBLE_DEVICES={','.join(given)}); name GPUs of that list in GPUS")
     got = claim(gpus, count, what=" ".join(command))
     for fd in got.fds:
         os.set_inheritable(fd, True)

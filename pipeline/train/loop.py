@@ -89,7 +89,7 @@ class Result:
 
 def train(cfg: dict[str, Any], fold: int, seed: int, resume: str = "auto", force: bool = False) -> Result:
     """Train (or resume, or skip if finished) one fold of one seed; see the module docstring."""
-    d = init_distributed()
+    d = init_distributed(cfg["device"])
     try:
         # one writer per run folder (rank 0 writes; another trainer of this fold stops at once)
         with locked(paths.run_dir(cfg["exp"], seed, fold)) if d.main else contextlib.nullcontext():

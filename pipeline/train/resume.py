@@ -37,20 +37,25 @@ def seed_everything(value: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every random generator's state; on a GPU the current device's (a process trains on one)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s states. The CUDA state goes to the current device, whatever GPUs
+    this machine has now (a list, one per device as older checkpoints saved it, gives the
+    current device's entry, or the first when there are fewer)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)
 
 
 def config_diff(a: dict, b: dict, where: str = "") -> list[str]:

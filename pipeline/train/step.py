@@ -5,7 +5,7 @@
     outcome = step(lr, hr)                                       # float NCHW batches on the device
 
 A step: clear the gradients; forward and backward (`gradients`: the loss under autocast, its
-gradients scaled by the fp16 scaler); the loss averaged over DDP ranks (`reduce`); then, unless
+gradients scaled by the fp16 scaler; CUDA products may use TF32, `infer.precision.tf32`); the loss averaged over DDP ranks (`reduce`); then, unless
 the loss or the gradient norm is not finite (`NonFiniteStep`, raised before anything touches
 the weights), unscale, clip, the optimizer's update (fp16: skipped when a gradient is inf or
 NaN, and the scale halved), the schedule, and the EMA of the weights (not after a skipped
@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from pipeline.infer.precision import tf32
 
 
 class NonFiniteStep(Exception):
@@ -91,7 +93,8 @@ class TrainStep:
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor) -> Outcome:
         fp16 = self.scaler.is_enabled()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, terms = self.gradients(lr, hr, self.scaler)     # the weights are not touched yet
+        with tf32(True):                                      # GPUs from Ampere on: TF32 products
+            loss, terms = self.gradients(lr, hr, self.scaler)     # the weights are not touched yet
         # every rank sees the same (mean) loss: they stop together and log the global figure
         reported = self.reduce(torch.tensor([float(loss)] + list(terms.values()), dtype=torch.float64))
         loss_value = float(reported[0])
