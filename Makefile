@@ -21,9 +21,16 @@ GPUS ?= $(if $(CUDA_VISIBLE_DEVICES),$(subst $(comma), ,$(CUDA_VISIBLE_DEVICES))
 BENCH_ARGS ?=
 AERIAL_ARGS ?=
 
+# Which torch `make setup` installs: the pins of requirements.txt (default); TORCH=system, a
+# venv that sees the machine's own torch and torchvision (Kaggle, Colab, NGC containers) with
+# the other pins beside them; TORCH_INDEX=URL, torch and torchvision from that index
+# (https://download.pytorch.org/whl/cu118: older drivers, Pascal cards). docs/gpu.md.
+TORCH ?= pinned
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
+PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check
 # ../shared beside the checkout holds the real pretrained weights when present
 export SR_WEIGHTS_DIR ?= $(abspath ../shared/weights)
 # Idle OpenMP threads sleep instead of spinning: the same speed on idle cores, and far
@@ -55,16 +62,17 @@ DEFAULT_EXPS ?= aerial_patch48_steps2000 aerial_rfdn_steps2000
 DEFAULT_BLEND ?= default
 
 .PHONY: help setup demo demo-data unzip folds train train-all oof ensemble submission all \
-        predict score test test-all bench weights benchmark-aerial benchmark-aerial-x5 report lb clean FORCE \
+        predict score test test-all bench gpu-check weights benchmark-aerial benchmark-aerial-x5 report lb clean FORCE \
         blend blend-submission default
 
 help: ## list every target with one line each
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z0-9_-]+:.*?## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: EXP=$(EXP) FOLD=$(FOLD) SEED=$(SEED) SEEDS='$(SEEDS)' NPROC=$(NPROC) GPUS='$(strip $(GPUS))' ARGS='$(ARGS)'"
 
-setup: $(SETUP) ## create .venv from the pinned requirements.txt (reused while up to date)
+setup: $(SETUP) ## create .venv from requirements.txt (TORCH=system or TORCH_INDEX=URL on GPU machines; docs/gpu.md)
 $(SETUP): requirements.txt
-	$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt && touch $@
+	$(PYTHON) -m venv $(if $(filter system,$(TORCH)),--system-site-packages )$(VENV) && grep -vE '^torch(vision)?==' requirements.txt > $(VENV)/requirements-without-torch.txt
+	$(if $(filter system,$(TORCH)),,$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) torch torchvision,$$(grep -E '^torch(vision)?==' requirements.txt)) && )$(PIP) -r $(VENV)/requirements-without-torch.txt && $(PY) -m pipeline.core.torch_check && touch $@
 
 demo: $(SETUP) ## build the demo competition and run every stage on it, ending with a scored zip
 	$(MAKE) demo-data EXP=demo && $(MAKE) all EXP=demo
@@ -147,6 +155,9 @@ test-all: $(SETUP) ## run every test, slow end-to-end runs included
 
 bench: $(SETUP) ## speed and memory benchmarks -> bench/results.{csv,md} (BENCH_ARGS='--quick', '--rows rlfn')
 	$(PIPE) bench $(BENCH_ARGS)
+
+gpu-check: $(SETUP) ## prove a GPU machine in minutes: training vs CPU, resume, torchrun, stages 03-04, speed -> bench/gpu-check.md
+	$(PIPE) gpu-check
 
 benchmark-aerial: $(SETUP) ## the real aerial benchmark (needs ../shared): every row, the table, the default (AERIAL_ARGS='--main-rows')
 	$(PIPE) benchmark-aerial $(AERIAL_ARGS)

@@ -33,10 +33,11 @@ COMMANDS = {
     "report": ("pipeline.tools.report", "static HTML report of the workdir -> reports/index.html"),
     "ablation": ("pipeline.tools.ablation", "the ablation table of a benchmark work folder, and its default submission"),
     "benchmark-aerial": ("pipeline.tools.benchmark_aerial", "the real aerial benchmark end to end (needs ../shared)"),
+    "gpu-check": ("pipeline.tools.gpu_check", "prove a GPU machine: training, resume, torchrun, stages 03-04, speed"),
     "lb": ("pipeline.tools.ledger", "record a zip's public leaderboard score, or print the submissions ledger"),
 }
 # commands that train or run nets in this process
-NET_COMMANDS = {"train", "oof", "ensemble", "predict", "benchmark-sr", "bench", "report"}
+NET_COMMANDS = {"train", "oof", "ensemble", "predict", "benchmark-sr", "bench", "report", "gpu-check"}
 
 
 def _format_warning(message, category, filename, lineno, line=None):

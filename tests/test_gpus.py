@@ -136,3 +136,27 @@ def test_make_j_train_all_gives_every_job_its_own_gpu(tmp_path):
         assert {r["threads"] for r in records} == {str(max(1, cores // 5))}
         assert all(s.exists() == stamped for s in stamps)
     assert make() == []                                # a no-op rerun starts no stage 02
+
+
+def test_oof_and_ensemble_claim_a_gpu_too(make_dry_run):
+    """Stages 03 and 04 (and a blend's stage 04) claim one GPU of GPUS, as training claims NPROC."""
+    lines = make_dry_run("oof", "ensemble", "train", "GPUS=0 1", "NPROC=2", "CUDA_VISIBLE_DEVICES=")
+    claims = {line.split("-m pipeline ", 1)[1].split()[0]: line.split(" -- ", 1)[0].split("-m pipeline.train.gpus ", 1)[1]
+              for line in lines if "-m pipeline.train.gpus" in line}
+    assert claims == {"oof": '--gpus "0 1" --count 1', "ensemble": '--gpus "0 1" --count 1',
+                      "train": '--gpus "0 1" --count 2'}
+    blend = [line for line in make_dry_run("blend-submission", "GPUS=0", "CUDA_VISIBLE_DEVICES=") if "ensemble" in line]
+    assert blend and blend[0].split(" -- ", 1)[0].endswith('-m pipeline.train.gpus --gpus "0" --count 1')
+    assert not any("pipeline.train.gpus" in line for line in make_dry_run("oof", "GPUS=", "CUDA_VISIBLE_DEVICES="))
+
+
+def test_a_schedulers_gpus_are_the_default_and_the_only_ones_claimed(make_dry_run, monkeypatch, capsys):
+    """Where a scheduler set CUDA_VISIBLE_DEVICES, GPUS defaults to those GPUs, and a claim of
+    another is refused with one line (before: nvidia-smi's list, and CUDA_VISIBLE_DEVICES overwritten)."""
+    train = [line for line in make_dry_run("train", "CUDA_VISIBLE_DEVICES=2,3") if "pipeline train " in line]
+    assert '-m pipeline.train.gpus --gpus "2 3" --count 1 -- ' in train[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpus.main(["--gpus", "1 2", "--", "true"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: gpus: GPU 1 is not among the GPUs this job was given (CUDA_VISIBLE_DEVICES=2,3); "
+        "name GPUs of that list in GPUS")

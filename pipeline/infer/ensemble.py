@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from pipeline.core.device import pick_device
 from pipeline.core.errors import PipelineError
+from pipeline.infer.memory import auto_tile
 from pipeline.infer.precision import NAMES as PRECISIONS
 from pipeline.infer.precision import choose, hardware, native, tf32
 from pipeline.infer.tiling import tiled_forward
@@ -91,12 +92,14 @@ def net_scale(nets: Sequence[nn.Module]) -> int:
 def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, tile: int = 0,
                   overlap: int = 16, batch: int = 8, device: str | torch.device | None = None,
                   precision: str = "fp32", fast: bool = True,
-                  weights: Sequence[float] | None = None) -> torch.Tensor:
+                  weights: Sequence[float] | None = None, memory_budget: int | None = None) -> torch.Tensor:
     """Mean over nets x TTA views of the SR of float NCHW `x`, float32 on the CPU, not rounded.
 
     The nets are moved to `device` and put in eval mode; `precision` "auto" is resolved for
     the nets on `device` (pipeline.infer.precision). `weights` (one per net, >= 0): a weighted mean
-    over the nets instead (a blend of experiments); None: equal weights.
+    over the nets instead (a blend of experiments); None: equal weights. `tile` 0: the whole
+    scene where it fits `memory_budget` (bytes; None: the device's, pipeline.infer.memory),
+    else tiles of the largest side that does.
     """
     scale = net_scale(nets)
     if weights is not None and (len(weights) != len(nets) or min(weights) < 0 or sum(weights) <= 0):
@@ -106,11 +109,13 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
     precision = choose(precision, device, nn.ModuleList(nets), training=False).name
     x = x.to(device)
     total = None
+    for net in nets:   # on `device`, eval mode, fast path (fast=False: the reference path); outside
+        prepare_for_inference(net, device, precision, fast=fast)     # inference mode: the net may train later
     with torch.inference_mode(), autocast(precision, device), tf32(False):   # scored: full float32
+        if tile == 0:
+            tile = auto_tile(list(nets), tuple(x.shape[-2:]), len(views) * x.shape[0], batch, scale, device,
+                             overlap, memory_budget)
         for k, net in enumerate(nets):
-            # on `device`, eval mode, fast path (fast=False: the reference path)
-            prepare_for_inference(net, device, precision, fast=fast)
-
             def views_of_net(t: torch.Tensor, net: nn.Module = net) -> torch.Tensor:
                 return tta_forward(net, t, views, batch)
 
@@ -124,16 +129,18 @@ def predict_float(nets: Sequence[nn.Module], x: torch.Tensor, *, tta: int = 1, t
 def predict_scene(nets: Sequence[nn.Module], lr: np.ndarray, *, tta: int = 1, tile: int = 0,
                   overlap: int = 16, batch: int = 8, device: str | torch.device | None = None,
                   precision: str = "fp32", fast: bool = True,
-                  weights: Sequence[float] | None = None) -> np.ndarray:
+                  weights: Sequence[float] | None = None, memory_budget: int | None = None) -> np.ndarray:
     """Super-resolve one uint8 HxWx3 scene with an ensemble of nets: uint8 (H*s)x(W*s)x3.
 
     Every net x TTA view is averaged in float32 before the one rounding (see
     tensor_to_image). `tta`: 1, 2, 4 or 8 dihedral views; `tile` > 0: LR tiles of that
-    side with `overlap` (feathered blend); `batch`: views/tiles per forward pass;
-    `precision`: "fp32", "bf16", "fp16" (autocast, also on CPU) or "auto" (pipeline.infer.precision); `fast`: the nets' optimised
-    paths (pipeline.nets.fast; False: their reference paths); `weights`: one per
-    net for a weighted mean (a blend), None for equal weights.
+    side with `overlap` (feathered blend), 0: the whole scene where it fits `memory_budget`;
+    `batch`: views/tiles per forward pass; `precision`: "fp32", "bf16", "fp16" (autocast, also
+    on CPU) or "auto" (pipeline.infer.precision); `fast`: the nets' optimised paths
+    (pipeline.nets.fast; False: their reference paths); `weights`: one per net for a weighted
+    mean (a blend), None for equal weights.
     """
     sr = predict_float(nets, image_to_tensor(lr), tta=tta, tile=tile, overlap=overlap, batch=batch,
-                       device=device, precision=precision, fast=fast, weights=weights)
+                       device=device, precision=precision, fast=fast, weights=weights,
+                       memory_budget=memory_budget)
     return tensor_to_image(sr)
