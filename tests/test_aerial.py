@@ -49,6 +49,9 @@ def test_base_key_starts_from_another_experiment(tmp_path):
         load_config(tmp_path / "typo.yaml")
 
 
+CLASSIC_NETS = {"aerial_vdsr", "aerial_srcnn"}
+
+
 def test_aerial_recipe_and_each_ablation_changes_one_thing():
     base = load_config("aerial")
     assert base["model"]["name"] == "rlfn" and base["model"]["pretrained"] == "rlfn_x4"
@@ -60,6 +63,10 @@ def test_aerial_recipe_and_each_ablation_changes_one_thing():
         parent = yaml.safe_load((paths.CONFIGS / f"{variant}.yaml").read_text())["base"]
         assert parent == "aerial" or parent in AERIAL_VARIANTS, (variant, parent)
         changed = resume.config_diff(load_config(parent), load_config(variant))
+        if variant in CLASSIC_NETS:   # another net from scratch: the net, no weights, its training schedule
+            assert {"exp", "model.name", "model.pretrained"} <= set(changed), (variant, changed)
+            assert all(k in ("exp", "model.name", "model.pretrained") or k.startswith("train.") for k in changed)
+            continue
         assert "exp" in changed and 2 <= len(changed) <= 3, (variant, changed)  # exp + one setting (+ its pair)
 
 
@@ -313,6 +320,8 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     for i, high in enumerate(highs):
         io.write_tif(paths.DEMO_ANSWERS / f"test_{i}_high.tif", high)
 
+    per_scene = {}
+
     def predictions(folder, noise: int, stage04: bool) -> float:
         scores = []
         for i, high in enumerate(highs):
@@ -320,6 +329,7 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
                            0, 255).astype(np.uint8)
             io.write_tif(folder / (f"test_{i}_answer.tif" if stage04 else f"test_{i}_low.tif"), pred)
             scores.append(competition_ssim(pred, high))
+        per_scene[folder.name] = np.array(scores)
         if stage04:
             (folder / "ensemble.json").write_text(json.dumps({"tta": 8, "precision": "bf16", "threads": 2}))
         return float(np.mean(scores))
@@ -374,6 +384,18 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     assert mix[:4] == ["0.8140", f"{test['mix']:.4f}", f"{test['mix'] - ref:+.4f}", "+0.0140"]
     assert mix[5] == f"{7000 / 3600:.2f} h"                     # every member's training
     assert rows["blend `solo` (fitted weights): 1.00 `aerial_rfdn`"][5] == f"{7000 / 3600:.2f} h"  # zero weight too
+    # each gain as a share of the reference's error (1 - its SSIM), and the test gain's 95 %
+    # interval paired per scene (Student's t on 2 scenes' differences, by hand here)
+    assert rfdn[8] == f"{(test['aerial_rfdn'] - ref) / (1 - ref):+.1%}"
+    assert rfdn[9].rstrip(" |") == f"{0.0130 / (1 - 0.8000):+.1%}"
+    diff = per_scene["aerial_rfdn"] - per_scene["pretrained-tta8"]
+    half = 12.706204736 * diff.std(ddof=1) / np.sqrt(2)            # t(0.975, 1 degree of freedom)
+    assert rfdn[7] == f"{diff.mean() - half:+.4f} to {diff.mean() + half:+.4f}"
+    assert rows["pretrained RLFN + 8-way TTA"][7:9] == ["", ""]
+    # the rank agreement of CV and test over the candidates on every fold (both figures known)
+    spearman = [line for line in table("aerial", scored).splitlines() if line.startswith("Rank agreement")]
+    assert spearman == ["Rank agreement of the grouped CV with the test over the 3 candidates trained on every "
+                        "fold: Spearman +1.00."]
     shuffled = rows["fine-tuned (`aerial`), 2 **random** folds + 8-way TTA"]
     assert shuffled[:5] == ["0.8250", f"{random_test:.4f}", f"{random_test - ref:+.4f}", "+0.0250",
                             f"{0.0250 - (random_test - ref):+.4f}"]
@@ -399,3 +421,14 @@ def test_ablation_table_gains_blends_random_folds_and_the_default_submission(wor
     with pytest.raises(PipelineError, match=r"test_1_low.tif: differs from stage 04's .*test_1_answer.tif "
                                             r"\(1 of 2 scenes, \d+ values, by at most \d+; stage 04 ran on 2 thread"):
         ablation.check_default(check, ablation.collect_rows("aerial"))
+
+
+def test_the_classic_nets_train_from_scratch_in_aerials_time():
+    """VDSR and SRCNN from scratch on fold 0: the steps that take aerial's training time (their
+    step measured against aerial's), the net the tutorials train, no pretrained weights."""
+    aerial = load_config("aerial")["train"]
+    for exp, name, ratio in (("aerial_vdsr", "vdsr", 1.70), ("aerial_srcnn", "srcnn", 0.87)):
+        cfg = load_config(exp)
+        assert cfg["model"]["name"] == name and cfg["model"]["pretrained"] is None
+        assert abs(cfg["train"]["steps"] * ratio - aerial["steps"]) < 0.02 * aerial["steps"]
+    assert load_config("aerial_vdsr")["train"]["lr_patch"] == 10       # the paper's 40x40 crops

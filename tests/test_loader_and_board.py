@@ -7,11 +7,10 @@ import pytest
 import torch
 from test_train import AUG_ALL, TINY, fake_scenes, read_board
 
-from pipeline.core.config import load_config
+from pipeline.core.config import check_values, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data import patches as data
 from pipeline.nets import build_net
-from pipeline.train import recipe
 from pipeline.train.board import TrainingBoard
 
 
@@ -47,10 +46,10 @@ def test_num_workers_auto_and_pinned_memory_on_cuda(monkeypatch):
 
 @pytest.mark.parametrize("value", [-1, 1.5, "many", True])
 def test_bad_num_workers_is_refused_by_name(value):
-    cfg = {"exp": "tiny", "train": {**load_config("demo")["train"], **TINY["train"],
-                                    "num_workers": value}}
+    cfg = load_config("demo")
+    cfg["train"].update(TINY["train"], num_workers=value)
     with pytest.raises(PipelineError, match=r"train.num_workers must be 'auto' or an integer >= 0"):
-        recipe.check_train_config(cfg)
+        check_values(cfg)
 
 
 def test_resumed_board_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):

@@ -197,3 +197,60 @@ def test_release_weights_load_strictly_and_beat_bicubic(shared, name):
 def test_release_weights_refused_by_the_wrong_net(shared):
     with pytest.raises(PipelineError, match="do not fit"):
         load_weights(build_net("rlfn_s"), paths.SHARED_WEIGHTS / "rlfn_x4.pth")
+
+
+# --- VDSR ------------------------------------------------------------------------------------------
+
+def test_vdsr_is_the_papers_20_layers_of_64_channels():
+    net = build_net("vdsr")
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 20 and all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+    assert [c.out_channels for c in convs] == [64] * 19 + [3] and convs[0].in_channels == 3
+    assert sum(isinstance(m, torch.nn.ReLU) for m in net.modules()) == 19
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_vdsr_is_the_bicubic_upscale_plus_its_residual(scale):
+    """Any scale; with its last layer zero the output is exactly the bicubic upscale (not
+    clamped), and with it non-zero the residual is added to that upscale."""
+    torch.manual_seed(0)
+    net = build_net("vdsr", scale=scale).eval()
+    x = torch.rand(2, 3, 9, 13)
+    up = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        assert net(x).shape == (2, 3, 9 * scale, 13 * scale)
+        last = net.body[-1]
+        assert not torch.allclose(net(x), up, atol=1e-3)
+        last.weight.zero_()
+        last.bias.fill_(0.25)
+        assert torch.allclose(net(x), up + 0.25, atol=1e-6)
+        last.bias.zero_()
+        assert torch.equal(net(x), up)
+
+
+def test_vdsr_training_steps_lower_the_loss_and_its_checkpoint_loads_strictly(tmp_path):
+    from pipeline.core.checkpoints import save_checkpoint
+    from pipeline.nets import net_from_checkpoint
+    from pipeline.weights import load_weights
+
+    torch.manual_seed(1)
+    net = build_net("vdsr", scale=2, depth=6, channels=16).train()
+    hr = F.interpolate(torch.rand(4, 3, 8, 8), scale_factor=4, mode="bilinear", align_corners=False)
+    lr = F.avg_pool2d(hr, 2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = F.l1_loss(net(lr), hr)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, net_name="vdsr", net_args={"scale": 2, "depth": 6, "channels": 16},
+                    state_dict=net.state_dict(), exp="x", seed=0, fold=0, step=30, val_ssim=None)
+    again = net_from_checkpoint(path)
+    with torch.no_grad():
+        assert torch.equal(again(lr), net.eval()(lr))
+    with pytest.raises(PipelineError, match=r"best.pt: 2 tensors do not fit VDSR, e.g. body.10.weight"):
+        load_weights(build_net("vdsr", scale=2, depth=8, channels=16), path)

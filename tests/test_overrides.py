@@ -144,3 +144,65 @@ def test_oof_and_ensemble_run_with_the_overridden_settings(workdir, capsys):
     assert cli_main(["ensemble", "--exp", exp, "--set", "infer.tta=1"]) == 0
     assert json.loads((paths.predictions_dir("tiny") / "ensemble.json").read_text())["tta"] == 1
     assert "x 1 TTA views" in capsys.readouterr().out
+
+
+# --- every value checked where the config is read --------------------------------------------------
+
+BAD_VALUES = [   # (override, the one line's message after "config 'comp': ")
+    ("train.lr=-1", "train.lr must be a number > 0, got -1"),
+    ("train.lr=0", "train.lr must be a number > 0, got 0"),
+    ("train.steps=0", "train.steps must be a positive integer, got 0"),
+    ("train.batch_size=2.5", "train.batch_size must be a positive integer, got 2.5"),
+    ("train.lr_patch=-4", "train.lr_patch must be a positive integer, got -4"),
+    ("train.val_every=0", "train.val_every must be a positive integer, got 0"),
+    ("train.ckpt_every=true", "train.ckpt_every must be a positive integer, got True"),
+    ("train.ema=1", "train.ema must be in [0, 1) (0 disables), got 1"),
+    ("train.ema=-0.1", "train.ema must be in [0, 1) (0 disables), got -0.1"),
+    ("train.milestones=[0.8, 0.6]", "train.milestones must be ascending fractions of the steps in (0, 1), got [0.8, 0.6]"),
+    ("train.milestones=[0.5, 1.0]", "train.milestones must be ascending fractions of the steps in (0, 1), got [0.5, 1.0]"),
+    ("train.lr_factors=[1.0, 0.5]", "train.lr_factors needs one factor more than milestones (3), got [1.0, 0.5]"),
+    ("train.lr_factors=[1.0, 0.5, -0.1]", "train.lr_factors must be numbers > 0, got [1.0, 0.5, -0.1]"),
+    ("train.grad_clip=-1", "train.grad_clip must be a number >= 0, got -1"),
+    ("train.weight_decay=-0.01", "train.weight_decay must be a number >= 0, got -0.01"),
+    ("train.val_tile=-8", "train.val_tile must be an integer >= 0, got -8"),
+    ("train.cpu_shards=0", "train.cpu_shards must be 'auto' or an integer >= 1, got 0"),
+    ("train.augment.cutmix=1.5", "train.augment.cutmix is a probability in [0, 1], got 1.5"),
+    ("train.augment.dihedral=2", "train.augment.dihedral must be true or false, got 2"),
+    ("train.optimizer=sgd", "train.optimizer 'sgd' unknown (madgrad, adam)"),
+    ("loss.ssim=-1", "loss.ssim must be a number >= 0, got -1"),
+    ("loss.ssim=0", "loss needs a term with a weight > 0, got {'ssim': 0, 'l1': 0.0, 'charbonnier': 0.0, 'sobel': 0.0}"),
+    ("infer.tta=3", "infer.tta must be one of 1, 2, 4, 8 (dihedral views), got 3"),
+    ("infer.tile=-1", "infer.tile must be an integer >= 0, got -1"),
+    ("infer.tile=64", None),                                          # fine: overlap 16 <= 32
+    ("infer.tile_overlap=40", None),                                  # fine while tile is 0
+    ("infer.batch=0", "infer.batch must be a positive integer, got 0"),
+    ("infer.seeds=[]", "infer.seeds must be a list of integers >= 0, got []"),
+    ("infer.precision=fp8", "infer.precision 'fp8' unknown (auto, bf16, fp16, fp32)"),
+    ("data.scale=0", "data.scale must be a positive integer, got 0"),
+    ("data.n_folds=1", "data.n_folds must be an integer >= 2, got 1"),
+    ("data.max_pixels=0", "data.max_pixels must be a positive integer, got 0"),
+    ("data.extra_weight=2", "data.extra_weight must be a share between 0 and 1 (or null: in proportion to pixels), got 2"),
+    ("device=gpu", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_every_value_is_checked_where_the_config_is_read(config_file, override, message):
+    path = config_file()
+    if message is None:
+        load_config(path, [override])
+        return
+    with pytest.raises(PipelineError) as refused:
+        load_config(path, [override])
+    assert str(refused.value) == f"config 'comp': {message}"
+
+
+def test_tile_overlap_beyond_half_the_tile_is_refused(config_file):
+    with pytest.raises(PipelineError, match=r"infer.tile_overlap must be at most half the tile \(16\), got 9"):
+        load_config(config_file(), ["infer.tile=16", "infer.tile_overlap=9"])
+
+
+def test_a_bad_value_on_the_command_line_is_one_line_and_exit_1(workdir, cli):
+    proc = cli("train", "--exp", "demo", "--fold", "0", "--set", "train.lr=-1")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: config 'demo': train.lr must be a number > 0, got -1"

@@ -210,8 +210,108 @@ def load_config(exp_or_path: str | Path, overrides: list[str] | None = None,
         start.pop("exp")
     cfg = _merge(start, raw, "", path)
     cfg["exp"] = path.stem
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if not _bases:               # the experiment itself, not a base on the way to it
+        check_values(cfg)
+    return cfg
 
 
 def dump_config(cfg: dict[str, Any]) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+# --- value checks ------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("madgrad", "adam")
+TTA_VIEWS = (1, 2, 4, 8)
+
+
+def check_values(cfg: dict[str, Any]) -> None:
+    """Refuse a value no stage can use, in one line naming the key and what it may be: every
+    number of the config (and the choices), where the config is read, before anything runs."""
+    source = f"config '{cfg['exp']}'"
+
+    def bad(key: str, problem: str, value: Any) -> PipelineError:
+        return PipelineError(f"{source}: {key} {problem}, got {value!r}")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+    def integer(key: str, value: Any, least: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise bad(key, "must be a positive integer" if least == 1 else f"must be an integer >= {least}", value)
+
+    def at_least(key: str, value: Any, least: float = 0.0) -> None:
+        if not number(value) or value < least:
+            raise bad(key, f"must be a number >= {least:g}", value)
+
+    def choice(key: str, value: Any, choices: tuple) -> None:
+        if value not in choices:
+            raise PipelineError(f"{source}: {key} '{value}' unknown ({', '.join(map(str, choices))})")
+
+    device = str(cfg["device"]).lower()
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
+        raise bad("device", "must be auto, cpu, cuda or cuda:N", cfg["device"])
+    d = cfg["data"]
+    integer("data.scale", d["scale"], 1)
+    integer("data.n_folds", d["n_folds"], 2)
+    integer("data.fold_seed", d["fold_seed"], 0)
+    integer("data.max_pixels", d["max_pixels"], 1)
+    share = d["extra_weight"]
+    if share is not None and not (number(share) and 0 <= share <= 1):
+        raise bad("data.extra_weight", "must be a share between 0 and 1 (or null: in proportion to pixels)", share)
+
+    t = cfg["train"]
+    for key in ("steps", "batch_size", "lr_patch", "val_every", "ckpt_every"):
+        integer(f"train.{key}", t[key], 1)
+    if not number(t["lr"]) or t["lr"] <= 0:
+        raise bad("train.lr", "must be a number > 0", t["lr"])
+    choice("train.optimizer", t["optimizer"], OPTIMIZERS)
+    choice("train.precision", t["precision"], PRECISIONS)
+    for key in ("fast", "compile"):
+        if not isinstance(t[key], bool):
+            raise bad(f"train.{key}", "must be true or false", t[key])
+    ms, fs = t["milestones"], t["lr_factors"]
+    if (not isinstance(ms, list) or not all(number(m) and 0 < m < 1 for m in ms)
+            or any(a >= b for a, b in zip(ms, ms[1:]))):
+        raise bad("train.milestones", "must be ascending fractions of the steps in (0, 1)", ms)
+    if not isinstance(fs, list) or len(fs) != len(ms) + 1:
+        raise bad("train.lr_factors", f"needs one factor more than milestones ({len(ms) + 1})", fs)
+    if not all(number(f) and f > 0 for f in fs):
+        raise bad("train.lr_factors", "must be numbers > 0", fs)
+    if not number(t["ema"]) or not 0 <= t["ema"] < 1:
+        raise bad("train.ema", "must be in [0, 1) (0 disables)", t["ema"])
+    for key in ("grad_clip", "weight_decay"):
+        at_least(f"train.{key}", t[key])
+    integer("train.val_tile", t["val_tile"], 0)
+    for key, least in (("num_workers", 0), ("cpu_shards", 1)):
+        w = t[key]
+        if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < least):
+            raise bad(f"train.{key}", f"must be 'auto' or an integer >= {least}", w)
+    for key, p in t["augment"].items():
+        if key == "dihedral":
+            if not isinstance(p, bool):
+                raise bad("train.augment.dihedral", "must be true or false", p)
+        elif not number(p) or not 0 <= p <= 1:
+            raise bad(f"train.augment.{key}", "is a probability in [0, 1]", p)
+
+    loss = cfg["loss"]
+    for key, w in loss.items():
+        at_least(f"loss.{key}", w)
+    if not any(loss.values()):
+        raise bad("loss", "needs a term with a weight > 0", loss)
+
+    i = cfg["infer"]
+    if i["tta"] not in TTA_VIEWS or isinstance(i["tta"], bool):
+        raise bad("infer.tta", f"must be one of {', '.join(map(str, TTA_VIEWS))} (dihedral views)", i["tta"])
+    integer("infer.tile", i["tile"], 0)
+    integer("infer.tile_overlap", i["tile_overlap"], 0)
+    if i["tile"] and 2 * i["tile_overlap"] > i["tile"]:
+        raise bad("infer.tile_overlap", f"must be at most half the tile ({i['tile']})", i["tile_overlap"])
+    integer("infer.batch", i["batch"], 1)
+    choice("infer.precision", i["precision"], PRECISIONS)
+    seeds = i["seeds"]
+    if not isinstance(seeds, list) or not seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0
+                                                      for x in seeds):
+        raise bad("infer.seeds", "must be a list of integers >= 0", seeds)

@@ -52,14 +52,6 @@ def configured_dirs(cfg: dict[str, Any]) -> list[Path]:
     return [(paths.ROOT / Path(d).expanduser()).resolve() for d in extra]
 
 
-def check_config(cfg: dict[str, Any]) -> None:
-    share = cfg["data"]["extra_weight"]
-    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
-        raise PipelineError(f"config '{cfg['exp']}': data.extra_weight must be a share between 0 and 1 "
-                            f"(or null: in proportion to pixels), got {share!r}")
-    configured_dirs(cfg)
-
-
 def kernel_for(cfg: dict[str, Any]) -> str:
     """data.extra_kernel, else the probe's kernel; refuses a probe that found no fit."""
     scale = int(cfg["data"]["scale"])
@@ -213,7 +205,6 @@ def build(dirs: list[Path], files: list[Path], kernel: str, scale: int) -> dict:
 
 def prepare(cfg: dict[str, Any]) -> dict | None:
     """The external data's manifest, built or reused (None when data.extra is empty)."""
-    check_config(cfg)
     dirs = configured_dirs(cfg)
     if not dirs:
         return None

@@ -32,10 +32,11 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from pipeline.core.config import PRECISIONS
 from pipeline.core.errors import PipelineError
 from pipeline.nets import window_transformer
 
-NAMES = ("auto", "bf16", "fp16", "fp32")
+NAMES = PRECISIONS                 # the names `train.precision` and `infer.precision` take
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 

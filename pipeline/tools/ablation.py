@@ -211,8 +211,18 @@ def collect_rows(exp: str) -> list[Row]:
     return rows
 
 
-def test_score(folder: Path, answers: Path, data_cfg: dict) -> float | None:
-    """Mean competition SSIM of a prediction folder against the answers (None if absent).
+class TestScore(float):
+    """A prediction folder's mean test SSIM, carrying its per-scene scores (`per_scene`, by id)."""
+    per_scene: pd.Series
+
+    def __new__(cls, per_scene: pd.Series) -> "TestScore":
+        score = super().__new__(cls, float(per_scene.mean()))
+        score.per_scene = per_scene
+        return score
+
+
+def test_score(folder: Path, answers: Path, data_cfg: dict) -> TestScore | None:
+    """Competition SSIM of a prediction folder against the answers, per scene and mean (None if absent).
 
     Stage 04 names its files like the submission (`test_{i}_answer.tif`); `predict` keeps
     the input names (`test_{i}_low.tif`): either is matched to `test_{i}_high.tif` by id.
@@ -222,7 +232,33 @@ def test_score(folder: Path, answers: Path, data_cfg: dict) -> float | None:
     if not folder.is_dir():
         return None
     pattern = data_cfg["answer"] if (folder / data_cfg["answer"].format(i=0)).exists() else data_cfg["test_low"]
-    return float(score_submission(folder, answers, {**data_cfg, "answer": pattern})["ssim"].mean())
+    table = score_submission(folder, answers, {**data_cfg, "answer": pattern})
+    return TestScore(table.set_index("id")["ssim"])
+
+
+def paired_interval(score: float | None, reference: float | None, level: float = 0.95) -> tuple[float, float] | None:
+    """The `level` confidence interval of a test gain, paired per scene against the reference
+    (Student's t on the per-scene differences); None without per-scene scores on both sides."""
+    from scipy import stats
+
+    if not isinstance(score, TestScore) or not isinstance(reference, TestScore):
+        return None
+    diff = (score.per_scene - reference.per_scene).dropna()
+    if len(diff) < 2:
+        return None
+    half = float(stats.t.ppf(0.5 + level / 2, len(diff) - 1) * diff.std(ddof=1) / len(diff) ** 0.5)
+    return float(diff.mean()) - half, float(diff.mean()) + half
+
+
+def rank_agreement(scored: list[tuple[Row, float | None]]) -> tuple[float, int] | None:
+    """Spearman's rank correlation between grouped CV and test over the candidates trained on
+    every fold (experiments and blends) with both figures, and how many; None under 3."""
+    pairs = [(row.cv, score) for row, score in scored if row.checkpoint is not None
+             and row.cv is not None and score is not None and "random" not in row.label]
+    if len(pairs) < 3:
+        return None
+    cv, test = pd.Series([a for a, _ in pairs]), pd.Series([b for _, b in pairs])
+    return float(cv.rank().corr(test.rank())), len(pairs)
 
 
 def _gain(value: float | None, reference: float | None) -> str:
@@ -253,24 +289,38 @@ def table(exp: str = "aerial", scored: list[tuple[Row, float | None]] | None = N
 
     Gains are against pretrained + TTA on both sides: the test's on the test tiles, the CV's
     on the training scenes (stage 03's starting point), so "CV gain - test gain" says how
-    far the CV's promise was from what the unseen places gave."""
+    far the CV's promise was from what the unseen places gave. A gain depends on how hard
+    the places are, so each is also a share of the reference's error (1 - its SSIM), which
+    compares across places; the test gain's 95 % interval is paired per scene; a line under
+    the table gives the rank agreement (Spearman) of grouped CV and test over the candidates."""
     scored = scored_rows(exp) if scored is None else scored
     reference = next((s for r, s in scored if r.predictions == REFERENCE_ROW), None)
     n_test = len(list(paths.DEMO_ANSWERS.glob("*")))
     lines = [f"| recipe | CV | test SSIM ({n_test} answers) | test gain vs pretrained + TTA | CV gain | "
-             "CV gain - test gain | training (2 cores) | CV measured on |",
-             "|---|---|---|---|---|---|---|---|"]
+             "CV gain - test gain | training (2 cores) | CV measured on | test gain, 95 % interval | "
+             "test gain / (1 - reference) | CV gain / (1 - reference) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, score in scored:
         cv = "—" if row.cv is None else f"{row.cv:.4f}"
         test = "—" if score is None else f"{score:.4f}"
         is_reference = row.predictions == REFERENCE_ROW
         test_gain = "" if is_reference else _gain(score, reference)
         cv_gain = "" if is_reference else _gain(row.cv, row.cv_reference)
-        gap = ""
+        gap = interval = test_share = cv_share = ""
         if not is_reference and None not in (score, reference, row.cv, row.cv_reference):
             gap = f"{(row.cv - row.cv_reference) - (score - reference):+.4f}"
+        if not is_reference and None not in (score, reference):
+            bounds = paired_interval(score, reference)
+            interval = "" if bounds is None else f"{bounds[0]:+.4f} to {bounds[1]:+.4f}"
+            test_share = f"{(score - reference) / (1 - reference):+.1%}"
+        if not is_reference and None not in (row.cv, row.cv_reference):
+            cv_share = f"{(row.cv - row.cv_reference) / (1 - row.cv_reference):+.1%}"
         lines.append(f"| {row.label} | {cv} | {test} | {test_gain} | {cv_gain} | {gap} | "
-                     f"{_hours(row.train_seconds)} | {row.cv_what} |")
+                     f"{_hours(row.train_seconds)} | {row.cv_what} | {interval} | {test_share} | {cv_share} |")
+    agreement = rank_agreement(scored)
+    if agreement is not None:
+        lines += ["", f"Rank agreement of the grouped CV with the test over the {agreement[1]} candidates "
+                      f"trained on every fold: Spearman {agreement[0]:+.2f}."]
     return "\n".join(lines)
 
 

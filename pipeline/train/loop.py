@@ -37,7 +37,7 @@ from tqdm import tqdm
 from pipeline import accel
 from pipeline.core import paths
 from pipeline.core.checkpoints import save_checkpoint
-from pipeline.core.config import PRETRAINED_RECORD, RUNTIME_KEYS, dump_config
+from pipeline.core.config import PRETRAINED_RECORD, RUNTIME_KEYS, check_values, dump_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path
 from pipeline.core.locks import locked
@@ -51,7 +51,6 @@ from pipeline.train.distributed import Dist, init_distributed
 from pipeline.train.recipe import (
     build_model,
     build_optimizer,
-    check_train_config,
     load_pretrained,
     lr_factor_at,
     make_ema,
@@ -120,7 +119,7 @@ def _earlier_run(cfg: dict, run: Path, fold: int, split: str, resume: str, force
 
 def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, d: Dist) -> Result:
     began = time.perf_counter()
-    check_train_config(cfg)
+    check_values(cfg)        # a config built in code (tests) is checked as a loaded one
     t, scale = cfg["train"], cfg["data"]["scale"]
     exp = cfg["exp"]
     run = paths.run_dir(exp, seed, fold)

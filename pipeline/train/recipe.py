@@ -1,6 +1,6 @@
 """What an experiment's `model` and `train` sections build: the net, its optimizer, schedule and EMA.
 
-`check_train_config` refuses values the loop cannot use, naming the key; `build_model` makes
+`build_model` makes
 the configured net (with `model.pretrained` loaded by `load_pretrained`, `model.reinit`
 modules left fresh); `build_optimizer` MADGRAD or Adam; `lr_factor_at` the step schedule;
 `make_ema` the exponential moving average of the weights, with timm's warm-up;
@@ -18,48 +18,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from pipeline.core import weights
 from pipeline.core.errors import PipelineError
-from pipeline.infer.precision import NAMES as PRECISIONS
 from pipeline.nets import build_net
 from pipeline.nets.fast import use_fast_path
-
-OPTIMIZERS = ("madgrad", "adam")
-
-
-def check_train_config(cfg: dict[str, Any]) -> None:
-    """Refuse values the training loop cannot use, naming the config key."""
-    t, source = cfg["train"], f"config '{cfg['exp']}'"
-
-    def bad(key: str, problem: str) -> PipelineError:
-        return PipelineError(f"{source}: train.{key} {problem}")
-
-    for key in ("steps", "batch_size", "lr_patch", "val_every", "ckpt_every"):
-        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
-            raise bad(key, f"must be a positive integer, got {t[key]!r}")
-    if t["optimizer"] not in OPTIMIZERS:
-        raise bad("optimizer", f"'{t['optimizer']}' unknown ({' or '.join(OPTIMIZERS)})")
-    if t["precision"] not in PRECISIONS:
-        raise bad("precision", f"'{t['precision']}' unknown ({', '.join(PRECISIONS)})")
-    for key in ("fast", "compile"):
-        if not isinstance(t[key], bool):
-            raise bad(key, f"must be true or false, got {t[key]!r}")
-    ms, fs = list(t["milestones"]), list(t["lr_factors"])
-    if ms != sorted(ms) or any(not 0 < m < 1 for m in ms):
-        raise bad("milestones", f"must be increasing fractions of the steps in (0, 1), got {ms}")
-    if len(fs) != len(ms) + 1:
-        raise bad("lr_factors", f"needs one factor more than milestones ({len(ms) + 1}), got {fs}")
-    if not 0 <= t["ema"] < 1:
-        raise bad("ema", f"must be in [0, 1) (0 disables), got {t['ema']}")
-    for key in ("grad_clip", "weight_decay", "val_tile"):
-        if t[key] < 0:
-            raise bad(key, f"must be >= 0, got {t[key]}")
-    for key, least in (("num_workers", 0), ("cpu_shards", 1)):
-        w = t[key]
-        if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < least):
-            raise bad(key, f"must be 'auto' or an integer >= {least}, got {w!r}")
-    for key, p in t["augment"].items():
-        if key != "dihedral" and not 0 <= p <= 1:
-            raise bad(f"augment.{key}", f"is a probability in [0, 1], got {p}")
-
 
 
 def build_model(cfg: dict[str, Any], pretrained: bool, main: bool) -> nn.Module:
