@@ -25,14 +25,20 @@ def test_add_submission_writes_the_exact_format(workdir):
     z = make_zip("tiny-20261201-120000.zip")
     ledger.add_submission(z, ["tiny"], 0.81234567)
     lines = (workdir / "submissions/ledger.csv").read_text().splitlines()
-    assert lines[0] == "zip,experiments,cv,created,sha256,lb,lb_recorded"
-    name, exps, cv, created, sha, lb, recorded = lines[1].split(",")
-    assert (name, exps, cv, lb, recorded) == ("tiny-20261201-120000.zip", "tiny", "0.812346", "", "")
+    assert lines[0] == "zip,experiments,models,cv,created,sha256,lb,lb_recorded"
+    name, exps, models, cv, created, sha, lb, recorded = lines[1].split(",")
+    assert (name, exps, models, cv, lb, recorded) == ("tiny-20261201-120000.zip", "tiny", "folds", "0.812346", "", "")
     assert sha == io.sha256_file(z) and len(created) == 20 and created.endswith("Z")
-    ledger.add_submission(make_zip("b-20261201-130000.zip"), ["a", "b"], None)
+    ledger.add_submission(make_zip("b-20261201-130000.zip"), ["a", "b"], None, models="full")
     table = ledger.read_ledger()
     assert list(table["zip"]) == ["tiny-20261201-120000.zip", "b-20261201-130000.zip"]
     assert table.loc[1, "experiments"] == "a+b" and np.isnan(table.loc[1, "cv"])
+    assert list(table["models"]) == ["folds", "full"]
+    # a ledger written before the models column: its zips were made of folds
+    path = workdir / "submissions/ledger.csv"
+    old = [line.split(",") for line in path.read_text().splitlines()]
+    path.write_text("\n".join(",".join(row[:2] + row[3:]) for row in old) + "\n")
+    assert list(ledger.read_ledger()["models"]) == ["folds", "folds"]
     assert not list((workdir / "submissions").glob(".ledger.csv.*"))   # no temporary left behind
 
 

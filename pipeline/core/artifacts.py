@@ -138,17 +138,19 @@ def member_dir(exp: str, source: Path) -> Path:
     return paths.experiment_dir(exp)
 
 
-def weighted_checkpoints(record: dict, source: Path) -> list[tuple[Path, float]]:
-    """Every member's fold x seed best.pt with its weight in the blend: the member's weight
-    shared equally among its checkpoints (as stage 04 averages one experiment's)."""
+def weighted_checkpoints(record: dict, source: Path, models: str = "folds") -> list[tuple[Path, float]]:
+    """Every member's fold x seed best.pt (`models="folds"`), or its full-data fits (`"full"`),
+    or both, with its weight in the blend: the member's weight (fitted out of fold) shared
+    equally among its checkpoints (as stage 04 averages one experiment's)."""
     out = []
     for member in record["members"]:
         if member["weight"] == 0:
             continue
         folder = member_dir(member["exp"], source)
-        found = find_checkpoints(folder, seeds=member["seeds"])
+        found = find_checkpoints(folder, seeds=member["seeds"], models=models)
         if not found:
-            raise PipelineError(f"{source}: member {member['exp']} has no checkpoint seed*/fold*/best.pt "
+            runs = {"folds": "seed*/fold*", "full": "seed*/full", "both": "seed*/{fold*,full}"}[models]
+            raise PipelineError(f"{source}: member {member['exp']} has no checkpoint {runs}/best.pt "
                                 f"for seed(s) {member['seeds']} under {folder}")
         out += [(p, member["weight"] / len(found)) for p in found]
     return out

@@ -54,10 +54,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def find_checkpoints(folder: str | Path, name: str = "best.pt", seeds: list[int] | None = None) -> list[Path]:
-    """Every `seed<s>/fold<f>/<name>` under an experiment folder, sorted, optionally only some
-    seeds; given one seed's folder instead (`models/<exp>/seed0`), its `fold<f>/<name>`."""
-    found = sorted(Path(folder).glob(f"seed*/fold*/{name}")) or sorted(Path(folder).glob(f"fold*/{name}"))
+MODELS = ("folds", "full", "both")   # which runs an ensemble takes: the folds', the full-data fits', all
+
+
+def find_checkpoints(folder: str | Path, name: str = "best.pt", seeds: list[int] | None = None,
+                     models: str = "folds") -> list[Path]:
+    """Every `seed<s>/fold<f>/<name>` under an experiment folder (`models="folds"`), or every
+    `seed<s>/full/<name>` (the full-data fits, `"full"`), or both, sorted, optionally only some
+    seeds; given one seed's folder instead (`models/<exp>/seed0`), its own."""
+    folder = Path(folder)
+    found = []
+    for runs in (["fold*"] if models == "folds" else ["full"] if models == "full" else ["fold*", "full"]):
+        found += sorted(folder.glob(f"seed*/{runs}/{name}")) or sorted(folder.glob(f"{runs}/{name}"))
     if seeds is not None:
         wanted = {f"seed{s}" for s in seeds}
         found = [p for p in found if p.parent.parent.name in wanted]

@@ -87,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
         "tile": 0,                   # tile side in LR pixels; 0 = whole image
         "tile_overlap": 16,          # LR pixels shared by neighbouring tiles (feathered)
         "seeds": [0],                # seeds trained and ensembled
+        "models": "folds",           # stage 04's nets: folds (every fold x seed), full (the full-data fits), both
         "precision": "fp32",         # fp32 | bf16 | fp16 | auto (bf16 moves the competition SSIM by up to ~5e-4)
         "batch": 8,                  # views/tiles per forward pass
     },
@@ -311,6 +312,7 @@ def check_values(cfg: dict[str, Any]) -> None:
         raise bad("infer.tile_overlap", f"must be at most half the tile ({i['tile']})", i["tile_overlap"])
     integer("infer.batch", i["batch"], 1)
     choice("infer.precision", i["precision"], PRECISIONS)
+    choice("infer.models", i["models"], ("folds", "full", "both"))
     seeds = i["seeds"]
     if not isinstance(seeds, list) or not seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0
                                                       for x in seeds):

@@ -28,7 +28,7 @@ import pandas as pd
 from pipeline.core import io, locks, paths
 from pipeline.core.errors import PipelineError
 
-COLUMNS = ["zip", "experiments", "cv", "created", "sha256", "lb", "lb_recorded"]
+COLUMNS = ["zip", "experiments", "models", "cv", "created", "sha256", "lb", "lb_recorded"]
 EXPERIMENT_SEP = "+"
 
 
@@ -46,10 +46,12 @@ def read_ledger() -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=COLUMNS)
     try:
-        table = pd.read_csv(path, dtype={"zip": str, "experiments": str, "created": str, "sha256": str,
-                                         "lb_recorded": str})
+        table = pd.read_csv(path, dtype={"zip": str, "experiments": str, "models": str, "created": str,
+                                         "sha256": str, "lb_recorded": str})
     except (ValueError, pd.errors.ParserError) as exc:
         raise PipelineError(f"{path}: not a readable ledger ({str(exc).splitlines()[0]})") from None
+    if "models" not in table.columns:    # a ledger from before full-data fits: every zip was of folds
+        table.insert(2, "models", "folds")
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise PipelineError(f"{path}: columns {', '.join(missing)} missing (expected {', '.join(COLUMNS)})")
@@ -76,16 +78,18 @@ def _append(table: pd.DataFrame, row: dict) -> pd.DataFrame:
     return pd.concat([table, new], ignore_index=True) if len(table) else new
 
 
-def _row_for(zip_path: Path, experiments: list[str], cv: float | None, created: str | None = None) -> dict:
-    return {"zip": zip_path.name, "experiments": EXPERIMENT_SEP.join(experiments),
+def _row_for(zip_path: Path, experiments: list[str], cv: float | None, created: str | None = None,
+             models: str = "folds") -> dict:
+    return {"zip": zip_path.name, "experiments": EXPERIMENT_SEP.join(experiments), "models": models,
             "cv": float("nan") if cv is None else float(cv), "created": created or _now(),
             "sha256": io.sha256_file(zip_path), "lb": float("nan"), "lb_recorded": ""}
 
 
-def add_submission(zip_path: Path, experiments: list[str], cv: float | None) -> dict:
-    """Record a new zip (a rerun over the same name replaces its row, LB score kept if the bytes are the same)."""
+def add_submission(zip_path: Path, experiments: list[str], cv: float | None, models: str = "folds") -> dict:
+    """Record a new zip and the models that made it (folds, full: the full-data fits, or both;
+    a rerun over the same name replaces its row, LB score kept if the bytes are the same)."""
     zip_path = Path(zip_path)
-    row = _row_for(zip_path, experiments, cv)
+    row = _row_for(zip_path, experiments, cv, models=models)
     with _locked():
         table = read_ledger()
         same = table["zip"] == zip_path.name

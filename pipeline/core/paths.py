@@ -53,9 +53,13 @@ def experiment_dir(exp: str) -> Path:
     return MODELS / exp
 
 
-def run_dir(exp: str, seed: int, fold: int) -> Path:
-    """Where one training run (one fold of one seed) keeps its artifacts."""
-    return MODELS / exp / f"seed{seed}" / f"fold{fold}"
+FULL = "all"           # the `fold` of a full-data fit: every training scene, no validation
+FULL_FOLDER = "full"   # ... and its run folder beside the folds' (models/<exp>/seed<s>/full)
+
+
+def run_dir(exp: str, seed: int, fold: int | str) -> Path:
+    """Where one training run (one fold of one seed, or the seed's full-data fit) keeps its artifacts."""
+    return MODELS / exp / f"seed{seed}" / (FULL_FOLDER if fold == FULL else f"fold{fold}")
 
 
 def oof_dir(exp: str) -> Path:

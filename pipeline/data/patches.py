@@ -53,9 +53,15 @@ class Scene:
 
 # --- loading ---------------------------------------------------------------------------
 
-def fold_ids(fold: int) -> tuple[list, list]:
-    """(training ids, validation ids) of a fold: validation is the held-out fold."""
+FULL_FIT_STREAM = 1_000_003   # the sample stream's key of a full-data fit (a fold's is its number)
+
+
+def fold_ids(fold: int | str) -> tuple[list, list]:
+    """(training ids, validation ids) of a fold: validation is the held-out fold; of a full-data
+    fit (`paths.FULL`): every training scene, no validation."""
     folds = load_folds()
+    if fold == paths.FULL:
+        return folds["id"].tolist(), []
     known = sorted(set(folds["fold"]))
     if fold not in known:
         raise PipelineError(f"{paths.FOLDS}: no fold {fold} (folds: {', '.join(map(str, known))})")
@@ -88,9 +94,13 @@ def load_scenes(ids: list, scale: int) -> list[Scene]:
     return scenes
 
 
-def load_fold(fold: int, scale: int) -> tuple[list[Scene], list[Scene]]:
-    """(training scenes, validation scenes) of a fold, in memory."""
+def load_fold(fold: int | str, scale: int) -> tuple[list[Scene], list[Scene]]:
+    """(training scenes, validation scenes) of a fold (a full-data fit: every scene, none), in memory."""
     train_ids, val_ids = fold_ids(fold)
+    if fold == paths.FULL:
+        if not train_ids:
+            raise PipelineError(f"{paths.FOLDS}: no training scene")
+        return load_scenes(train_ids, scale), []
     if not train_ids or not val_ids:
         raise PipelineError(f"{paths.FOLDS}: fold {fold} leaves no training or no validation scene")
     return load_scenes(train_ids, scale), load_scenes(val_ids, scale)
@@ -121,7 +131,7 @@ class PairedPatches(Dataset):
     (LR: b x 3 x p x p, HR: b x 3 x sp x sp), b = batch_size / world_size."""
 
     def __init__(self, scenes: list[Scene], *, scale: int, lr_patch: int, batch_size: int,
-                 steps: int, augment: dict[str, Any], seed: int, fold: int,
+                 steps: int, augment: dict[str, Any], seed: int, fold: int | str,
                  rank: int = 0, world_size: int = 1, extra_scenes: list[Scene] = (),
                  extra_weight: float | None = None):
         if batch_size % world_size:
@@ -135,7 +145,7 @@ class PairedPatches(Dataset):
                                     f"train.lr_patch {lr_patch}")
         self.scenes, self.scale, self.patch = scenes, scale, lr_patch
         self.batch_size, self.steps = batch_size, steps
-        self.seed, self.fold = seed, fold
+        self.seed, self.fold = seed, FULL_FIT_STREAM if fold == paths.FULL else fold
         self.per_rank = batch_size // world_size
         self.first = rank * self.per_rank
         self.augment = build_augment(augment)

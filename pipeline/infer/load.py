@@ -25,43 +25,49 @@ from pipeline.core.weights import load_weights
 from pipeline.nets import build_net, net_from_checkpoint
 
 
-def checkpoint_paths(target: str | Path) -> tuple[list[Path], list[float] | None]:
-    """(checkpoints, their weights in the mean or None for equal) of a checkpoint file, an
-    experiment folder (every seed*/fold*/best.pt), one seed's folder (fold*/best.pt) or a
-    blend file (models/blends/<name>/blend.json)."""
+def checkpoint_paths(target: str | Path, models: str = "folds") -> tuple[list[Path], list[float] | None]:
+    """(checkpoints, their weights in the mean or None for equal) of a checkpoint file, a run
+    folder (its best.pt: a fold's or a full-data fit's, `models/<exp>/seed0/full`), an
+    experiment folder (every seed*/fold*/best.pt; `models`: full, the seeds' full-data fits;
+    both), one seed's folder (fold*/best.pt, ...) or a blend file (models/blends/<name>/blend.json)."""
     target = Path(target)
     if is_blend_file(target):
         path, record = read_blend(target)
-        weighted = weighted_checkpoints(record, path)
+        weighted = weighted_checkpoints(record, path, models)
         return [p for p, _ in weighted], [w for _, w in weighted]
+    if target.is_dir() and (target / "best.pt").is_file():
+        return [target / "best.pt"], None
     if target.is_dir():
-        found = find_checkpoints(target)
+        found = find_checkpoints(target, models=models)
         if not found:
-            raise PipelineError(f"{target}: no seed*/fold*/best.pt or fold*/best.pt checkpoint in this folder")
+            runs = {"folds": "fold*", "full": "full", "both": "fold* or full"}[models]
+            raise PipelineError(f"{target}: no seed*/{runs}/best.pt or {runs}/best.pt checkpoint in this folder")
         return found, None
     if not target.is_file():
         raise PipelineError(f"{target}: checkpoint not found")
     return [target], None
 
 
-def experiment_checkpoints(exp: str, seeds: list[int] | None) -> list[Path]:
-    """best.pt of every fold x seed of `exp` (only `seeds` when given); an error when none."""
-    found = find_checkpoints(paths.experiment_dir(exp), seeds=seeds)
+def experiment_checkpoints(exp: str, seeds: list[int] | None, models: str = "folds") -> list[Path]:
+    """best.pt of every fold x seed of `exp` (only `seeds` when given), or of its full-data
+    fits (`models="full"`), or both; an error when none."""
+    found = find_checkpoints(paths.experiment_dir(exp), seeds=seeds, models=models)
     if not found:
         which = f" for seed(s) {' '.join(map(str, seeds))}" if seeds else ""
-        raise PipelineError(f"{paths.experiment_dir(exp)}: no checkpoint seed*/fold*/best.pt{which}; "
-                            f"run `make train-all EXP={exp}` first")
+        runs, how = ("seed*/full", f"make train FOLD=all EXP={exp}") if models == "full" else \
+            ("seed*/fold*", f"make train-all EXP={exp}")
+        raise PipelineError(f"{paths.experiment_dir(exp)}: no checkpoint {runs}/best.pt{which}; run `{how}` first")
     return found
 
 
-def ensemble_checkpoints(exp: str, seeds: list[int] | None, blend: tuple[Path, dict] | None
-                         ) -> tuple[list[Path], list[float] | None, dict]:
+def ensemble_checkpoints(exp: str, seeds: list[int] | None, blend: tuple[Path, dict] | None,
+                         models: str = "folds") -> tuple[list[Path], list[float] | None, dict]:
     """(checkpoints, per-net weights or None for equal, what stage 04's record adds) of one
-    experiment's `seeds`, or of a blend (path, record)."""
+    experiment's `seeds`, or of a blend (path, record), from the runs `models` names."""
     if blend is None:
-        return experiment_checkpoints(exp, seeds), None, {}
+        return experiment_checkpoints(exp, seeds, models), None, {}
     path, record = blend
-    weighted = weighted_checkpoints(record, path)
+    weighted = weighted_checkpoints(record, path, models)
     extra = {"blend": {"name": record["name"], "path": relative_to_workdir(path), "sha256": sha256_file(path)},
              "members": [{k: m[k] for k in ("exp", "seeds", "weight")} for m in record["members"]]}
     return [p for p, _ in weighted], [w for _, w in weighted], extra

@@ -1,6 +1,7 @@
 """Stage 04: predict the test scenes with every fold x seed checkpoint and 8-way TTA.
 
-    models/<exp>/seed<s>/fold<f>/best.pt + data/interim (test split)
+    models/<exp>/seed<s>/fold<f>/best.pt (infer.models: folds; full: seed<s>/full/best.pt, the
+    full-data fits; both) + data/interim (test split)
       -> data/predictions/<exp>/test_{i}_answer.tif, data/predictions/<exp>/ensemble.json
 
 Every selected checkpoint sees every dihedral view of each scene (`infer.tta`, 8 by
@@ -10,7 +11,8 @@ Large scenes are tiled (`infer.tile`, overlap `infer.tile_overlap`, feathered bl
 tiles and views go through the nets `infer.batch` at a time.
 
 From a blend (`--blend NAME`, models/blends/NAME/blend.json, see pipeline/infer/blend.py): every
-member's fold x seed checkpoints x views, each member's mean weighted by its blend weight
+member's fold x seed checkpoints (or full-data fits: the weights fitted out of fold apply to
+them alike) x views, each member's mean weighted by its blend weight
 (one mean over all nets with per-net weights, in float, rounded once), written to
 data/predictions/NAME/ with the data settings of the first member and the blend's TTA.
 
@@ -46,16 +48,18 @@ from pipeline.infer.tta import TTA_CHOICES
 
 
 def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = None,
-                 tile: int | None = None, blend: tuple[Path, dict] | None = None) -> dict:
+                 tile: int | None = None, blend: tuple[Path, dict] | None = None, models: str | None = None) -> dict:
     """Write the test predictions and ensemble.json of `cfg`'s experiment (or of `blend`,
-    a (path, record) pair, with `cfg` from blend_config); returns the record."""
+    a (path, record) pair, with `cfg` from blend_config), from the runs `models` names
+    (default `infer.models`: folds, full or both); returns the record."""
     start = time.time()
     exp = cfg["exp"]
     scale = int(cfg["data"]["scale"])
     settings = infer_settings(cfg, tta, tile)
     device = pick_device(cfg["device"])
     scenes = test_scenes(cfg)
-    ckpt_paths, net_weights, extra = ensemble_checkpoints(exp, seeds, blend)
+    models = models or cfg["infer"]["models"]
+    ckpt_paths, net_weights, extra = ensemble_checkpoints(exp, seeds, blend, models)
     records = [checkpoint_record(p) for p in ckpt_paths]
     if net_weights is not None:
         for r, w in zip(records, net_weights):
@@ -75,6 +79,7 @@ def run_ensemble(cfg: dict, seeds: list[int] | None = None, tta: int | None = No
             "exp": exp,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seeds": sorted({r["seed"] for r in records}),
+            "models": models,
             "checkpoints": records,
             **extra,
             **settings,
@@ -100,6 +105,8 @@ def add_arguments(parser) -> None:
                         help="dihedral views per net (default: infer.tta)")
     parser.add_argument("--tile", type=int, default=None,
                         help="tile side in LR pixels, 0 = whole scene (default: infer.tile)")
+    parser.add_argument("--models", choices=("folds", "full", "both"), default=None,
+                        help="folds: every fold x seed; full: the full-data fits; both (default: infer.models)")
     add_set_argument(parser)
 
 
@@ -110,12 +117,12 @@ def main(args) -> int:
         if args.overrides:
             raise PipelineError("--set and --blend exclude each other (a blend's members keep their own configs)")
         cfg, path, blend = blend_config(args.blend)
-        record = run_ensemble(cfg, tta=args.tta, tile=args.tile, blend=(path, blend))
+        record = run_ensemble(cfg, tta=args.tta, tile=args.tile, blend=(path, blend), models=args.models)
     else:
         cfg = load_config(args.exp, args.overrides)
-        record = run_ensemble(cfg, seeds=args.seeds or None, tta=args.tta, tile=args.tile)
+        record = run_ensemble(cfg, seeds=args.seeds or None, tta=args.tta, tile=args.tile, models=args.models)
     n = len(record["checkpoints"])
-    print(f"ensemble {cfg['exp']}: {len(record['answers'])} test scenes x {n} checkpoint(s) "
+    print(f"ensemble {cfg['exp']}: {len(record['answers'])} test scenes x {n} checkpoint(s) of the {record['models']} "
           f"(seeds {' '.join(map(str, record['seeds']))}) x {record['tta']} TTA views, "
           f"{record['precision']} on {record['device']}, {record['seconds']:.1f} s "
           f"-> {paths.predictions_dir(cfg['exp'])}")

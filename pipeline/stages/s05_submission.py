@@ -63,7 +63,8 @@ def check_fresh(exp: str, record: dict, answer_paths: list[Path]) -> None:
             raise PipelineError(f"{blend}: blend changed (or gone) since the predictions were made; {rerun}")
     members = record.get("members") or [{"exp": exp, "seeds": record.get("seeds")}]
     current = [p for m in members if m.get("weight", 1) > 0
-               for p in find_checkpoints(paths.experiment_dir(m["exp"]), seeds=m["seeds"])]
+               for p in find_checkpoints(paths.experiment_dir(m["exp"]), seeds=m["seeds"],
+                                         models=record.get("models", "folds"))]
     new = [str(p) for p in current if p.resolve() not in used]
     if new:
         raise PipelineError(f"{_short(new)}: checkpoint(s) of seed(s) {record.get('seeds')} not in the "
@@ -111,7 +112,7 @@ def build_submission(cfg: dict) -> Path:
             if bad is not None or sorted(zf.namelist()) != sorted(names):
                 raise PipelineError(f"{out}: zip did not read back correctly ({bad or 'member list'})")
     # recorded before the pointer make tracks: a ledger that cannot be written leaves stage 05 to rerun
-    ledger.add_submission(out, [exp], ledger.submission_cv(exp, record))  # `python -m pipeline lb` adds the LB score
+    ledger.add_submission(out, [exp], ledger.submission_cv(exp, record), record.get("models", "folds"))  # `python -m pipeline lb` adds the LB score
     with io.atomic_path(latest_pointer(exp)) as tmp:
         tmp.write_text(out.name + "\n")
     return out

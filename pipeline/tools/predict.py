@@ -50,8 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="net name (see pipeline/nets), e.g. rlfn, swinir_s, bicubic")
     parser.add_argument("--weights", help="weight file or known name (rlfn_x4, ...) for --model")
     parser.add_argument("--checkpoint", type=Path,
-                        help="a pipeline checkpoint, models/<exp> to ensemble its seed*/fold*/best.pt, "
-                             "or models/blends/<name>/blend.json (a weighted blend of experiments)")
+                        help="a pipeline checkpoint or run folder (models/<exp>/seed0/full: a full-data fit), "
+                             "models/<exp> to ensemble its seed*/fold*/best.pt, or "
+                             "models/blends/<name>/blend.json (a weighted blend of experiments)")
+    parser.add_argument("--models", choices=("folds", "full", "both"), default="folds",
+                        help="for an experiment, seed or blend: its folds' checkpoints (default), "
+                             "its full-data fits, or both")
     parser.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
     parser.add_argument("--output", required=True, type=Path, help="folder for the results (same file names)")
     parser.add_argument("--scale", type=int, default=None, help="upscaling factor (checked against the net)")
@@ -75,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         if args.weights is not None:
             raise PipelineError("--weights and --checkpoint exclude each other (a checkpoint holds its weights)")
-        checkpoints, net_weights = checkpoint_paths(args.checkpoint)
+        checkpoints, net_weights = checkpoint_paths(args.checkpoint, args.models)
         nets = load_nets(checkpoints, args.scale, args.model)
     elif args.model is not None:
         nets, net_weights = [named_net(args.model, args.weights, args.scale)], None

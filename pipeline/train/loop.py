@@ -86,8 +86,9 @@ class Result:
     log: list[dict]
 
 
-def train(cfg: dict[str, Any], fold: int, seed: int, resume: str = "auto", force: bool = False) -> Result:
-    """Train (or resume, or skip if finished) one fold of one seed; see the module docstring."""
+def train(cfg: dict[str, Any], fold: int | str, seed: int, resume: str = "auto", force: bool = False) -> Result:
+    """Train (or resume, or skip if finished) one fold of one seed, or with `fold="all"`
+    (`paths.FULL`) the seed's full-data fit; see the module docstring."""
     d = init_distributed(cfg["device"])
     try:
         # one writer per run folder (rank 0 writes; another trainer of this fold stops at once)
@@ -98,7 +99,7 @@ def train(cfg: dict[str, Any], fold: int, seed: int, resume: str = "auto", force
             dist.destroy_process_group()
 
 
-def _earlier_run(cfg: dict, run: Path, fold: int, split: str, resume: str, force: bool, d: Dist) -> dict | None:
+def _earlier_run(cfg: dict, run: Path, fold: int | str, split: str, resume: str, force: bool, d: Dist) -> dict | None:
     """An earlier run's last.pt to resume or to skip as finished (None: start afresh); a
     changed config or split is refused."""
     state = d.from_main(read_run_state(run, resume, force) if d.main else None)
@@ -117,23 +118,25 @@ def _earlier_run(cfg: dict, run: Path, fold: int, split: str, resume: str, force
     return state if finished or resume == "auto" else None
 
 
-def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, d: Dist) -> Result:
+def _train(cfg: dict[str, Any], fold: int | str, seed: int, resume: str, force: bool, d: Dist) -> Result:
     began = time.perf_counter()
     check_values(cfg)        # a config built in code (tests) is checked as a loaded one
     t, scale = cfg["train"], cfg["data"]["scale"]
     exp = cfg["exp"]
     run = paths.run_dir(exp, seed, fold)
     last_path, best_path = run / "last.pt", run / "best.pt"
-    name = f"{exp} fold {fold} seed {seed}"
+    full = fold == paths.FULL        # a full-data fit: every training scene, nothing to validate on
+    name = f"{exp} {'full fit' if full else f'fold {fold}'} seed {seed}"
 
-    # what is on disk decides: skip (finished), resume (unfinished) or start over
-    split = data.split_digest(data.fold_ids(fold)[1])
+    # what is on disk decides: skip (finished), resume (unfinished) or start over; a fold's run
+    # records its validation scenes, a full fit its training scenes
+    split = data.split_digest(data.fold_ids(fold)[0 if full else 1])
     state = _earlier_run(cfg, run, fold, split, resume, force, d)
     if state is not None and state["finished"]:
         ts = state["train_state"]
         if d.main:
-            print(f"train {name}: already trained ({ts['best_ssim']:.4f} val SSIM at step "
-                  f"{ts['best_step']}) -> {run}; --force retrains")
+            done = f"{ts['best_ssim']:.4f} val SSIM at step {ts['best_step']}" if not full else f"{state['step']} steps"
+            print(f"train {name}: already trained ({done}) -> {run}; --force retrains")
         return Result(run, _net_from_state(cfg, ts["net"]), None, ts["best_ssim"],
                       ts["best_step"], ts["bicubic_ssim"], 0, ts["log"])
     resuming = state is not None
@@ -186,17 +189,20 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
             run.mkdir(parents=True, exist_ok=True)
             with atomic_path(run / "config.yaml") as tmp:
                 tmp.write_text(dump_config(cfg) + (dump_config({PRETRAINED_RECORD: loaded}) if loaded else ""))
-        bicubic_ssim = validate(build_net("bicubic", scale=scale).to(d.device), val_scenes, d,
-                                t["val_tile"], overlap)
-        # the starting point counts as a candidate: a pretrained net may already be the best
-        last_val = validate(net, val_scenes, d, t["val_tile"], overlap)
+        bicubic_ssim = last_val = None
+        if not full:
+            bicubic_ssim = validate(build_net("bicubic", scale=scale).to(d.device), val_scenes, d,
+                                    t["val_tile"], overlap)
+            # the starting point counts as a candidate: a pretrained net may already be the best
+            last_val = validate(net, val_scenes, d, t["val_tile"], overlap)
         start, best_ssim, best_step, saved_step = 0, last_val, 0, None
         log = [{"step": 0, "loss": None, "lr": None, "val_ssim": last_val, "bicubic_ssim": bicubic_ssim}]
     if d.main:
         remove_stale_temporaries(run)
 
     eval_net = ema.module if ema is not None else net
-    board = TrainingBoard(run, start, val_scenes[0], scale, d.device) if d.main else None
+    shown = val_scenes[0] if val_scenes else train_scenes[0]        # the board's crop
+    board = TrainingBoard(run, start, shown, scale, d.device) if d.main else None
     if board is not None and not resuming:
         board.log_row(log[0])
         board.log_crop(0, eval_net)
@@ -248,7 +254,7 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                 row.update(skipped=int(outcome.skipped), grad_scale=outcome.grad_scale)
             if len(outcome.terms) > 1:
                 row.update({f"loss_{k}": v for k, v in outcome.terms.items()})
-            if done % t["val_every"] == 0 or done == t["steps"]:
+            if not full and (done % t["val_every"] == 0 or done == t["steps"]):
                 last_val = row["val_ssim"] = validate(eval_net, val_scenes, d, t["val_tile"], overlap)
                 row["bicubic_ssim"] = bicubic_ssim
                 if last_val > best_ssim:
@@ -262,13 +268,17 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
                     board.log_crop(done, eval_net)
                 # the plot before last.pt: once last.pt says finished, every artifact is complete
                 if row["val_ssim"] is not None or done == t["steps"]:
-                    plot_curves(log, bicubic_ssim, run, f"{name}: best {best_ssim:.4f} at step {best_step}")
+                    plot_curves(log, bicubic_ssim, run, f"{name}: full fit, {done} steps" if full
+                                else f"{name}: best {best_ssim:.4f} at step {best_step}")
                 if done % t["ckpt_every"] == 0 or done == t["steps"]:
                     board.flush()   # the events of every step up to the checkpoint are on disk
+                    if full:        # nothing to select on: best.pt is the (EMA) weights of the last checkpoint
+                        best_step = done
+                        save_best(done, None)
                     save_last(done)
                     saved_step = done
                 bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}",
-                                val=f"{last_val:.4f}", refresh=False)
+                                **({} if full else {"val": f"{last_val:.4f}"}), refresh=False)
                 bar.update(1)
     bar.close()
     if board is not None:
@@ -280,8 +290,10 @@ def _train(cfg: dict[str, Any], fold: int, seed: int, resume: str, force: bool, 
     steps_done = t["steps"] - start
     if d.main:
         resumed = f", resumed at step {start}" if start else ""
-        print(f"train {name}: best val SSIM {best_ssim:.4f} at step {best_step} (bicubic "
-              f"{bicubic_ssim:.4f}, {best_ssim - bicubic_ssim:+.4f}); {steps_done} steps in "
+        scored = (f"best val SSIM {best_ssim:.4f} at step {best_step} (bicubic {bicubic_ssim:.4f}, "
+                  f"{best_ssim - bicubic_ssim:+.4f})" if not full else
+                  f"full-data fit on {len(train_scenes)} scenes, best.pt = the weights at step {best_step}")
+        print(f"train {name}: {scored}; {steps_done} steps in "
               f"{seconds:.1f} s ({steps_done / max(loop_seconds, 1e-9):.2f} steps/s{resumed}) -> {run}")
     return Result(run, net, ema.module if ema is not None else None, best_ssim, best_step,
                   bicubic_ssim, steps_done, log)

@@ -18,14 +18,17 @@ import torch
 
 from pipeline.core.checkpoints import read_checkpoint
 from pipeline.core.errors import PipelineError
+from pipeline.core.paths import FULL
+from pipeline.data.patches import FULL_FIT_STREAM
 from pipeline.train.board import remove_event_files
 
 ARTIFACTS = ("best.pt", "last.pt", "log.csv", "curves.png", "config.yaml")
 
 
-def run_seed(seed: int, fold: int) -> int:
+def run_seed(seed: int, fold: int | str) -> int:
     """One 32-bit seed from (seed, fold): folds of one seed differ, reruns do not."""
-    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+    key = FULL_FIT_STREAM if fold == FULL else fold
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
 
 
 
