@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import missing
 from PIL import Image
 
 from pipeline.__main__ import main as cli_main
@@ -152,7 +153,7 @@ def _x5_competition(monkeypatch) -> dict:
     aerial_x5 config with rlfn_x4 from ../shared/weights."""
     weights_file = paths.SHARED_WEIGHTS / "rlfn_x4.pth"
     if not weights_file.is_file():
-        pytest.skip("rlfn_x4.pth absent from ../shared/weights")
+        missing("rlfn_x4.pth absent from ../shared/weights")
     monkeypatch.setenv("SR_WEIGHTS_DIR", str(paths.SHARED_WEIGHTS))
     assert demo_data.build_demo(exp="aerial_x5", n_train=6, n_test=1)["scale"] == 5
     cfg = load_config("aerial_x5")

@@ -53,8 +53,8 @@ def test_freed_memory_is_reused_without_new_page_faults():
     # measured), too loose a baseline for a test
     _, fresh_maps = _faults_per_step("default", tunables="glibc.malloc.mmap_threshold=131072")
     # a step allocates ~30 MB (7,000+ pages): kept in the process, 0-112 a step fault in
-    # (34,602 at the fixed threshold; glibc's own default mostly 739-5869)
-    assert retained < 400
+    # (34,602 at the fixed threshold; glibc's own default mostly 739-5869). The counts
+    # depend on the glibc version; the ratio is the behaviour
     assert retained * 3 < fresh_maps
 
 

@@ -77,17 +77,26 @@ def test_sharded_steps_are_the_same_bits_every_time_with_stochastic_depth(name, 
 
 def test_fp16_scaler_scales_every_shard():
     """Under the gradient scaler (fp16 autocast, on the CPU here) each shard's gradients are of
-    the scaled loss, as scaler.scale(loss).backward() gives for the whole batch."""
+    the scaled loss, as scaler.scale(loss).backward() gives for the whole batch: per parameter
+    tensor, the sharded gradients equal the whole batch's and, divided by the scale, the float32
+    gradients, each relative to the tensor's own size (an unscaled shard would be 1/1024 of it,
+    an error of ~100 %)."""
     torch.manual_seed(0)
     net = use_fast_path(build_net("rlfn")).train()
     lr, hr = batch()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     _, _, whole = grads_of(net, 1, lr, hr, scaler, torch.float16)
     _, _, sharded = grads_of(net, 2, lr, hr, scaler, torch.float16)
-    _, _, unscaled = grads_of(net, 2, lr, hr, None, torch.float16)
-    for a, b, c in zip(whole, sharded, unscaled):
-        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3 * 1024)
-        assert torch.allclose(b / 1024, c, rtol=1e-2, atol=1e-3)
+    _, _, fp32 = grads_of(net, 1, lr, hr)
+    compared = 0
+    for (name, _), a, b, c in zip(net.named_parameters(), whole, sharded, fp32):
+        size = c.abs().max()
+        if a.abs().max() == 0 or size < 1e-6:           # below what fp16 (scaled) carries well
+            continue
+        compared += 1
+        assert (a - b).abs().max() <= 1e-2 * a.abs().max(), name
+        assert (b / 1024 - c).abs().max() <= 0.2 * size, name   # fp16's rounding: up to ~10 % here
+    assert compared > 0.4 * len(fp32)                     # 46 of RLFN's 114 at this init
 
 
 def test_plan_says_why_it_does_not_shard():

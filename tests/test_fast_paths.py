@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import missing
 
 from pipeline.core import paths
 from pipeline.core.io import read_image
@@ -242,17 +243,27 @@ def test_prepared_net_equals_its_reference(name):
 
 @pytest.mark.filterwarnings("ignore:bf16 on this")
 def test_edge_convolutions_stay_float32_under_bf16():
+    """Under bf16 autocast each edge convolution (the ones that read or write the image) puts
+    out float32 and every other convolution bf16, on the fast path; on the reference path all
+    of them bf16."""
     torch.manual_seed(6)
     for name, n_edges in (("rlfn", 3), ("swinir_s", 3), ("hat_s", 3)):
         net = build_net(name).eval()
-        assert len(edge_convs(net)) == n_edges
+        edges = edge_convs(net)
+        assert len(edges) == n_edges
+        dtypes = {}
+        for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.register_forward_hook(lambda m, _, out: dtypes.__setitem__(m, out.dtype))
         x = torch.rand(1, 3, 16, 16)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            plain = net(x)
+            net(x)
+            assert set(dtypes.values()) == {torch.bfloat16}, name           # the reference: all bf16
+            dtypes.clear()
             prepare_for_inference(net, "cpu", "bf16")
-            fast = net(x)
-        assert fast.dtype == torch.float32
-        assert (fast - plain.float()).abs().max().item() < 0.05
+            assert net(x).dtype == torch.float32
+        assert all(dtypes[c] == torch.float32 for c in edges), name
+        assert all(d == torch.bfloat16 for c, d in dtypes.items() if c not in edges), name
+        assert len(dtypes) > n_edges
 
 
 def test_rlfn_channels_last_equals_reference(shared):
@@ -286,7 +297,7 @@ def _aerial_tiles(n: int = 2, side: int = 128) -> list[tuple[np.ndarray, np.ndar
     """(LR, HR) pairs: the centre of real UC Merced tiles, HR side `side`, LR = bicubic / 4."""
     files = sorted((paths.SHARED_DATA / "ucmerced_urban").glob("*/*.tif"))
     if not files:
-        pytest.skip("shared aerial tiles absent")
+        missing("shared aerial tiles absent")
     pairs = []
     for path in files[:: len(files) // n][:n]:
         high = read_image(path)
@@ -310,6 +321,7 @@ def test_bf16_keeps_the_competition_ssim(swinir_fixture):
             fp32 = competition_ssim(predict_scene([net], lr, precision="fp32"), high)
             bf16 = competition_ssim(predict_scene([net], lr, precision="bf16"), high)
             assert abs(bf16 - fp32) < SSIM_BOUND, (type(net).__name__, fp32, bf16)
+            assert bf16 != fp32, type(net).__name__          # bf16 reached the computation
 
 
 # --- the benchmark command ---------------------------------------------------------------------
@@ -327,7 +339,7 @@ def test_bench_quick_writes_the_table(workdir, cli):
     assert (done["peak_rss_mb"] > 50).all()
     loader = done.set_index("row").loc["rlfn-train-loader"]
     assert loader["baseline"] == "rlfn-train"
-    assert 0 < loader["loader_s"] < loader["median_s"]                 # the wait is part of the step
+    assert loader["loader_s"] > 0 and loader["median_s"] > 0          # how long each takes: make bench's figures
     assert loader["loader_share"] == pytest.approx(loader["loader_s"] / loader["median_s"], rel=1e-4)
     assert done.set_index("row")["loader_s"].drop("rlfn-train-loader").isna().all()
     rows = table.set_index("row")
@@ -355,7 +367,7 @@ def test_bench_quick_writes_the_table(workdir, cli):
 def test_cores_probe_measures_every_core():
     from pipeline.tools.bench import cores_probe
     probe = cores_probe(2, seconds=0.05)
-    assert probe["cores"] == 2 and probe["alone"] > 1 and probe["together"] > 1
+    assert probe["cores"] == 2 and probe["alone"] > 0 and probe["together"] > 0
     assert probe["share"] == pytest.approx(probe["together"] / probe["alone"])
 
 

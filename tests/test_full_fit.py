@@ -86,8 +86,8 @@ def test_a_full_fit_resumes_exactly_and_refuses_a_changed_config(workdir, monkey
     assert read_checkpoint(last)["step"] == 4 and not read_checkpoint(last)["finished"]
     with pytest.raises(PipelineError, match=r"full: was started with a different config \(train\.lr\)"):
         loop.train(load_config(cfg_path, ["train.lr=5e-4"]), fold=paths.FULL, seed=0)
-    resumed = loop.train(load_config(cfg_path), fold=paths.FULL, seed=0)
-    assert resumed.steps_done == STEPS - 4
+    resumed = loop.train(load_config(cfg_path, ["infer.models=full"]), fold=paths.FULL, seed=0)
+    assert resumed.steps_done == STEPS - 4          # which runs stage 04 uses is no training change
     paths.set_workdir(tmp_path_factory.mktemp("straight"))
     make_competition()
     straight = loop.train(load_config(cfg_path), fold=paths.FULL, seed=0)

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import missing
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from pipeline.core import paths
@@ -30,7 +31,7 @@ def tile_pairs():
     """(answer, high) pairs from real aerial tiles of several classes, 256x256."""
     root = paths.SHARED_DATA / "ucmerced_urban"
     if not root.is_dir():
-        pytest.skip(f"{root} absent")
+        missing(f"{root} absent")
     files = sorted(root.glob("*/*.tif"))[::45][:9]
     rng = np.random.default_rng(0)
     highs = [read_image(f)[:248, :248] for f in files]  # 248: a few tiles are 247..256

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import missing
 from tiny_experiment import build_competition
 
 from pipeline.core import io, ledger, paths
@@ -229,7 +230,7 @@ def test_html_is_escaped_by_the_template(in_tiny, tmp_path):
 
 def test_report_in_headless_chromium(in_tiny, tmp_path):
     if headless_chromium.find_chromium() is None:
-        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it where it can)")
+        missing("chromium not installed (apt-get install chromium; .ci/run installs it where it can)")
     out = tmp_path / "reports"
     index = report.build_report(out)["path"]
     with headless_chromium.Chromium(width=1400, height=1000) as browser:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import missing
 from PIL import Image
 
 from pipeline.core import paths
@@ -73,7 +74,7 @@ def aerial_lr_hr():
     """HR: 2x2 mosaics of real 256 px aerial tiles (512x512); LR: antialiased bicubic / 4."""
     root = paths.SHARED_DATA / "ucmerced_urban"
     if not root.is_dir():
-        pytest.skip(f"{root} absent")
+        missing(f"{root} absent")
     pairs = []
     for cls in ("denseresidential", "buildings", "parkinglot"):
         t = [read_image(root / cls / f"{cls}{i:02d}.tif")[:256, :256] for i in (10, 11, 12, 13)]
@@ -101,10 +102,11 @@ def test_tiled_rlfn_on_real_tiles(aerial_lr_hr, shared, torch_one_thread):
     """RLFN cannot be tiled exactly: its ESA attention max-pools the whole input and resizes
     back to the input's size, so any crop changes its output far inside (measured: a 48 px
     crop of a 64 px LR image moves interior pixels by up to 8/255; tiles of a 300x375 scene
-    score within 2e-4 of the whole). Tiling must still leave no seam: a small mean
-    difference and the competition score within 1e-3."""
+    score within 2e-4 of the whole). Tiling must still leave no seam: along every tile edge
+    the difference from the whole is no larger than inside the tiles (a 2-pixel band 30 levels
+    off, added by hand, is caught), a small mean difference, and the score within 1e-3."""
     if not (shared / "weights" / "rlfn_x4.pth").is_file():
-        pytest.skip("rlfn_x4.pth absent")
+        missing("rlfn_x4.pth absent")
     from pipeline.core.weights import load_weights
     net = load_weights(build_net("rlfn"), shared / "weights" / "rlfn_x4.pth").eval()
     for lr, hr in aerial_lr_hr[:2]:
@@ -115,3 +117,22 @@ def test_tiled_rlfn_on_real_tiles(aerial_lr_hr, shared, torch_one_thread):
         diff = np.abs(whole.astype(int) - tiled)
         assert diff.mean() < 1.0
         assert abs(competition_ssim(tiled, hr) - competition_ssim(whole, hr)) <= 1e-3
+        edges = [4 * e for s in tile_starts(lr.shape[0], 64, 16) for e in (s, s + 64) if 0 < e < lr.shape[0]]
+        assert edges and not seam_excess(whole, tiled, edges)
+        banded = tiled.astype(int)
+        banded[:, edges[0]:edges[0] + 2] += 30                  # a 2-pixel seam, 30 levels off
+        assert seam_excess(whole, np.clip(banded, 0, 255), edges)
+
+
+def seam_excess(whole: np.ndarray, tiled: np.ndarray, edges: list[int], band: int = 4, away: int = 12) -> bool:
+    """Whether, along any tile edge, the mean |tiled - whole| of the columns (or rows) within
+    `band` pixels of it exceeds twice that of the columns `away` to `away` + 8 pixels on either
+    side of it, + 1 level: a seam stands out of its neighbourhood."""
+    diff = np.abs(whole.astype(int) - tiled.astype(int)).mean(axis=2)
+    for profile in (diff.mean(axis=0), diff.mean(axis=1)):          # per column, per row
+        for e in edges:
+            near = profile[max(e - band, 0):e + band]
+            beside = np.concatenate([profile[max(e - away - 8, 0):max(e - away, 0)], profile[e + away:e + away + 8]])
+            if near.max() > 2 * beside.mean() + 1.0:
+                return True
+    return False

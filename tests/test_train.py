@@ -2,6 +2,7 @@
 kill-and-resume, DDP on 2 CPU processes, NaN guard, weights and config refusals."""
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -167,8 +168,13 @@ def test_stream_is_a_function_of_seed_fold_step_and_splits_across_ranks():
 
 # --- training -----------------------------------------------------------------------------
 
-def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, capsys):
+def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, capsys, monkeypatch):
+    validated = []                     # the weights each validation scored, in order
+    real_validate = loop.validate
+    monkeypatch.setattr(loop, "validate", lambda net, *a: validated.append(copy.deepcopy(net.state_dict()))
+                        or real_validate(net, *a))
     first = run(tiny)
+    monkeypatch.setattr(loop, "validate", real_validate)
     folder = paths.run_dir("tiny", 0, 0)
     for name in ("best.pt", "last.pt", "log.csv", "curves.png", "config.yaml"):
         assert (folder / name).is_file(), name
@@ -180,11 +186,14 @@ def test_run_writes_artifacts_and_is_deterministic_for_a_seed(tiny, workdir, cap
     best = read_checkpoint(folder / "best.pt")
     assert best["val_ssim"] == pytest.approx(log["val_ssim"].max())
     assert best["step"] == int(log.loc[log["val_ssim"].idxmax(), "step"])
-    # best.pt holds the EMA weights and rebuilds as the net it was trained as
+    # best.pt holds the EMA weights of its step (the ones validated there) and rebuilds as the
+    # net it was trained as; validations: bicubic and the start at step 0, then the EMA at 4, 8
     net = net_from_checkpoint(folder / "best.pt")
-    if best["step"] == STEPS:
-        assert states_equal(net.state_dict(), first.ema.state_dict())
-        assert not states_equal(net.state_dict(), first.net.state_dict())
+    scored_at = {0: validated[1], 4: validated[2], 8: validated[3]}
+    assert len(validated) == 4 and best["step"] in scored_at
+    assert states_equal(net.state_dict(), scored_at[best["step"]])
+    assert states_equal(scored_at[8], first.ema.state_dict())
+    assert not states_equal(scored_at[8], first.net.state_dict())       # the EMA, not the raw weights
     out = capsys.readouterr().out
     assert "best val SSIM" in out and "steps/s" in out
     # TensorBoard beside log.csv: the same figures, and the validation crop [bicubic | model | truth]
@@ -380,3 +389,14 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tiny, workdir, tmp_path_fa
     for key, value in single.net.state_dict().items():
         assert torch.allclose(rank0["net"][key], value, atol=1e-4), key
     assert np.allclose(ddp_log["loss"][1:], log_table(single)["loss"][1:].astype(float), atol=1e-4)
+
+
+def test_training_improves_the_validation_score(tiny, workdir):
+    """A seconds-long run from a random init: the best validation SSIM beats the start (step 0)
+    by far more than noise, and the loss falls; an update in the wrong direction would not."""
+    result = run(write_config(workdir, train={"steps": 40, "val_every": 10, "ckpt_every": 40}))
+    log = pd.DataFrame(result.log)
+    start = float(log.loc[log["step"] == 0, "val_ssim"].iloc[0])
+    assert result.best_ssim >= start + 0.03, (start, result.best_ssim)        # 0.009 -> 0.061 here
+    losses = log["loss"].dropna().to_numpy()
+    assert losses[-10:].mean() < 0.95 * losses[:10].mean()                     # 1.23 -> 1.06 here

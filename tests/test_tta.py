@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import missing
 
 from pipeline.core.errors import PipelineError
 from pipeline.infer.tta import dihedral, tta_forward, tta_views, undo_dihedral
@@ -100,7 +101,7 @@ def test_tta_never_scores_below_plain_rlfn_on_aerial_tiles(shared, torch_one_thr
     from pipeline.infer.ensemble import predict_scene
 
     if not (shared / "weights" / "rlfn_x4.pth").is_file():
-        pytest.skip("rlfn_x4.pth absent")
+        missing("rlfn_x4.pth absent")
     net = load_weights(build_net("rlfn"), shared / "weights" / "rlfn_x4.pth").eval()
     root = shared / "data" / "ucmerced_urban"
     gains = []

@@ -241,9 +241,16 @@ def test_a_file_without_published_checksum_is_accepted_by_layout_and_its_sha256_
     small = {"embed_dim": 24, "depths": [2], "num_heads": [2], "window_size": 4, "img_size": 16}
     folder = tmp_path / "w"
     folder.mkdir()
-    torch.save({"params_ema": build_net("hat_s", **small).state_dict()}, folder / "HAT-S_SRx4.pth")
+    torch.manual_seed(7)
+    saved = build_net("hat_s", **small).state_dict()
+    torch.save({"params_ema": saved}, folder / "HAT-S_SRx4.pth")
     monkeypatch.setenv("SR_WEIGHTS_DIR", str(folder))
-    report = weights.load_pretrained(build_net("hat_s", **small), "hat_s_x4")
+    torch.manual_seed(8)
+    net = build_net("hat_s", **small)
+    report = weights.load_pretrained(net, "hat_s_x4")
     assert report.sha256 == sha256_file(folder / "HAT-S_SRx4.pth") and report.reinitialised == []
+    loaded = net.state_dict()                       # the file's weights are in the net, every one
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items() if not k.startswith("relative_position_index"))
+    assert sum(v.numel() for v in saved.values()) > 0
     with pytest.raises(PipelineError, match="do not fit HAT"):   # a file of that name for another net: refused
         weights.load_pretrained(build_net("hat_s", **{**small, "embed_dim": 12}), "hat_s_x4")
