@@ -46,6 +46,8 @@ PRED_DIR := data/predictions/$(EXP)
 OOF_SUMMARY := models/$(EXP)/oof/summary.json
 SUBMISSION_LATEST := submissions/$(EXP)-latest.txt
 CKPTS = $(wildcard models/$(EXP)/seed*/fold*/best.pt)
+# stage 04 may also use the full-data fits (`make train FOLD=all`, infer.models)
+FULL_CKPTS = $(wildcard models/$(EXP)/seed*/full/best.pt)
 # folds of the experiment, read from its config (lazily: needs the venv)
 FOLD_LIST = $(shell $(PY) -c "from pipeline.core.config import load_config; print(*range(load_config('$(EXP)')['data']['n_folds']))")
 # With GPUS, a job first claims N free GPUs of them (training: NPROC; waiting while none is
@@ -95,7 +97,7 @@ folds: $(FOLDS_CSV) ## stage 01: data/folds.csv, K balanced folds (data/raw/grou
 $(FOLDS_CSV): $(MANIFEST) $(wildcard $(CONFIG)) $(wildcard data/raw/groups.csv) | $(SETUP)
 	$(PIPE) folds --exp $(EXP)
 
-train: $(FOLDS_CSV) ## stage 02: train one fold (FOLD=0 SEED=0 EXP=aerial NPROC=1 GPUS= ARGS=)
+train: $(FOLDS_CSV) ## stage 02: train one fold (FOLD=0; FOLD=all: every training scene; SEED=0 EXP=aerial NPROC=1 GPUS= ARGS=)
 	$(call GPU_CLAIM,$(NPROC)) $(TRAIN) train --exp $(EXP) --fold $(FOLD) --seed $(SEED) $(ARGS)
 
 train-all: $(FOLDS_CSV) ## stage 02: every fold x seed of EXP (`make -j4 train-all GPUS="0 1 2 3"`: one per GPU)
@@ -117,7 +119,7 @@ $(OOF_SUMMARY): $(CKPTS) $(FOLDS_CSV) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)
 	$(call GPU_CLAIM,1) $(PIPE) oof --exp $(EXP) --seeds $(SEEDS) $(ARGS)
 
 ensemble: $(PRED_DIR)/ensemble.json ## stage 04: fold x seed ensemble + 8-way TTA on the test set
-$(PRED_DIR)/ensemble.json: $(CKPTS) $(MANIFEST) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
+$(PRED_DIR)/ensemble.json: $(CKPTS) $(FULL_CKPTS) $(MANIFEST) $(wildcard $(CONFIG)) $(if $(strip $(ARGS)),FORCE) | $(SETUP)
 	$(call GPU_CLAIM,1) $(PIPE) ensemble --exp $(EXP) --seeds $(SEEDS) $(ARGS)
 
 submission: $(SUBMISSION_LATEST) ## stage 05: check and zip the predictions -> submissions/EXP-<time>.zip

@@ -94,10 +94,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-# Keys that never change what a run computes (how fast it goes, which inputs are accepted):
-# a resume or a finished run is not refused for them (the sample stream is the same with any
-# number of workers; the pixel bound only refuses inputs before anything is trained).
-RUNTIME_KEYS = ("train.num_workers", "data.max_pixels", "device")
+# Keys that never change what a run computes (how fast it goes, which inputs are accepted,
+# which trained runs stage 04 uses): a resume or a finished run is not refused for them (the
+# sample stream is the same with any number of workers; the pixel bound only refuses inputs
+# before anything is trained; infer.models is read after training).
+RUNTIME_KEYS = ("train.num_workers", "data.max_pixels", "device", "infer.models")
 
 
 class _Loader(yaml.SafeLoader):
