@@ -272,6 +272,8 @@ def test_ablation_table_reads_scores_and_cv_from_files(workdir):
     for fold, val in ((0, 0.80), (1, 0.83)):
         (paths.run_dir("aerial", 0, fold) / "log.csv").parent.mkdir(parents=True, exist_ok=True)
         (paths.run_dir("aerial", 0, fold) / "log.csv").write_text(f"step,loss,val_ssim\n0,,{val}\n1,0.2,\n")
+    steps = load_config("aerial_l1")["train"]["steps"]                   # a finished ablation run
+    (paths.run_dir("aerial_l1", 0, 0) / "log.csv").write_text(f"step,loss,val_ssim\n0,,0.79\n{steps},0.2,0.8001\n")
 
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table("aerial").splitlines()[2:]}
     assert rows["bicubic"][:3] == ["0.7011", f"{expected['bicubic']:.4f}",
@@ -279,10 +281,13 @@ def test_ablation_table_reads_scores_and_cv_from_files(workdir):
     assert rows["pretrained RLFN, no fine-tuning"][0] == f"{(0.80 * 2 + 0.83) / 3:.4f}"   # scene-weighted folds
     assert rows["pretrained RLFN + 8-way TTA"][1] == f"{expected['pretrained-tta8']:.4f}"
     assert rows["fine-tuned (`aerial`), fold 0"][:2] == ["0.8055", "—"]
+    # a run that ended before its steps says so: its best.pt is only the best so far
+    assert rows["fine-tuned (`aerial`), fold 0"][6] == "fold 0 validation, best.pt (stopped at step 1 of 500)"
     assert rows["fine-tuned, 2 folds + 8-way TTA (stage 04)"][:3] == ["0.8123", f"{expected['aerial']:.4f}",
                                                      f"{expected['aerial'] - expected['pretrained-tta8']:+.4f}"]
     l1 = [k for k in rows if "`aerial_l1`" in k]
     assert len(l1) == 1 and "L1 loss instead of SSIM" in l1[0] and rows[l1[0]][0] == "0.8001"
+    assert rows[l1[0]][6] == "fold 0 validation, best.pt"
     assert not any("aerial_adam" in k for k in rows)                      # nothing on disk: no row
 
 

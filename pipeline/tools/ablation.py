@@ -59,6 +59,16 @@ def _best_val(exp: str, fold: int = ABLATION_FOLD, seed: int = 0) -> float | Non
     return float(read_checkpoint(path)["val_ssim"]) if path.is_file() else None
 
 
+def _unfinished(exp: str, fold: int = ABLATION_FOLD, seed: int = 0) -> str:
+    """' (stopped at step N of M)' for a run whose log ends before its configured steps, else
+    '': an interrupted run's best.pt is only the best so far, and the table must say so."""
+    path = paths.run_dir(exp, seed, fold) / "log.csv"
+    if not path.is_file():
+        return ""
+    last, steps = int(pd.read_csv(path)["step"].max()), int(load_config(exp)["train"]["steps"])
+    return f" (stopped at step {last} of {steps})" if last < steps else ""
+
+
 def _pretrained_cv(exp: str) -> tuple[float | None, int]:
     """Mean over the folds' held-out scenes of the step-0 validation (the untouched pretrained net)."""
     total, n, folds = 0.0, 0, 0
@@ -188,7 +198,7 @@ def collect_rows(exp: str) -> list[Row]:
         Row(f"pretrained {net} + {tta}-way TTA", REFERENCE_ROW, reference,
             "stage 03 starting point, every training scene", cv_reference=reference),
         Row(f"fine-tuned (`{exp}`), fold {ABLATION_FOLD}", f"{exp}-fold{ABLATION_FOLD}",
-            _best_val(exp), f"fold {ABLATION_FOLD} validation, best.pt"),
+            _best_val(exp), f"fold {ABLATION_FOLD} validation, best.pt{_unfinished(exp)}"),
         Row(f"fine-tuned, fold {ABLATION_FOLD} + {tta}-way TTA", f"{exp}-fold{ABLATION_FOLD}-tta{tta}",
             _fold_cv(exp, oof), f"stage 03, fold {ABLATION_FOLD}"),
     ]
@@ -207,7 +217,7 @@ def collect_rows(exp: str) -> list[Row]:
         if load_config(variant)["data"]["scale"] != cfg["data"]["scale"]:
             continue
         rows.append(Row(f"ablation `{variant}`: {_description(variant)}", f"{variant}-fold{ABLATION_FOLD}",
-                        _best_val(variant), f"fold {ABLATION_FOLD} validation, best.pt"))
+                        _best_val(variant), f"fold {ABLATION_FOLD} validation, best.pt{_unfinished(variant)}"))
     return rows
 
 
