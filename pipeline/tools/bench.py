@@ -57,7 +57,7 @@ from pipeline.core import paths
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path
 from pipeline.core.locks import locked
-from pipeline.infer.precision import choose, hardware, native
+from pipeline.infer.precision import hardware, native
 
 SCENE_LR = (300, 375)          # the competition's low-res scene (rows, columns)
 QUICK_LR = (40, 48)
@@ -201,8 +201,7 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     """Stage 02's step for one experiment (random init), the recipe's batch of 32 -> 128 crops."""
     from pipeline.core.config import load_config
     from pipeline.data import patches as data
-    from pipeline.train import losses
-    from pipeline.train.recipe import build_model, build_optimizer, lr_factor_at, make_ema, training_net
+    from pipeline.train.recipe import build_model, optimisation, training_net
     from pipeline.train.resume import seed_everything
     from pipeline.train.step import Gradients, TrainStep
 
@@ -218,15 +217,11 @@ def _setup_train(row: Row, quick: bool, device: torch.device, stack: ExitStack) 
     seed_everything(0)
     net = build_model(cfg, pretrained=False, main=True).to(device).train()
     forward_net = training_net(net, t)
-    optimizer = build_optimizer(net.parameters(), t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor_at(s, t))
-    loss_fn = losses.build_loss(cfg["loss"]).to(device)
-    prec = choose(t["precision"], device, net)
-    scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
+    optimizer, scheduler, loss_fn, prec, scaler, ema = optimisation(net, cfg, device)
     gradients, _ = accel.training_gradients(Gradients(forward_net, loss_fn, prec.dtype, device), net,
                                             t["cpu_shards"], t["batch_size"], compiled=t["compile"])
     stack.enter_context(gradients)
-    step = TrainStep(net, gradients, optimizer, scheduler, scaler, make_ema(net, t["ema"]), t["grad_clip"])
+    step = TrainStep(net, gradients, optimizer, scheduler, scaler, ema, t["grad_clip"])
     scale = cfg["data"]["scale"]
     lr_shape = QUICK_LR if quick else SCENE_LR
     scenes = [data.Scene(str(i), _scene(lr_shape, i), _scene((lr_shape[0] * scale, lr_shape[1] * scale), 100 + i))

@@ -61,9 +61,7 @@ def _crops(cfg: dict, quick: bool, seed: int = 0) -> tuple[torch.Tensor, torch.T
 def _train_losses(net_name: str, device: torch.device, precision: str, quick: bool) -> tuple[list[float], float, float]:
     """(every step's loss, crops per second, peak memory MB) of training `net_name` from one init."""
     from pipeline.core.config import load_config
-    from pipeline.infer.precision import choose
-    from pipeline.train import losses
-    from pipeline.train.recipe import build_model, build_optimizer, lr_factor_at, make_ema, training_net
+    from pipeline.train.recipe import build_model, optimisation, training_net
     from pipeline.train.resume import seed_everything
     from pipeline.train.step import Gradients, TrainStep
 
@@ -73,12 +71,9 @@ def _train_losses(net_name: str, device: torch.device, precision: str, quick: bo
     seed_everything(0)
     net = build_model(cfg, pretrained=False, main=False).to(device).train()
     model = training_net(net, t)
-    optimizer = build_optimizer(net.parameters(), t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor_at(s, t))
-    prec = choose(precision, device, net)
-    scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
-    step = TrainStep(net, Gradients(model, losses.build_loss(cfg["loss"]).to(device), prec.dtype, device),
-                     optimizer, scheduler, scaler, make_ema(net, t["ema"]), t["grad_clip"])
+    optimizer, scheduler, loss_fn, prec, scaler, ema = optimisation(net, cfg, device)
+    step = TrainStep(net, Gradients(model, loss_fn, prec.dtype, device), optimizer, scheduler, scaler, ema,
+                     t["grad_clip"])
     lr, hr = (x.to(device) for x in _crops(cfg, quick))
     _reset_peak(device)
     out, began = [], time.perf_counter()

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,19 +42,10 @@ from pipeline.core.io import atomic_path
 from pipeline.core.locks import locked
 from pipeline.data import extra as extra_data
 from pipeline.data import patches as data
-from pipeline.infer import precision
 from pipeline.nets import build_net
-from pipeline.train import losses
 from pipeline.train.board import TrainingBoard
 from pipeline.train.distributed import Dist, init_distributed
-from pipeline.train.recipe import (
-    build_model,
-    build_optimizer,
-    load_pretrained,
-    lr_factor_at,
-    make_ema,
-    training_net,
-)
+from pipeline.train.recipe import build_model, load_pretrained, optimisation, training_net
 from pipeline.train.records import plot_curves, write_log
 from pipeline.train.resume import (
     clean_run_dir,
@@ -155,13 +145,7 @@ def _train(cfg: dict[str, Any], fold: int | str, seed: int, resume: str, force: 
     loaded = None if resuming else load_pretrained(cfg, net, d.main)
     net = net.to(d.device)
     forward_net = training_net(net, t)
-    ema = make_ema(net, t["ema"])
-    optimizer = build_optimizer(net.parameters(), t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor_at(s, t))
-    loss_fn = losses.build_loss(cfg["loss"]).to(d.device)
-    prec = precision.choose(t["precision"], d.device, net)
-    # fp16: loss scaled up for the backward, inf/NaN steps skipped (never reach the weights)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=prec.scaler)
+    optimizer, scheduler, loss_fn, prec, scaler, ema = optimisation(net, cfg, d.device)
     model = DistributedDataParallel(forward_net) if d.world > 1 else forward_net
     gradients, how = accel.training_gradients(Gradients(model, loss_fn, prec.dtype, d.device), net,
                                               t["cpu_shards"], t["batch_size"] // d.world, d.world, t["compile"])

@@ -4,13 +4,14 @@
 the configured net (with `model.pretrained` loaded by `load_pretrained`, `model.reinit`
 modules left fresh); `build_optimizer` MADGRAD or Adam; `lr_factor_at` the step schedule;
 `make_ema` the exponential moving average of the weights, with timm's warm-up;
-`training_net` the module the loop calls (fast path, optionally compiled).
+`training_net` the module the loop calls (fast path, optionally compiled); `optimisation` all
+of a step's recipe-decided parts at once, for stage 02, the bench and gpu-check alike.
 """
 from __future__ import annotations
 
 import bisect
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from pipeline.core import weights
 from pipeline.core.errors import PipelineError
+from pipeline.infer.precision import Precision, choose
 from pipeline.nets import build_net
 from pipeline.nets.fast import use_fast_path
 
@@ -103,3 +105,27 @@ def training_net(net: nn.Module, t: dict[str, Any]) -> nn.Module:
 def make_ema(net: nn.Module, decay: float) -> AveragedModel | None:
     """The EMA of `net`'s weights and buffers (None when `decay` is 0: EMA off)."""
     return AveragedModel(net, multi_avg_fn=ema_update(decay), use_buffers=True) if decay > 0 else None
+
+
+class Optimisation(NamedTuple):
+    """What the `train` and `loss` sections make of a net for its training step."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    precision: Precision
+    scaler: torch.amp.GradScaler      # fp16: loss scaled up for the backward, inf/NaN steps skipped
+    ema: AveragedModel | None
+
+
+def optimisation(net: nn.Module, cfg: dict[str, Any], device: torch.device) -> Optimisation:
+    """The optimizer, step schedule, loss, precision, scaler and EMA of `cfg` for `net` (on `device`)."""
+    from pipeline.train.losses import build_loss
+
+    t = cfg["train"]
+    ema = make_ema(net, t["ema"])
+    optimizer = build_optimizer(net.parameters(), t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor_at(s, t))
+    loss_fn = build_loss(cfg["loss"]).to(device)
+    prec = choose(t["precision"], device, net)
+    return Optimisation(optimizer, scheduler, loss_fn, prec,
+                        torch.amp.GradScaler(device.type, enabled=prec.scaler), ema)
