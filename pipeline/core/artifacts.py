@@ -149,8 +149,8 @@ def weighted_checkpoints(record: dict, source: Path, models: str = "folds") -> l
         folder = member_dir(member["exp"], source)
         found = find_checkpoints(folder, seeds=member["seeds"], models=models)
         if not found:
-            runs = {"folds": "seed*/fold*", "full": "seed*/full", "both": "seed*/{fold*,full}"}[models]
-            raise PipelineError(f"{source}: member {member['exp']} has no checkpoint {runs}/best.pt "
+            raise PipelineError(f"{source}: member {member['exp']} has no checkpoint "
+                                f"seed*/{paths.runs_glob(models)}/best.pt "
                                 f"for seed(s) {member['seeds']} under {folder}")
         out += [(p, member["weight"] / len(found)) for p in found]
     return out

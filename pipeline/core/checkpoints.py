@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import paths
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path
 
@@ -54,9 +55,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-MODELS = ("folds", "full", "both")   # which runs an ensemble takes: the folds', the full-data fits', all
-
-
 def find_checkpoints(folder: str | Path, name: str = "best.pt", seeds: list[int] | None = None,
                      models: str = "folds") -> list[Path]:
     """Every `seed<s>/fold<f>/<name>` under an experiment folder (`models="folds"`), or every
@@ -64,7 +62,7 @@ def find_checkpoints(folder: str | Path, name: str = "best.pt", seeds: list[int]
     seeds; given one seed's folder instead (`models/<exp>/seed0`), its own."""
     folder = Path(folder)
     found = []
-    for runs in (["fold*"] if models == "folds" else ["full"] if models == "full" else ["fold*", "full"]):
+    for runs in paths.ENSEMBLE_RUNS[models]:
         found += sorted(folder.glob(f"seed*/{runs}/{name}")) or sorted(folder.glob(f"{runs}/{name}"))
     if seeds is not None:
         wanted = {f"seed{s}" for s in seeds}

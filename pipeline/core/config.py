@@ -313,7 +313,7 @@ def check_values(cfg: dict[str, Any]) -> None:
         raise bad("infer.tile_overlap", f"must be at most half the tile ({i['tile']})", i["tile_overlap"])
     integer("infer.batch", i["batch"], 1)
     choice("infer.precision", i["precision"], PRECISIONS)
-    choice("infer.models", i["models"], ("folds", "full", "both"))
+    choice("infer.models", i["models"], tuple(paths.ENSEMBLE_RUNS))
     seeds = i["seeds"]
     if not isinstance(seeds, list) or not seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0
                                                       for x in seeds):

@@ -55,6 +55,14 @@ def experiment_dir(exp: str) -> Path:
 
 FULL = "all"           # the `fold` of a full-data fit: every training scene, no validation
 FULL_FOLDER = "full"   # ... and its run folder beside the folds' (models/<exp>/seed<s>/full)
+# which runs an ensemble takes (`infer.models`), as run-folder patterns under models/<exp>/seed<s>/
+ENSEMBLE_RUNS = {"folds": ("fold*",), "full": (FULL_FOLDER,), "both": ("fold*", FULL_FOLDER)}
+
+
+def runs_glob(models: str) -> str:
+    """The run folders of `models` as one name for messages: fold*, full or {fold*,full}."""
+    runs = ENSEMBLE_RUNS[models]
+    return runs[0] if len(runs) == 1 else "{" + ",".join(runs) + "}"
 
 
 def run_dir(exp: str, seed: int, fold: int | str) -> Path:

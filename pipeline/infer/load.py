@@ -40,7 +40,7 @@ def checkpoint_paths(target: str | Path, models: str = "folds") -> tuple[list[Pa
     if target.is_dir():
         found = find_checkpoints(target, models=models)
         if not found:
-            runs = {"folds": "fold*", "full": "full", "both": "fold* or full"}[models]
+            runs = paths.runs_glob(models)
             raise PipelineError(f"{target}: no seed*/{runs}/best.pt or {runs}/best.pt checkpoint in this folder")
         return found, None
     if not target.is_file():
@@ -54,9 +54,9 @@ def experiment_checkpoints(exp: str, seeds: list[int] | None, models: str = "fol
     found = find_checkpoints(paths.experiment_dir(exp), seeds=seeds, models=models)
     if not found:
         which = f" for seed(s) {' '.join(map(str, seeds))}" if seeds else ""
-        runs, how = ("seed*/full", f"make train FOLD=all EXP={exp}") if models == "full" else \
-            ("seed*/fold*", f"make train-all EXP={exp}")
-        raise PipelineError(f"{paths.experiment_dir(exp)}: no checkpoint {runs}/best.pt{which}; run `{how}` first")
+        how = f"make train FOLD=all EXP={exp}" if models == "full" else f"make train-all EXP={exp}"
+        raise PipelineError(f"{paths.experiment_dir(exp)}: no checkpoint seed*/{paths.runs_glob(models)}/best.pt"
+                            f"{which}; run `{how}` first")
     return found
 
 

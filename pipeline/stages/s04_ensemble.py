@@ -105,7 +105,7 @@ def add_arguments(parser) -> None:
                         help="dihedral views per net (default: infer.tta)")
     parser.add_argument("--tile", type=int, default=None,
                         help="tile side in LR pixels, 0 = whole scene (default: infer.tile)")
-    parser.add_argument("--models", choices=("folds", "full", "both"), default=None,
+    parser.add_argument("--models", choices=tuple(paths.ENSEMBLE_RUNS), default=None,
                         help="folds: every fold x seed; full: the full-data fits; both (default: infer.models)")
     add_set_argument(parser)
 

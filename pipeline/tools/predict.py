@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline.core import io, locks
+from pipeline.core import io, locks, paths
 from pipeline.core.artifacts import is_blend_file, read_blend
 from pipeline.core.device import pick_device
 from pipeline.core.errors import PipelineError
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a pipeline checkpoint or run folder (models/<exp>/seed0/full: a full-data fit), "
                              "models/<exp> to ensemble its seed*/fold*/best.pt, or "
                              "models/blends/<name>/blend.json (a weighted blend of experiments)")
-    parser.add_argument("--models", choices=("folds", "full", "both"), default="folds",
+    parser.add_argument("--models", choices=tuple(paths.ENSEMBLE_RUNS), default="folds",
                         help="for an experiment, seed or blend: its folds' checkpoints (default), "
                              "its full-data fits, or both")
     parser.add_argument("--input", required=True, type=Path, help="an image or a folder of images")
